@@ -1,0 +1,118 @@
+"""The one image path shared by training and serving.
+
+Every image the model sees, a rendered synthetic crop, a real crop from a labelled
+folder or an upload to the service, goes through ``canonicalize`` → ``resize`` →
+``to_tensor``. Training stores the output of ``resize`` (uint8) on disk and applies
+``to_tensor`` at batch time, so the pixels the model is trained on and the pixels it
+serves on are produced by the same code. Nothing else in the project may resize or
+normalise an image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+#: Background used where an image is transparent: word crops are printed matter.
+_WHITE = (255, 255, 255)
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Geometry and colour of the model's input."""
+
+    height: int = 32
+    width: int = 128
+    channels: int = 1  # 1: grayscale (luma), 3: RGB
+
+    def __post_init__(self) -> None:
+        if self.channels not in (1, 3):
+            raise ValueError("channels must be 1 or 3")
+        if self.height < 8 or self.width < 8:
+            raise ValueError("input size must be at least 8x8")
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable form, stored in checkpoints."""
+        return asdict(self)
+
+
+def _high_bit_depth_to_l(img: Image.Image) -> Image.Image:
+    # Pillow's convert("L") clips 16/32-bit values at 255 instead of scaling them.
+    arr = np.asarray(img)
+    if img.mode == "F":
+        peak = 1.0 if float(np.nanmax(arr, initial=0.0)) <= 1.0 else 255.0
+        arr = np.nan_to_num(arr / peak * 255.0)
+    else:
+        arr = arr.astype(np.float64)
+        peak = float(arr.max(initial=0))
+        if peak > 255:
+            arr = arr / (65535.0 if peak <= 65535 else peak) * 255.0
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
+
+
+def canonicalize(img: Image.Image, channels: int = 1) -> Image.Image:
+    """Bring a decoded image of any common mode to upright ``L`` (or ``RGB``).
+
+    Handles the first frame of animations, EXIF orientation, alpha (composited on
+    white), palettes, CMYK, 1-bit and 16/32-bit integer or float images.
+    """
+    if getattr(img, "n_frames", 1) > 1:
+        img.seek(0)
+    img = ImageOps.exif_transpose(img)
+    mode = img.mode
+    if mode.startswith("I") or mode == "F":
+        img = _high_bit_depth_to_l(img)
+    elif mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif mode == "PA":
+        img = img.convert("RGBA")
+    if img.mode in ("LA", "La", "RGBA", "RGBa"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, _WHITE + (255,))
+        img = Image.alpha_composite(background, rgba).convert("RGB")
+    target = "L" if channels == 1 else "RGB"
+    if img.mode != target:
+        img = img.convert(target)
+    return img
+
+
+def resize(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
+    """Canonicalise and resize to the model input; returns uint8 ``HxW`` or ``HxWx3``.
+
+    The crop is stretched to the fixed size (no aspect-ratio padding), as in most STR
+    models: the TPS stage and the training data absorb the distortion.
+    """
+    img = canonicalize(img, cfg.channels)
+    if img.size != (cfg.width, cfg.height):
+        img = img.resize((cfg.width, cfg.height), Image.Resampling.BILINEAR)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def to_tensor(arr: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 ``[..., H, W]`` (grayscale) or ``[..., H, W, 3]`` → float in [-1, 1], channels first.
+
+    Accepts one image or a batch; a grayscale input gets a channel axis of 1.
+    """
+    t = torch.as_tensor(arr)
+    if t.dtype != torch.uint8:
+        raise TypeError(f"expected uint8 pixels, got {t.dtype}")
+    if t.shape[-1] == 3 and t.dim() >= 3:
+        t = t.movedim(-1, -3)
+    else:
+        t = t.unsqueeze(-3)
+    return t.float().div_(127.5).sub_(1.0)
+
+
+def preprocess(img: Image.Image, cfg: PreprocessConfig) -> torch.Tensor:
+    """PIL image → normalised ``[C, H, W]`` tensor, exactly as the model was trained."""
+    return to_tensor(resize(img, cfg))
+
+
+def collate(images: list[torch.Tensor]) -> torch.Tensor:
+    """Stack preprocessed ``[C, H, W]`` tensors into a batch."""
+    if not images:
+        raise ValueError("cannot collate an empty list of images")
+    return torch.stack(images, dim=0)

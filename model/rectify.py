@@ -1,0 +1,96 @@
+"""Thin-plate-spline spatial transformer (RARE / ASTER) that straightens the crop.
+
+A small localisation CNN looks at a down-sampled copy of the input and predicts
+``F`` fiducial points; a TPS maps the fixed, evenly spaced target points onto them,
+which defines a sampling grid for ``grid_sample``. The last layer is initialised so
+the predicted points equal the target points: at initialisation the module is the
+identity and training starts from the plain crop.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def fiducial_points(num_points: int) -> torch.Tensor:
+    """``F x 2`` (x, y) points on the top and bottom border in normalised [-1, 1] coords."""
+    if num_points < 4 or num_points % 2:
+        raise ValueError("the number of fiducial points must be even and at least 4")
+    xs = torch.linspace(-1.0, 1.0, num_points // 2)
+    top = torch.stack([xs, torch.full_like(xs, -1.0)], dim=1)
+    bottom = torch.stack([xs, torch.full_like(xs, 1.0)], dim=1)
+    return torch.cat([top, bottom], dim=0)
+
+
+def _tps_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # U(r) = r^2 log r^2, with U(0) = 0.
+    d2 = torch.cdist(a, b).pow(2)
+    return d2 * torch.log(d2 + 1e-9)
+
+
+class TPSGridGenerator(nn.Module):
+    """Sampling grid from predicted fiducial points (pre-computed TPS algebra)."""
+
+    def __init__(self, num_points: int, out_h: int, out_w: int) -> None:
+        super().__init__()
+        ctrl = fiducial_points(num_points).double()
+        n = num_points
+        # System matrix of the TPS interpolation with an affine part.
+        delta = torch.zeros(n + 3, n + 3, dtype=torch.float64)
+        delta[:n, :n] = _tps_kernel(ctrl, ctrl)
+        delta[:n, n] = 1.0
+        delta[:n, n + 1 :] = ctrl
+        delta[n, :n] = 1.0
+        delta[n + 1 :, :n] = ctrl.t()
+        inv_delta = torch.linalg.inv(delta)
+        # Pixel-centre target grid: with align_corners=False this samples each pixel's centre,
+        # which makes the identity transform exact.
+        ys = (torch.arange(out_h, dtype=torch.float64) * 2 + 1) / out_h - 1
+        xs = (torch.arange(out_w, dtype=torch.float64) * 2 + 1) / out_w - 1
+        gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+        grid = torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=1)
+        p_hat = torch.cat([_tps_kernel(grid, ctrl), torch.ones(grid.shape[0], 1, dtype=torch.float64), grid], dim=1)
+        # Both matrices are constants: fold them into one (HW x F) map from points to grid.
+        self.register_buffer("point_to_grid", (p_hat @ inv_delta[:, :n]).float(), persistent=False)
+        self.out_h, self.out_w = out_h, out_w
+
+    def forward(self, points: torch.Tensor) -> torch.Tensor:
+        """``points`` [B, F, 2] → grid [B, H, W, 2] for ``grid_sample``."""
+        grid = torch.matmul(self.point_to_grid.to(points.dtype), points)
+        return grid.view(points.shape[0], self.out_h, self.out_w, 2)
+
+
+class TPSRectifier(nn.Module):
+    """Localisation CNN + TPS grid + bilinear sampling; output has the input's size."""
+
+    def __init__(self, in_channels: int, height: int, width: int, num_points: int = 20) -> None:
+        super().__init__()
+
+        def block(cin: int, cout: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+        # Strided convs (no max-pool) keep this net a small share of a CPU training step.
+        self.loc_net = nn.Sequential(
+            *block(in_channels, 32),
+            *block(32, 64),
+            *block(64, 128),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(128, 64),
+            nn.ReLU(inplace=True),
+        )
+        self.fc = nn.Linear(64, num_points * 2)
+        nn.init.zeros_(self.fc.weight)
+        with torch.no_grad():
+            self.fc.bias.copy_(fiducial_points(num_points).reshape(-1))
+        self.grid = TPSGridGenerator(num_points, height, width)
+        self.num_points = num_points
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Rectify a batch ``[B, C, H, W]``."""
+        small = F.interpolate(x, size=(x.shape[-2] // 2, x.shape[-1] // 2), mode="bilinear", align_corners=False)
+        points = self.fc(self.loc_net(small)).view(-1, self.num_points, 2)
+        grid = self.grid(points.float())
+        return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="border", align_corners=False)

@@ -1,0 +1,161 @@
+"""The SAFL network (arXiv 2201.00132): rectify → encode → decode, and its config."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from .charset import BOS_ID, DEFAULT_CHARS, EOS_ID, NUM_SPECIAL, PAD_ID, Charset
+from .decode import TransformerDecoder
+from .encode import SATRNEncoder
+from .preprocess import PreprocessConfig, collate, preprocess
+from .rectify import TPSRectifier
+
+
+@dataclass(frozen=True)
+class SAFLConfig:
+    """Every hyper-parameter of the network. ``preset(name)`` gives the named ones."""
+
+    preset: str = "small"
+    height: int = 32
+    width: int = 128
+    channels: int = 1
+    charset: str = DEFAULT_CHARS
+    max_len: int = 25
+    d_model: int = 192
+    heads: int = 4
+    enc_layers: int = 3
+    dec_layers: int = 2
+    ffn_mult: int = 2
+    grid_h: int = 2
+    locality_ffn: bool = False
+    use_tps: bool = True
+    tps_points: int = 20
+    dropout: float = 0.0
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        """Input geometry, shared with the pre-processing code."""
+        return PreprocessConfig(self.height, self.width, self.channels)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form (stored in checkpoints)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SAFLConfig:
+        """Inverse of ``to_dict``; unknown keys are an error, not silently dropped."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown SAFLConfig keys: {sorted(unknown)}")
+        return cls(**data)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> SAFLConfig:
+        """A named preset, optionally with some fields changed."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        return replace(PRESETS[name], **overrides)
+
+
+PRESETS: dict[str, SAFLConfig] = {
+    # For tests: trains in seconds on a CPU.
+    "tiny": SAFLConfig(preset="tiny", d_model=64, heads=2, enc_layers=1, dec_layers=1, grid_h=1, dropout=0.0),
+    # For 2-core CPU training: the stride-2 stem and a 2x32 token grid keep a step cheap.
+    "small": SAFLConfig(preset="small"),
+    # Close to the paper (SATRN-sized encoder, H/4 x W/4 grid, locality-aware FFN): for GPUs.
+    "base": SAFLConfig(
+        preset="base", d_model=512, heads=8, enc_layers=9, dec_layers=3, ffn_mult=4, grid_h=8, locality_ffn=True
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Recognition:
+    """One recognised word.
+
+    ``confidence`` is the product of the per-character probabilities *and* the
+    probability of the end-of-word token, so it is the model's probability of the
+    whole string under greedy decoding (an empty string has the EOS probability).
+    """
+
+    text: str
+    confidence: float
+    char_confidences: list[float]
+
+
+class SAFL(nn.Module):
+    """Self-attention text recogniser with a TPS rectifier, trained with focal loss."""
+
+    def __init__(self, config: SAFLConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.charset = Charset(config.charset)
+        c = config
+        self.rectifier = TPSRectifier(c.channels, c.height, c.width, c.tps_points) if c.use_tps else None
+        self.encoder = SATRNEncoder(
+            c.channels, c.height, c.width, c.d_model, c.heads, c.enc_layers, c.d_model * c.ffn_mult, c.grid_h, c.locality_ffn, c.dropout
+        )
+        self.decoder = TransformerDecoder(
+            self.charset.vocab_size, c.d_model, c.heads, c.dec_layers, c.d_model * c.ffn_mult, c.max_len, c.dropout
+        )
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, C, H, W]`` (normalised) → memory tokens."""
+        if self.rectifier is not None:
+            images = self.rectifier(images)
+        return self.encoder(images)
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits for decoder input ``tokens`` (BOS + characters)."""
+        return self.decoder(tokens, self.encode(images))
+
+    @torch.no_grad()
+    def generate(self, images: torch.Tensor, use_cache: bool = True, amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy token ids and probabilities ``[B, L]`` for a batch of images."""
+        ctx = torch.autocast(images.device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+        with ctx:
+            return self.decoder.greedy(self.encode(images), use_cache=use_cache)
+
+    @torch.no_grad()
+    def recognize(self, images: torch.Tensor, amp_dtype: torch.dtype | None = None) -> list[Recognition]:
+        """Recognise a batch of preprocessed images (see ``model.preprocess``)."""
+        was_training = self.training
+        self.eval()
+        try:
+            ids, probs = self.generate(images, amp_dtype=amp_dtype)
+        finally:
+            self.train(was_training)
+        return self.to_recognitions(ids, probs)
+
+    def to_recognitions(self, ids: torch.Tensor, probs: torch.Tensor) -> list[Recognition]:
+        """Turn greedy ids/probabilities into texts and confidences."""
+        out = []
+        for row_ids, row_p in zip(ids.tolist(), probs.float().tolist()):
+            chars, confs, total = [], [], 1.0
+            for i, p in zip(row_ids, row_p):
+                if i in (PAD_ID, BOS_ID):
+                    break
+                total *= p
+                if i == EOS_ID:
+                    break
+                chars.append(self.charset.chars[i - NUM_SPECIAL])
+                confs.append(p)
+            out.append(Recognition("".join(chars), total, confs))
+        return out
+
+    def recognize_images(self, images: list[Image.Image]) -> list[Recognition]:
+        """Recognise PIL images (pre-processed here with the shared code path)."""
+        device = next(self.parameters()).device
+        batch = collate([preprocess(im, self.config.preprocess) for im in images]).to(device)
+        return self.recognize(batch)
+
+    def num_parameters(self) -> int:
+        """Trainable parameter count."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)

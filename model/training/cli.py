@@ -1,0 +1,120 @@
+"""Argument parsing and entry points for ``safl synth``, ``safl train`` and ``safl eval``.
+
+Lives in ``model.training`` so training works without the service installed; the
+``safl`` command (``service.cli``) mounts these subcommands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import fields
+from pathlib import Path
+
+from .train import TrainConfig
+
+
+def add_synth_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("synth", help="render synthetic word crops into shards", description="Render a deterministic synthetic training set.")
+    p.add_argument("--out", type=Path, default=Path("data/synth"), help="output folder (default: data/synth)")
+    p.add_argument("--count", type=int, default=500000, help="number of crops (default: 500000)")
+    p.add_argument("--seed", type=int, default=0, help="data set seed (default: 0)")
+    p.add_argument("--workers", type=int, default=2, help="render processes (default: 2)")
+    p.add_argument("--shard-size", type=int, default=50000, help="crops per shard (default: 50000)")
+    p.add_argument("--format", choices=("npy", "lmdb"), default="npy", help="npy shards (fast) or STR-layout LMDB")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_synth)
+
+
+def run_synth(args: argparse.Namespace) -> int:
+    from .synth import SynthConfig, render_dataset
+
+    render_dataset(args.out, args.count, SynthConfig(seed=args.seed), args.workers, args.shard_size, args.format, progress=not args.no_progress)
+    return 0
+
+
+def add_train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train or fine-tune a model (resumable)", description="Train SAFL; see model/training/train.py.")
+    defaults = TrainConfig()
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        value = getattr(defaults, f.name)
+        if f.name == "progress":
+            p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+        elif isinstance(value, list):
+            p.add_argument(flag, nargs="+", default=[], metavar="DIR")
+        elif isinstance(value, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
+        elif f.name in ("max_minutes",):
+            p.add_argument(flag, type=float, default=value)
+        elif f.name in ("stop_at_step",):
+            p.add_argument(flag, type=int, default=value)
+        elif f.name in ("init",):
+            p.add_argument(flag, default=value, help="checkpoint to start from (fine-tuning)")
+        else:
+            p.add_argument(flag, type=type(value), default=value, help=f"(default: {value})")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its state.pt (a missing state starts afresh)")
+    p.set_defaults(func=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    if cfg.loss not in ("focal", "ce"):
+        raise SystemExit("--loss must be focal or ce")
+    summary = train(cfg, resume=args.resume)
+    print(json.dumps(summary))
+    return 0
+
+
+def add_eval_parser(sub: argparse._SubParsersAction, default_weights: Path | None) -> None:
+    p = sub.add_parser("eval", help="word accuracy of a checkpoint on labelled folders", description="Evaluate a checkpoint (STR 36-char protocol and case-sensitive).")
+    p.add_argument("--weights", type=Path, default=default_weights, required=default_weights is None, help="checkpoint (.safetensors)")
+    p.add_argument("--data", type=Path, nargs="+", required=True, metavar="DIR", help="labels.tsv folders, shard folders or LMDBs")
+    p.add_argument("--part", choices=("all", "val", "train"), default="all", help="which part of a labels.tsv folder (fixed-seed split)")
+    p.add_argument("--val-fraction", type=float, default=0.3)
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", type=Path, help="also write the results as JSON here")
+    p.add_argument("--worst", type=int, default=5, help="most confident mistakes to list per data set")
+    p.set_defaults(func=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..checkpoint import load_checkpoint
+    from .data import load_any, load_folder_part
+    from .evaluate import evaluate, to_json, to_markdown
+
+    torch.set_num_threads(args.threads)
+    model, info = load_checkpoint(args.weights)
+    pcfg = info.config.preprocess
+    sets = []
+    for d in args.data:
+        if (d / "labels.tsv").is_file() and args.part != "all":
+            sets.append(load_folder_part(d, pcfg, args.part, args.val_fraction, args.split_seed))
+        else:
+            sets.append(load_any(d, pcfg))
+    results = evaluate(model, sets, args.batch_size, args.worst)
+    print(to_markdown(results, f"{info.model_id} ({args.part})"))
+    if args.json:
+        to_json(results, args.json, {"model": info.model_id, "part": args.part, "split_seed": args.split_seed, "val_fraction": args.val_fraction})
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m model.training.cli`` entry point (training subcommands only)."""
+    parser = argparse.ArgumentParser(prog="safl-train")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_synth_parser(sub)
+    add_train_parser(sub)
+    add_eval_parser(sub, None)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,208 @@
+"""Datasets for training and evaluation, all held as uint8 arrays in memory.
+
+Every source (rendered shards, a ``labels.tsv`` folder of real crops, an LMDB in the
+STR layout) is turned into an ``ArrayDataset``: the output of
+``model.preprocess.resize`` for each image plus its label. Batches are then cheap
+index gathers, so data loading stays a small share of a CPU training step.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..charset import BOS_ID, EOS_ID, PAD_ID, Charset
+from ..preprocess import PreprocessConfig, resize
+
+
+@dataclass
+class ArrayDataset:
+    """Pre-processed images (uint8 ``[N, H, W]`` or ``[N, H, W, 3]``) and their labels."""
+
+    name: str
+    images: np.ndarray
+    labels: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def filtered(self, charset: Charset, max_len: int) -> ArrayDataset:
+        """Only the samples whose label is trainable (spaces dropped, in-charset, short enough)."""
+        keep, labels = [], []
+        for i, lab in enumerate(self.labels):
+            ok = charset.filter_label(lab, max_len)
+            if ok is not None:
+                keep.append(i)
+                labels.append(ok)
+        if len(keep) == len(self.labels) and labels == self.labels:
+            return self  # nothing dropped: avoid copying a large image array
+        return ArrayDataset(self.name, self.images[np.asarray(keep, dtype=np.int64)] if keep else self.images[:0], labels)
+
+    def subset(self, indices: list[int], name: str | None = None) -> ArrayDataset:
+        """The samples at ``indices``."""
+        return ArrayDataset(name or self.name, self.images[np.asarray(indices, dtype=np.int64)], [self.labels[i] for i in indices])
+
+
+def read_labels_tsv(folder: Path) -> list[tuple[str, str]]:
+    """``(file, text)`` pairs of ``folder/labels.tsv`` (``file<TAB>text`` per line)."""
+    path = folder / "labels.tsv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} has no labels.tsv (expected lines 'file<TAB>text')")
+    pairs = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        name, sep, text = line.partition("\t")
+        if not sep:
+            raise ValueError(f"{path}:{n}: expected 'file<TAB>text'")
+        pairs.append((name, text))
+    return pairs
+
+
+def load_folder(folder: str | Path, cfg: PreprocessConfig, name: str | None = None) -> ArrayDataset:
+    """A ``labels.tsv`` folder of image files, pre-processed with the shared code path."""
+    folder = Path(folder)
+    pairs = read_labels_tsv(folder)
+    images = np.stack([_load_image(folder / f, cfg) for f, _ in pairs]) if pairs else np.zeros((0, cfg.height, cfg.width), np.uint8)
+    return ArrayDataset(name or folder.name, images, [t for _, t in pairs])
+
+
+def _load_image(path: Path, cfg: PreprocessConfig) -> np.ndarray:
+    with Image.open(path) as im:
+        return resize(im, cfg)
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Deterministic ``(validation, fine-tune)`` index split of ``n`` samples."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    k = int(round(n * val_fraction))
+    return sorted(order[:k]), sorted(order[k:])
+
+
+def load_folder_part(folder: str | Path, cfg: PreprocessConfig, part: str, val_fraction: float = 0.3, seed: int = 0) -> ArrayDataset:
+    """``part`` = ``"val"`` / ``"train"`` (the fine-tune part) / ``"all"`` of a labelled folder.
+
+    The split is fixed by ``seed`` so the validation part is never trained on.
+    """
+    ds = load_folder(folder, cfg)
+    if part == "all":
+        return ds
+    val, train = split_indices(len(ds), val_fraction, seed)
+    if part == "val":
+        return ds.subset(val, f"{ds.name}-val")
+    if part == "train":
+        return ds.subset(train, f"{ds.name}-train")
+    raise ValueError(f"unknown part {part!r}: expected val, train or all")
+
+
+def load_shards(folder: str | Path, limit: int | None = None) -> ArrayDataset:
+    """Rendered ``shard-*.npy`` + ``shard-*.txt`` files (see ``model.training.synth``)."""
+    folder = Path(folder)
+    npys = sorted(folder.glob("shard-*.npy"))
+    if not npys:
+        raise FileNotFoundError(f"no shard-*.npy files in {folder}; render some with `safl synth --out {folder}`")
+    arrays, labels = [], []
+    for npy in npys:
+        labs = npy.with_suffix(".txt").read_text(encoding="utf-8").splitlines()
+        arr = np.load(npy)
+        if len(arr) != len(labs):
+            raise ValueError(f"{npy}: {len(arr)} images but {len(labs)} labels")
+        arrays.append(arr)
+        labels += labs
+        if limit is not None and len(labels) >= limit:
+            break
+    images = np.concatenate(arrays)
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    return ArrayDataset(folder.name, images, labels)
+
+
+def load_lmdb(path: str | Path, cfg: PreprocessConfig, limit: int | None = None) -> ArrayDataset:
+    """An LMDB in the STR layout (``num-samples``, ``image-%09d``, ``label-%09d``, 1-based)."""
+    import lmdb
+
+    env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False)
+    try:
+        with env.begin() as txn:
+            raw = txn.get(b"num-samples")
+            if raw is None:
+                raise ValueError(f"{path} is not an STR LMDB: no num-samples key")
+            n = int(raw)
+            if limit is not None:
+                n = min(n, limit)
+            images, labels = [], []
+            for i in range(1, n + 1):
+                img_bytes = txn.get(f"image-{i:09d}".encode())
+                label = txn.get(f"label-{i:09d}".encode())
+                if img_bytes is None or label is None:
+                    continue
+                with Image.open(io.BytesIO(img_bytes)) as im:
+                    images.append(resize(im, cfg))
+                labels.append(label.decode("utf-8"))
+    finally:
+        env.close()
+    return ArrayDataset(Path(path).name, np.stack(images) if images else np.zeros((0, cfg.height, cfg.width), np.uint8), labels)
+
+
+def load_any(path: str | Path, cfg: PreprocessConfig) -> ArrayDataset:
+    """Shards, LMDB or ``labels.tsv`` folder, whichever ``path`` holds."""
+    p = Path(path)
+    if (p / "labels.tsv").is_file():
+        return load_folder(p, cfg)
+    if any(p.glob("shard-*.npy")):
+        meta = p / "meta.json"
+        if meta.is_file():
+            m = json.loads(meta.read_text())
+            if (m.get("height"), m.get("width"), m.get("channels")) != (cfg.height, cfg.width, cfg.channels):
+                raise ValueError(f"{p} was rendered at {m.get('height')}x{m.get('width')}x{m.get('channels')}, the model takes {cfg.height}x{cfg.width}x{cfg.channels}")
+        return load_shards(p)
+    if (p / "data.mdb").is_file():
+        return load_lmdb(p, cfg)
+    raise FileNotFoundError(f"{p}: not a labels.tsv folder, a shard folder or an LMDB")
+
+
+def encode_labels(labels: list[str], charset: Charset) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoder inputs ``[BOS, c1..cn, PAD…]`` and targets ``[c1..cn, EOS, PAD…]``, both ``[B, T]``."""
+    t = max(len(s) for s in labels) + 1
+    inp = torch.full((len(labels), t), PAD_ID, dtype=torch.long)
+    tgt = torch.full((len(labels), t), PAD_ID, dtype=torch.long)
+    for i, s in enumerate(labels):
+        ids = charset.encode(s)
+        inp[i, 0] = BOS_ID
+        inp[i, 1 : len(ids) + 1] = torch.tensor(ids, dtype=torch.long)
+        tgt[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        tgt[i, len(ids)] = EOS_ID
+    return inp, tgt
+
+
+def augment(batch: torch.Tensor, gen: torch.Generator, strength: float = 1.0) -> torch.Tensor:
+    """Cheap train-time augmentation of a normalised batch: small affine jitter, contrast,
+    brightness and noise, all drawn from ``gen`` so a resumed run repeats them exactly."""
+    b = batch.shape[0]
+    if strength <= 0:
+        return batch
+    r = lambda *shape: torch.rand(*shape, generator=gen)  # noqa: E731
+    angle = (r(b) - 0.5) * 0.1 * strength
+    scale = 1.0 + (r(b) - 0.5) * 0.15 * strength
+    tx = (r(b) - 0.5) * 0.08 * strength
+    ty = (r(b) - 0.5) * 0.15 * strength
+    cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
+    theta = torch.stack([torch.stack([cos, -sin * 0.25, tx], 1), torch.stack([sin * 4.0, cos, ty], 1)], 1)
+    apply = (r(b) < 0.5).float().view(b, 1, 1)
+    identity = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]).expand(b, 2, 3)
+    theta = apply * theta + (1 - apply) * identity
+    grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
+    out = F.grid_sample(batch, grid, padding_mode="border", align_corners=False)
+    contrast = 1.0 + (r(b, 1, 1, 1) - 0.5) * 0.6 * strength
+    bright = (r(b, 1, 1, 1) - 0.5) * 0.3 * strength
+    noise = torch.randn(out.shape, generator=gen) * (r(b, 1, 1, 1) * 0.06 * strength)
+    return (out * contrast + bright + noise).clamp_(-1.0, 1.0)

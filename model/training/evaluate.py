@@ -1,0 +1,130 @@
+"""Word accuracy of a model on labelled data, under the STR literature's protocol and
+case-sensitively.
+
+- ``acc36``: lowercase both sides and keep only ``[0-9a-z]`` (the 36-character
+  protocol of the STR benchmarks); a sample whose label is empty after this is skipped.
+- ``acc_cs``: exact, case-sensitive match with the label's spaces removed (the model
+  reads single words), punctuation included.
+- ``ned``: mean of ``1 - edit_distance / max(len)`` on the 36-character strings.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from rapidfuzz.distance import Levenshtein
+
+from ..preprocess import to_tensor
+from ..safl import SAFL
+from .data import ArrayDataset
+
+_NOT_36 = re.compile(r"[^0-9a-z]")
+
+
+def normalize_36(text: str) -> str:
+    """Lowercase, alphanumerics only: the STR benchmark protocol."""
+    return _NOT_36.sub("", text.lower())
+
+
+def normalize_cs(text: str) -> str:
+    """Case-sensitive comparison form: whitespace removed, everything else kept."""
+    return "".join(text.split())
+
+
+@dataclass
+class Example:
+    """One prediction, for error listings."""
+
+    index: int
+    label: str
+    prediction: str
+    confidence: float
+
+
+@dataclass
+class DatasetResult:
+    """Metrics of one data set."""
+
+    name: str
+    n: int
+    acc36: float
+    acc_cs: float
+    ned: float
+    worst: list[Example] = field(default_factory=list)
+
+
+def score(predictions: list[str], labels: list[str]) -> tuple[int, float, float, float]:
+    """``(n, acc36, acc_cs, ned)`` for parallel lists; n counts samples scored under the 36 protocol."""
+    n = correct36 = correct_cs = n_cs = 0
+    ned = 0.0
+    for pred, gt in zip(predictions, labels):
+        g_cs = normalize_cs(gt)
+        if g_cs:
+            n_cs += 1
+            correct_cs += normalize_cs(pred) == g_cs
+        g, p = normalize_36(gt), normalize_36(pred)
+        if not g:
+            continue
+        n += 1
+        correct36 += p == g
+        ned += 1.0 - Levenshtein.distance(p, g) / max(len(p), len(g))
+    return n, correct36 / max(n, 1), correct_cs / max(n_cs, 1), ned / max(n, 1)
+
+
+@torch.no_grad()
+def predict(model: SAFL, images, batch_size: int = 128, amp_dtype: torch.dtype | None = None) -> tuple[list[str], list[float]]:
+    """Texts and confidences for a uint8 image array, in batches."""
+    device = next(model.parameters()).device
+    texts, confs = [], []
+    for i in range(0, len(images), batch_size):
+        batch = to_tensor(images[i : i + batch_size]).to(device)
+        for r in model.recognize(batch, amp_dtype=amp_dtype):
+            texts.append(r.text)
+            confs.append(r.confidence)
+    return texts, confs
+
+
+def evaluate(model: SAFL, datasets: list[ArrayDataset], batch_size: int = 128, worst: int = 5) -> list[DatasetResult]:
+    """Metrics per data set, with the ``worst`` most confident mistakes of each."""
+    results = []
+    for ds in datasets:
+        preds, confs = predict(model, ds.images, batch_size)
+        n, acc36, acc_cs, ned = score(preds, ds.labels)
+        wrong = [
+            Example(i, ds.labels[i], preds[i], round(confs[i], 4))
+            for i in range(len(preds))
+            if normalize_36(ds.labels[i]) and normalize_36(preds[i]) != normalize_36(ds.labels[i])
+        ]
+        wrong.sort(key=lambda e: -e.confidence)
+        results.append(DatasetResult(ds.name, n, acc36, acc_cs, ned, wrong[:worst]))
+    return results
+
+
+def to_markdown(results: list[DatasetResult], title: str = "") -> str:
+    """A table (and the worst examples) in markdown."""
+    lines = [f"### {title}", ""] if title else []
+    lines += ["| dataset | n | acc (36-char) | acc (case-sensitive) | 1 - NED |", "|---|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r.name} | {r.n} | {100 * r.acc36:.2f} % | {100 * r.acc_cs:.2f} % | {r.ned:.4f} |")
+    if len(results) > 1:
+        total = sum(r.n for r in results)
+        w = lambda attr: sum(getattr(r, attr) * r.n for r in results) / max(total, 1)  # noqa: E731
+        lines.append(f"| **all (weighted)** | {total} | {100 * w('acc36'):.2f} % | {100 * w('acc_cs'):.2f} % | {w('ned'):.4f} |")
+    for r in results:
+        if r.worst:
+            lines += ["", f"Most confident mistakes on {r.name}:", ""]
+            lines += [f"- `{e.label}` → `{e.prediction}` (confidence {e.confidence:.2f})" for e in r.worst]
+    return "\n".join(lines) + "\n"
+
+
+def to_json(results: list[DatasetResult], path: Path | None = None, extra: dict | None = None) -> dict:
+    """Results as a dict (and written to ``path`` when given)."""
+    data = {**(extra or {}), "datasets": [asdict(r) for r in results]}
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=2) + "\n")
+    return data

@@ -1,0 +1,388 @@
+"""Offline synthetic word-crop renderer and shard writer.
+
+Each crop is rendered from its own seed (``seed``, ``index``), so the data set is the
+same on any machine and in any number of worker processes, and an interrupted
+render resumes shard by shard. A rendered crop goes through
+``model.preprocess.resize``, the code path serving uses, before it is stored.
+
+Shard layout (``--format npy``, the default: no decoding cost at training time)::
+
+    out/meta.json              seed, count, geometry, charset
+    out/shard-00000.npy        uint8 [N, H, W] (or [N, H, W, 3])
+    out/shard-00000.txt        N labels, one per line
+
+``--format lmdb`` writes the STR community's LMDB layout instead (``image-%09d`` PNG
+bytes, ``label-%09d``, ``num-samples``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import multiprocessing as mp
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+from ..charset import DEFAULT_CHARS
+from ..preprocess import PreprocessConfig, resize
+from .fonts import FontFace, by_family, discover_fonts
+from .words import Lexicon, TextSampler
+
+RENDERER_VERSION = 1
+BACKGROUND_DIRS = (Path("/usr/share/backgrounds"), Path("/usr/share/images/desktop-base"), Path("/usr/share/wallpapers"))
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """What to render. Probabilities are per crop."""
+
+    seed: int = 0
+    charset: str = DEFAULT_CHARS
+    max_len: int = 25
+    height: int = 32
+    width: int = 128
+    channels: int = 1
+    min_font_px: int = 22
+    max_font_px: int = 60
+    p_texture: float = 0.25
+    p_gradient: float = 0.25
+    p_shadow: float = 0.1
+    p_outline: float = 0.1
+    p_underline: float = 0.04
+    p_rotate: float = 0.35
+    p_perspective: float = 0.25
+    p_curve: float = 0.12
+    p_blur: float = 0.3
+    p_lowres: float = 0.2
+    p_noise: float = 0.3
+    p_jpeg: float = 0.2
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        return PreprocessConfig(self.height, self.width, self.channels)
+
+
+def _perspective_coeffs(src: list[tuple[float, float]], dst: list[tuple[float, float]]) -> list[float]:
+    # PIL's PERSPECTIVE maps output (x, y) to input; solve the 8 coefficients from 4 pairs.
+    rows, rhs = [], []
+    for (x, y), (u, v) in zip(dst, src):
+        rows.append([x, y, 1, 0, 0, 0, -u * x, -u * y])
+        rows.append([0, 0, 0, x, y, 1, -v * x, -v * y])
+        rhs += [u, v]
+    return np.linalg.solve(np.array(rows, dtype=np.float64), np.array(rhs, dtype=np.float64)).tolist()
+
+
+def _load_textures(max_side: int = 480) -> list[Image.Image]:
+    textures = []
+    for d in BACKGROUND_DIRS:
+        if not d.is_dir():
+            continue
+        for p in sorted(d.rglob("*")):
+            if p.suffix.lower() not in (".jpg", ".jpeg", ".png", ".webp"):
+                continue
+            try:
+                with Image.open(p) as im:
+                    im.draft("L", (max_side, max_side))
+                    im = im.convert("L")
+                    im.thumbnail((max_side, max_side))
+                    textures.append(im.copy())
+            except (OSError, ValueError):
+                continue
+    return textures
+
+
+class Renderer:
+    """Renders (image, label) pairs; one instance per worker process."""
+
+    def __init__(self, cfg: SynthConfig, faces: list[FontFace] | None = None, font_cache: Path | None = None) -> None:
+        self.cfg = cfg
+        faces = discover_fonts(cfg.charset, cache=font_cache) if faces is None else faces
+        self.families = by_family(faces)
+        self.sampler = TextSampler(cfg.charset, cfg.max_len, Lexicon())
+        self.textures = _load_textures()
+        self._fonts: dict[tuple[str, int], ImageFont.FreeTypeFont] = {}
+
+    def _font(self, face: FontFace | None, size: int) -> ImageFont.FreeTypeFont:
+        key = (face.path if face else "", size)
+        font = self._fonts.get(key)
+        if font is None:
+            if len(self._fonts) > 2000:
+                self._fonts.clear()
+            font = ImageFont.truetype(face.path, size) if face else ImageFont.load_default(size)
+            self._fonts[key] = font
+        return font
+
+    def _pick_face(self, text: str, rng: random.Random) -> FontFace | None:
+        if not self.families:
+            return None
+        need = set(text)
+        for _ in range(10):
+            face = rng.choice(rng.choice(self.families))
+            if need <= face.chars:
+                return face
+        return None
+
+    def render(self, index: int) -> tuple[np.ndarray, str]:
+        """Crop number ``index`` of this config's data set, already resized for the model."""
+        for attempt in range(5):
+            rng = random.Random(f"{self.cfg.seed}:{index}:{attempt}")
+            text = self.sampler.sample(rng)
+            face = self._pick_face(text, rng)
+            if face is None and self.families:
+                text = "".join(c for c in text if c.isalnum()) or "a"
+                face = self._pick_face(text, rng)
+            try:
+                img = self._draw(text, self._font(face, rng.randint(self.cfg.min_font_px, self.cfg.max_font_px)), rng)
+            except (ValueError, ZeroDivisionError, OSError, np.linalg.LinAlgError):
+                continue  # a degenerate geometry for this draw: redraw with the next sub-seed
+            return resize(img, self.cfg.preprocess), text
+        raise RuntimeError(f"could not render crop {index}")
+
+    # -- drawing ---------------------------------------------------------------------
+
+    def _background(self, size: tuple[int, int], level: int, rng: random.Random) -> Image.Image:
+        w, h = size
+        c = self.cfg
+        r = rng.random()
+        if self.textures and r < c.p_texture:
+            tex = rng.choice(self.textures)
+            scale = max(w / tex.width, h / tex.height, rng.uniform(0.3, 1.0))
+            if scale > 1.0 or rng.random() < 0.5:
+                tex = tex.resize((max(w, int(tex.width * scale)), max(h, int(tex.height * scale))), Image.Resampling.BILINEAR)
+            x0, y0 = rng.randint(0, tex.width - w), rng.randint(0, tex.height - h)
+            patch = tex.crop((x0, y0, x0 + w, y0 + h))
+            # Flatten the texture towards a level so text stays legible on most crops.
+            return Image.blend(Image.new("L", size, level), patch, rng.uniform(0.2, 0.8))
+        if r < c.p_texture + c.p_gradient:
+            a, b = level, int(np.clip(level + rng.randint(-90, 90), 0, 255))
+            ramp = np.linspace(a, b, w if rng.random() < 0.6 else h, dtype=np.float32)
+            arr = np.broadcast_to(ramp[None, :], (h, w)) if ramp.shape[0] == w else np.broadcast_to(ramp[:, None], (h, w))
+            return Image.fromarray(arr.astype(np.uint8))
+        if r < c.p_texture + c.p_gradient + 0.15:
+            # Smooth blotches: low-resolution noise upsampled.
+            np_rng = np.random.default_rng(rng.getrandbits(32))
+            small = np_rng.normal(level, rng.uniform(5, 35), size=(rng.randint(2, 6), rng.randint(2, 12)))
+            return Image.fromarray(np.clip(small, 0, 255).astype(np.uint8)).resize(size, Image.Resampling.BICUBIC)
+        return Image.new("L", size, level)
+
+    def _draw(self, text: str, font: ImageFont.FreeTypeFont, rng: random.Random) -> Image.Image:
+        c = self.cfg
+        size_px = font.size
+        stroke = rng.randint(1, max(1, size_px // 12)) if rng.random() < c.p_outline else 0
+        spacing = rng.choice((0, 0, 0, 0, 0, 0, 1, 2, 4)) * max(1, size_px // 16)
+        probe = ImageDraw.Draw(Image.new("L", (1, 1)))
+        if spacing:
+            widths = [font.getlength(ch) + spacing for ch in text]
+            left, top, _, bottom = probe.textbbox((0, 0), text, font=font, stroke_width=stroke)
+            right = left + int(sum(widths) - spacing) + 2 * stroke + 2
+        else:
+            left, top, right, bottom = probe.textbbox((0, 0), text, font=font, stroke_width=stroke)
+        tw, th = max(1, right - left), max(1, bottom - top)
+        # Tight to loose crops; a slightly negative margin clips the glyph edges as real detectors do.
+        ml, mr = (int(th * rng.uniform(-0.03, 0.6)) for _ in range(2))
+        mt, mb = (int(th * rng.uniform(-0.05, 0.45)) for _ in range(2))
+        curve = rng.random() < c.p_curve
+        amp = int(th * rng.uniform(0.15, 0.6)) if curve else 0
+        w, h = tw + ml + mr, th + mt + mb + 2 * amp
+        w, h = max(w, 4), max(h, 4)
+        origin = (ml - left, mt + amp - top)
+
+        mask = Image.new("L", (w, h), 0)
+        draw = ImageDraw.Draw(mask)
+        self._text(draw, origin, text, font, stroke, spacing, 255)
+        if rng.random() < c.p_underline:
+            y = origin[1] + bottom + max(1, size_px // 20)
+            draw.line([(ml, y), (ml + tw, y)], fill=255, width=max(1, size_px // 16))
+
+        bg_level = rng.randint(0, 255)
+        bg = self._background((w, h), bg_level, rng)
+        bg_mean = int(np.asarray(bg).mean())
+        fg_level = self._contrasting(bg_mean, rng)
+        if rng.random() < c.p_shadow:
+            shadow = Image.new("L", (w, h), 0)
+            d = max(1, size_px // 15)
+            self._text(ImageDraw.Draw(shadow), (origin[0] + rng.randint(-d, d), origin[1] + rng.randint(1, d)), text, font, stroke, spacing, 255)
+            bg = Image.composite(Image.new("L", (w, h), self._contrasting(bg_mean, rng)), bg, shadow)
+        if stroke:
+            inner = Image.new("L", (w, h), 0)
+            self._text(ImageDraw.Draw(inner), origin, text, font, 0, spacing, 255)
+            bg = Image.composite(Image.new("L", (w, h), self._contrasting(fg_level, rng)), bg, mask)
+            mask = inner
+        img = Image.composite(Image.new("L", (w, h), fg_level), bg, mask)
+
+        if curve:
+            img = self._curve(img, amp, rng)
+        if rng.random() < c.p_perspective:
+            img = self._perspective(img, bg_mean, rng)
+        if rng.random() < c.p_rotate:
+            angle = rng.gauss(0, 4) if rng.random() < 0.8 else rng.uniform(-15, 15)
+            img = img.rotate(angle, resample=Image.Resampling.BILINEAR, expand=True, fillcolor=bg_mean)
+        return self._degrade(img, rng)
+
+    @staticmethod
+    def _text(draw: ImageDraw.ImageDraw, origin: tuple[int, int], text: str, font: ImageFont.FreeTypeFont, stroke: int, spacing: int, fill: int) -> None:
+        if not spacing:
+            draw.text(origin, text, font=font, fill=fill, stroke_width=stroke, stroke_fill=fill)
+            return
+        x, y = origin
+        for ch in text:
+            draw.text((x, y), ch, font=font, fill=fill, stroke_width=stroke, stroke_fill=fill)
+            x += font.getlength(ch) + spacing
+
+    @staticmethod
+    def _contrasting(level: int, rng: random.Random) -> int:
+        gap = rng.randint(60, 200)
+        options = [v for v in (level - gap, level + gap) if 0 <= v <= 255]
+        if not options:
+            return 0 if level > 127 else 255
+        return rng.choice(options)
+
+    @staticmethod
+    def _curve(img: Image.Image, amp: int, rng: random.Random) -> Image.Image:
+        # CUTE80-like arcs: shift vertical strips along a parabola with a MESH transform.
+        w, h = img.size
+        strips = max(1, min(16, w // 4))
+        sign = rng.choice((-1, 1))
+        mesh = []
+        for i in range(strips):
+            x0, x1 = w * i // strips, w * (i + 1) // strips
+            def off(x: float) -> float:
+                t = 2 * x / max(w, 1) - 1
+                return sign * amp * (t * t - 0.5)
+            mesh.append(((x0, 0, x1, h), (x0, off(x0), x0, h + off(x0), x1, h + off(x1), x1, off(x1))))
+        return img.transform(img.size, Image.Transform.MESH, mesh, resample=Image.Resampling.BILINEAR, fillcolor=int(np.asarray(img)[0].mean()))
+
+    @staticmethod
+    def _perspective(img: Image.Image, fill: int, rng: random.Random) -> Image.Image:
+        # SVT-P-like view angles: move the corners by up to a fraction of the height.
+        w, h = img.size
+        j = h * rng.uniform(0.1, 0.45)
+        src = [(0, 0), (w, 0), (w, h), (0, h)]
+        dst = [(x + rng.uniform(-j, j), y + rng.uniform(-j, j)) for x, y in src]
+        xs, ys = [p[0] for p in dst], [p[1] for p in dst]
+        dst = [(x - min(xs), y - min(ys)) for x, y in dst]
+        size = (max(4, int(math.ceil(max(xs) - min(xs)))), max(4, int(math.ceil(max(ys) - min(ys)))))
+        return img.transform(size, Image.Transform.PERSPECTIVE, _perspective_coeffs(src, dst), resample=Image.Resampling.BILINEAR, fillcolor=fill)
+
+    def _degrade(self, img: Image.Image, rng: random.Random) -> Image.Image:
+        c = self.cfg
+        if rng.random() < c.p_lowres:
+            f = rng.uniform(0.25, 0.7)
+            small = img.resize((max(2, int(img.width * f)), max(2, int(img.height * f))), Image.Resampling.BILINEAR)
+            img = small.resize(img.size, Image.Resampling.BILINEAR)
+        if rng.random() < c.p_blur:
+            img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.4)))
+        if rng.random() < c.p_noise:
+            np_rng = np.random.default_rng(rng.getrandbits(32))
+            arr = np.asarray(img, dtype=np.float32) + np_rng.normal(0, rng.uniform(3, 18), size=(img.height, img.width))
+            img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+        if rng.random() < c.p_jpeg:
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=rng.randint(10, 60))
+            buf.seek(0)
+            img = Image.open(buf).convert("L")
+        return img
+
+
+# -- data set writing ------------------------------------------------------------------
+
+_WORKER: Renderer | None = None
+
+
+def _init_worker(cfg: SynthConfig, faces: list[FontFace]) -> None:
+    global _WORKER  # one renderer per worker process, built once
+    _WORKER = Renderer(cfg, faces)
+
+
+def _render_range(bounds: tuple[int, int]) -> tuple[np.ndarray, list[str]]:
+    assert _WORKER is not None
+    pairs = [_WORKER.render(i) for i in range(*bounds)]
+    return np.stack([p[0] for p in pairs]), [p[1] for p in pairs]
+
+
+def _shard_done(out: Path, k: int, n: int) -> bool:
+    npy, txt = out / f"shard-{k:05d}.npy", out / f"shard-{k:05d}.txt"
+    if not (npy.is_file() and txt.is_file()):
+        return False
+    try:
+        return np.load(npy, mmap_mode="r").shape[0] == n and len(txt.read_text().splitlines()) == n
+    except (OSError, ValueError):
+        return False
+
+
+def render_dataset(out: Path, count: int, cfg: SynthConfig, workers: int = 2, shard_size: int = 50000, fmt: str = "npy", progress: bool = True) -> dict:
+    """Render ``count`` crops into ``out``; finished shards of an earlier run are kept.
+
+    Returns a summary with the images/s achieved.
+    """
+    from tqdm import tqdm
+
+    out.mkdir(parents=True, exist_ok=True)
+    faces = discover_fonts(cfg.charset, cache=out / "fonts.json")
+    meta = {"renderer_version": RENDERER_VERSION, "count": count, "shard_size": shard_size, "format": fmt, "fonts": len(faces), **asdict(cfg)}
+    old = out / "meta.json"
+    if old.is_file():
+        prev = json.loads(old.read_text())
+        if {k: v for k, v in prev.items() if k != "count"} != {k: v for k, v in meta.items() if k != "count"}:
+            raise SystemExit(f"{out} holds a data set rendered with other settings; use another --out or delete it")
+    old.write_text(json.dumps(meta, indent=2))
+
+    chunk = 500
+    shards = [(k, k * shard_size, min(count, (k + 1) * shard_size)) for k in range(math.ceil(count / shard_size))]
+    todo = shards if fmt == "lmdb" else [s for s in shards if not _shard_done(out, s[0], s[2] - s[1])]
+    total = sum(e - s for _, s, e in todo)
+    t0 = time.perf_counter()
+    ctx = mp.get_context("fork")
+    lmdb_writer = _LmdbWriter(out, count) if fmt == "lmdb" else None
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(cfg, faces)) as pool, tqdm(total=total, unit="img", disable=not progress, desc="render") as bar:
+        for k, start, end in todo:
+            ranges = [(i, min(i + chunk, end)) for i in range(start, end, chunk)]
+            arrays, labels = [], []
+            for arr, lab in pool.imap(_render_range, ranges):
+                arrays.append(arr)
+                labels += lab
+                bar.update(len(lab))
+            images = np.concatenate(arrays)
+            if lmdb_writer is not None:
+                lmdb_writer.write(start, images, labels)
+            else:
+                np.save(out / f"shard-{k:05d}.npy.tmp.npy", images)
+                (out / f"shard-{k:05d}.txt.tmp").write_text("\n".join(labels) + "\n")
+                (out / f"shard-{k:05d}.npy.tmp.npy").replace(out / f"shard-{k:05d}.npy")
+                (out / f"shard-{k:05d}.txt.tmp").replace(out / f"shard-{k:05d}.txt")
+    if lmdb_writer is not None:
+        lmdb_writer.close()
+    secs = time.perf_counter() - t0
+    rate = total / secs if secs > 0 else 0.0
+    summary = {"rendered": total, "seconds": round(secs, 1), "images_per_s": round(rate, 1), "out": str(out), "fonts": len(faces)}
+    print(f"rendered {total} crops in {secs:.1f}s ({rate:.0f} images/s, {workers} workers, {len(faces)} fonts) → {out}")
+    return summary
+
+
+class _LmdbWriter:
+    """Writes the STR community's LMDB layout (PNG-encoded images)."""
+
+    def __init__(self, out: Path, count: int) -> None:
+        import lmdb
+
+        self.env = lmdb.open(str(out), map_size=max(1 << 30, count * 16384))
+        self.count = count
+
+    def write(self, start: int, images: np.ndarray, labels: list[str]) -> None:
+        with self.env.begin(write=True) as txn:
+            for j, (im, lab) in enumerate(zip(images, labels)):
+                buf = io.BytesIO()
+                Image.fromarray(im).save(buf, format="PNG")
+                txn.put(f"image-{start + j + 1:09d}".encode(), buf.getvalue())
+                txn.put(f"label-{start + j + 1:09d}".encode(), lab.encode())
+
+    def close(self) -> None:
+        with self.env.begin(write=True) as txn:
+            txn.put(b"num-samples", str(self.count).encode())
+        self.env.close()

@@ -1,0 +1,359 @@
+"""The resumable SAFL trainer.
+
+A run lives in one folder (``--out``)::
+
+    config.json         the TrainConfig the run was started with
+    state.pt            model + optimizer + schedule + RNG + step (tensors only, loaded
+                        with ``weights_only=True``), written atomically every few minutes
+    last.safetensors    the latest weights as a servable checkpoint (+ .json sidecar)
+    best.safetensors    the weights with the best mean validation accuracy so far
+    log.jsonl           one JSON object per log interval and per validation
+
+``--resume`` continues exactly where the state left off: the same batches, the same
+augmentation draws, the same learning-rate schedule.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..charset import Charset
+from ..loss import sequence_loss
+from ..preprocess import to_tensor
+from ..safl import SAFL, SAFLConfig
+from .data import ArrayDataset, augment, encode_labels, load_any, load_folder_part
+from .evaluate import evaluate
+
+#: Fields that may change when a run is resumed (they do not change what is learnt).
+RUNTIME_FIELDS = {"max_minutes", "threads", "checkpoint_minutes", "val_every", "log_every", "stop_at_step", "progress", "total_steps"}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run."""
+
+    out: str = "runs/small-focal"
+    preset: str = "small"
+    init: str | None = None  # checkpoint to start from (fine-tuning), else random init
+    synth: list[str] = field(default_factory=list)  # shard folders / LMDBs / labels.tsv folders
+    real: list[str] = field(default_factory=list)  # labelled folders: their fine-tune part is trained on
+    real_ratio: float = 0.0  # share of each batch drawn from `real`
+    val: list[str] = field(default_factory=list)  # labelled folders: their validation part is reported
+    val_fraction: float = 0.3
+    split_seed: int = 0
+    loss: str = "focal"
+    gamma: float = 2.0
+    batch_size: int = 64
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 1000
+    total_steps: int = 100000
+    min_lr_ratio: float = 0.02
+    clip: float = 1.0
+    seed: int = 0
+    augment: float = 1.0
+    threads: int = 2
+    amp: str = "auto"  # auto | bf16 | off
+    device: str = "auto"
+    max_minutes: float | None = None
+    checkpoint_minutes: float = 5.0
+    val_every: int = 1000
+    log_every: int = 50
+    stop_at_step: int | None = None
+    progress: bool = True
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has native bf16 (AVX512-BF16 or AMX), which makes autocast pay off."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio``."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.total_steps - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class BatchSampler:
+    """Draws batches from the synthetic pool and, for ``real_ratio`` of each batch, the real one."""
+
+    def __init__(self, synth: ArrayDataset, real: ArrayDataset | None, cfg: TrainConfig, charset: Charset, gen: torch.Generator) -> None:
+        self.synth, self.real, self.cfg, self.charset, self.gen = synth, real, cfg, charset, gen
+        n_real = round(cfg.batch_size * cfg.real_ratio) if real is not None and len(real) else 0
+        if len(synth) == 0 and n_real == 0:
+            raise ValueError("no training data: give --synth and/or --real with --real-ratio > 0")
+        self.n_real = cfg.batch_size if len(synth) == 0 else n_real
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Normalised, augmented images and decoder input/target tokens."""
+        parts, labels = [], []
+        n_synth = self.cfg.batch_size - self.n_real
+        for ds, n in ((self.synth, n_synth), (self.real, self.n_real)):
+            if n <= 0 or ds is None:
+                continue
+            idx = torch.randint(len(ds), (n,), generator=self.gen).numpy()
+            parts.append(ds.images[idx])
+            labels += [ds.labels[i] for i in idx]
+        images = to_tensor(torch.cat([torch.from_numpy(p) for p in parts]))
+        images = augment(images, self.gen, self.cfg.augment)
+        inp, tgt = encode_labels(labels, self.charset)
+        return images, inp, tgt
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class Trainer:
+    """Builds data, model and optimiser from a ``TrainConfig`` and runs the loop."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False) -> None:
+        self.out = Path(cfg.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        state_path = self.out / "state.pt"
+        self.resumed = resume and state_path.is_file()
+        if self.resumed:
+            saved = TrainConfig.from_dict(json.loads((self.out / "config.json").read_text()))
+            for name in RUNTIME_FIELDS:
+                setattr(saved, name, getattr(cfg, name))
+            cfg = saved
+        self.cfg = cfg
+        torch.set_num_threads(cfg.threads)
+        self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device))
+        use_amp = cfg.amp == "bf16" or (cfg.amp == "auto" and (self.device.type == "cuda" or cpu_has_bf16()))
+        self.amp_dtype = torch.bfloat16 if use_amp else None
+
+        torch.manual_seed(cfg.seed)
+        if cfg.init:
+            model, info = load_checkpoint(cfg.init)
+            self.model_cfg = info.config
+        else:
+            self.model_cfg = SAFLConfig.from_preset(cfg.preset)
+            model = SAFL(self.model_cfg)
+        self.model = model.to(self.device).train()
+        self.charset = self.model.charset
+        pcfg = self.model_cfg.preprocess
+
+        synth_sets = [load_any(p, pcfg).filtered(self.charset, self.model_cfg.max_len) for p in cfg.synth]
+        synth = _concat(synth_sets, "synth", pcfg)
+        real_sets = [load_folder_part(p, pcfg, "train", cfg.val_fraction, cfg.split_seed).filtered(self.charset, self.model_cfg.max_len) for p in cfg.real]
+        real = _concat(real_sets, "real", pcfg) if real_sets else None
+        self.val_sets = [load_folder_part(p, pcfg, "val", cfg.val_fraction, cfg.split_seed) for p in cfg.val]
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.sampler = BatchSampler(synth, real, cfg, self.charset, self.gen)
+        self.n_train = (len(synth), len(real) if real is not None else 0)
+
+        decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2 and "pos" not in n]
+        no_decay = [p for n, p in self.model.named_parameters() if p.dim() < 2 or "pos" in n]
+        self.opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98)
+        )
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, self.cfg))
+        self.step = 0
+        self.train_seconds = 0.0
+        self.best = -1.0
+        if self.resumed:
+            self._load_state(state_path)
+        else:
+            (self.out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+
+    # -- state ---------------------------------------------------------------------------
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "step": self.step,
+            "train_seconds": self.train_seconds,
+            "best": self.best,
+            "rng_data": self.gen.get_state(),
+            "rng_torch": torch.get_rng_state(),
+        }
+
+    def _load_state(self, path: Path) -> None:
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        self.train_seconds = float(state["train_seconds"])
+        self.best = float(state["best"])
+        self.gen.set_state(state["rng_data"])
+        torch.set_rng_state(state["rng_torch"])
+
+    def save_state(self) -> None:
+        """Write the full resumable state and the latest servable weights (atomic)."""
+        _atomic_torch_save(self._state(), self.out / "state.pt")
+        save_checkpoint(self.model, self.out / "last.safetensors", name=f"safl-{self.model_cfg.preset}", training=self.training_meta())
+
+    def training_meta(self, val: dict | None = None) -> dict[str, Any]:
+        """What a checkpoint records about how it was trained."""
+        meta = {
+            "step": self.step,
+            "images_seen": self.step * self.cfg.batch_size,
+            "train_hours": round(self.train_seconds / 3600, 3),
+            "cpu_hours": round(self.train_seconds * self.cfg.threads / 3600, 3) if self.device.type == "cpu" else None,
+            "loss": self.cfg.loss,
+            "gamma": self.cfg.gamma if self.cfg.loss == "focal" else 0.0,
+            "run": self.out.name,
+        }
+        if val is not None:
+            meta["val"] = val
+        return meta
+
+    # -- loop ------------------------------------------------------------------------------
+
+    def _log(self, record: dict[str, Any]) -> None:
+        with open(self.out / "log.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def validate(self) -> dict[str, Any]:
+        """Validation metrics per set; saves ``best`` when the mean 36-char accuracy improves."""
+        if not self.val_sets:
+            return {}
+        self.model.eval()
+        results = evaluate(self.model, self.val_sets, worst=0)
+        self.model.train()
+        val = {r.name: {"n": r.n, "acc36": round(r.acc36, 4), "acc_cs": round(r.acc_cs, 4), "ned": round(r.ned, 4)} for r in results}
+        mean = sum(r.acc36 for r in results) / len(results)
+        val["mean_acc36"] = round(mean, 4)
+        self._log({"step": self.step, "images": self.step * self.cfg.batch_size, "train_hours": round(self.train_seconds / 3600, 4), "val": val})
+        if mean > self.best:
+            self.best = mean
+            save_checkpoint(self.model, self.out / "best.safetensors", name=f"safl-{self.model_cfg.preset}", training=self.training_meta(val))
+        return val
+
+    def train_step(self) -> tuple[float, float, float]:
+        """One optimisation step; returns (loss, data seconds, total seconds)."""
+        t0 = time.perf_counter()
+        images, inp, tgt = self.sampler.next()
+        images, inp, tgt = images.to(self.device), inp.to(self.device), tgt.to(self.device)
+        t1 = time.perf_counter()
+        ctx = torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+        with ctx:
+            logits = self.model(images, inp)
+        loss = sequence_loss(logits, tgt, self.cfg.loss, self.cfg.gamma)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
+        self.opt.step()
+        self.sched.step()
+        self.step += 1
+        t2 = time.perf_counter()
+        self.train_seconds += t2 - t0
+        return float(loss.detach()), t1 - t0, t2 - t0
+
+    def run(self) -> dict[str, Any]:
+        """Train until ``total_steps``, ``stop_at_step`` or ``max_minutes``; returns a summary."""
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        start = time.monotonic()
+        last_ckpt = start
+        end_step = min(cfg.total_steps, cfg.stop_at_step or cfg.total_steps)
+        print(
+            f"training {self.model_cfg.preset} ({self.model.num_parameters() / 1e6:.2f} M params) on {self.device}, "
+            f"amp={self.amp_dtype}, threads={cfg.threads}, loss={cfg.loss}"
+            f"{f' gamma={cfg.gamma}' if cfg.loss == 'focal' else ''}; data: {self.n_train[0]} synthetic + {self.n_train[1]} real; "
+            f"{'resumed at' if self.resumed else 'starting at'} step {self.step}",
+            flush=True,
+        )
+        acc = {"loss": 0.0, "data": 0.0, "total": 0.0, "n": 0}
+        totals = {"data": 0.0, "total": 0.0, "n": 0}
+        bar = tqdm(total=end_step, initial=self.step, unit="step", disable=not cfg.progress, dynamic_ncols=True)
+        last_loss = float("nan")
+        stopped_by = "steps"
+        while self.step < end_step:
+            loss, data_s, total_s = self.train_step()
+            last_loss = loss
+            acc["loss"] += loss
+            acc["data"] += data_s
+            acc["total"] += total_s
+            acc["n"] += 1
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == end_step:
+                n = acc["n"]
+                rec = {
+                    "step": self.step,
+                    "images": self.step * cfg.batch_size,
+                    "loss": round(acc["loss"] / n, 5),
+                    "lr": self.sched.get_last_lr()[0],
+                    "img_s": round(cfg.batch_size * n / acc["total"], 1),
+                    "data_ms": round(1000 * acc["data"] / n, 2),
+                    "step_ms": round(1000 * acc["total"] / n, 2),
+                    "train_hours": round(self.train_seconds / 3600, 4),
+                }
+                self._log(rec)
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", img_s=rec["img_s"], data=f"{100 * acc['data'] / acc['total']:.1f}%")
+                totals["data"] += acc["data"]
+                totals["total"] += acc["total"]
+                totals["n"] += n
+                acc = {"loss": 0.0, "data": 0.0, "total": 0.0, "n": 0}
+            if cfg.val_every and self.step % cfg.val_every == 0:
+                val = self.validate()
+                if val:
+                    bar.write(f"step {self.step}: val " + ", ".join(f"{k} {v['acc36']:.3f}" for k, v in val.items() if isinstance(v, dict)))
+            now = time.monotonic()
+            if now - last_ckpt > cfg.checkpoint_minutes * 60:
+                self.save_state()
+                last_ckpt = now
+            if cfg.max_minutes is not None and now - start > cfg.max_minutes * 60:
+                stopped_by = "time budget"
+                break
+        bar.close()
+        self.save_state()
+        n = max(totals["n"], 1)
+        summary = {
+            "step": self.step,
+            "stopped_by": stopped_by,
+            "loss": last_loss,
+            "img_s": round(cfg.batch_size * n / totals["total"], 1) if totals["total"] else None,
+            "data_ms": round(1000 * totals["data"] / n, 2),
+            "step_ms": round(1000 * totals["total"] / n, 2),
+            "data_share": round(totals["data"] / totals["total"], 4) if totals["total"] else None,
+        }
+        print(
+            f"stopped at step {self.step} ({stopped_by}); {summary['img_s']} img/s; data {summary['data_ms']} ms "
+            f"of {summary['step_ms']} ms per step ({100 * (summary['data_share'] or 0):.1f} %)",
+            flush=True,
+        )
+        return summary
+
+
+def _concat(sets: list[ArrayDataset], name: str, pcfg) -> ArrayDataset:
+    import numpy as np
+
+    if not sets:
+        shape = (0, pcfg.height, pcfg.width) if pcfg.channels == 1 else (0, pcfg.height, pcfg.width, 3)
+        return ArrayDataset(name, np.zeros(shape, np.uint8), [])
+    if len(sets) == 1:
+        return sets[0]
+    return ArrayDataset(name, np.concatenate([s.images for s in sets]), [lab for s in sets for lab in s.labels])
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
+    """Build a trainer and run it (the ``safl train`` entry point)."""
+    return Trainer(cfg, resume=resume).run()

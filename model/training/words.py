@@ -1,0 +1,139 @@
+"""Text sampling for synthetic crops: English words by real frequency, and the other
+kinds of strings scene text holds (numbers, prices, dates, codes, punctuation).
+
+Word frequencies come from the ``wordfreq`` package (offline data shipped in the
+wheel). Sampling by true frequency reproduces the skew of real text, which is what
+the paper's focal loss targets; a uniform draw over the lexicon is mixed in so rare
+words are still seen.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TextMix:
+    """Probabilities of each kind of string (normalised when sampling)."""
+
+    word_by_frequency: float = 0.45
+    word_uniform: float = 0.25
+    number: float = 0.08
+    price: float = 0.03
+    date: float = 0.03
+    code: float = 0.06
+    word_with_punct: float = 0.05
+    random_chars: float = 0.05
+
+
+class Lexicon:
+    """English word list with frequencies; the list is ordered by frequency."""
+
+    def __init__(self, size: int = 50000, min_len: int = 1) -> None:
+        import wordfreq  # training-only dependency
+
+        words = [w for w in wordfreq.top_n_list("en", size * 2) if w.isascii() and w.isalpha() and len(w) >= min_len]
+        self.words = words[:size]
+        freq = np.array([wordfreq.word_frequency(w, "en") for w in self.words], dtype=np.float64)
+        self.cdf = np.cumsum(freq / freq.sum())
+
+    def by_frequency(self, rng: random.Random) -> str:
+        """A word drawn with probability proportional to its frequency in English."""
+        i = int(np.searchsorted(self.cdf, rng.random(), side="right"))
+        return self.words[min(i, len(self.words) - 1)]
+
+    def uniform(self, rng: random.Random) -> str:
+        """A word drawn uniformly from the lexicon."""
+        return self.words[rng.randrange(len(self.words))]
+
+
+def _case(word: str, rng: random.Random) -> str:
+    r = rng.random()
+    if r < 0.4:
+        return word.lower()
+    if r < 0.7:
+        return word.capitalize()
+    if r < 0.95:
+        return word.upper()
+    return "".join(c.upper() if rng.random() < 0.5 else c for c in word)
+
+
+class TextSampler:
+    """Draws label strings of at most ``max_len`` characters from ``charset``."""
+
+    def __init__(self, charset: str, max_len: int, lexicon: Lexicon, mix: TextMix = TextMix()) -> None:
+        self.charset = charset
+        self.max_len = max_len
+        self.lexicon = lexicon
+        kinds = [k for k in vars(mix)]
+        weights = np.array([getattr(mix, k) for k in kinds], dtype=np.float64)
+        self.kinds = kinds
+        self.cum = np.cumsum(weights / weights.sum()).tolist()
+        self.punct = "".join(c for c in string.punctuation if c in charset)
+
+    def sample(self, rng: random.Random) -> str:
+        """One label; always non-empty, in-charset and at most ``max_len`` long."""
+        for _ in range(20):
+            r = rng.random()
+            kind = next((k for k, c in zip(self.kinds, self.cum) if r < c), self.kinds[-1])
+            text = getattr(self, "_" + kind)(rng)
+            if text and len(text) <= self.max_len and all(c in self.charset for c in text):
+                return text
+        return "text"
+
+    def _word_by_frequency(self, rng: random.Random) -> str:
+        return _case(self.lexicon.by_frequency(rng), rng)
+
+    def _word_uniform(self, rng: random.Random) -> str:
+        return _case(self.lexicon.uniform(rng), rng)
+
+    def _number(self, rng: random.Random) -> str:
+        r = rng.random()
+        if r < 0.5:
+            return str(rng.randint(0, 10 ** rng.randint(1, 6)))
+        if r < 0.7:
+            return f"{rng.uniform(0, 1000):.{rng.randint(1, 2)}f}"
+        if r < 0.85:
+            return f"{rng.randint(1, 999)},{rng.randint(0, 999):03d}"
+        return f"{rng.randint(0, 100)}%"
+
+    def _price(self, rng: random.Random) -> str:
+        cur = rng.choice("$$$€£") if rng.random() < 0.9 else ""
+        amount = f"{rng.randint(0, 999)}.{rng.randint(0, 99):02d}" if rng.random() < 0.7 else str(rng.randint(1, 9999))
+        return cur + amount if cur in self.charset else "$" + amount
+
+    def _date(self, rng: random.Random) -> str:
+        d, m, y = rng.randint(1, 28), rng.randint(1, 12), rng.randint(1950, 2030)
+        fmt = rng.choice(["{d:02d}/{m:02d}/{y}", "{m}/{d}/{y2:02d}", "{y}-{m:02d}-{d:02d}", "{d}.{m}.{y}", "{h}:{mi:02d}"])
+        return fmt.format(d=d, m=m, y=y, y2=y % 100, h=rng.randint(0, 23), mi=rng.randint(0, 59))
+
+    def _code(self, rng: random.Random) -> str:
+        n = rng.randint(3, 9)
+        alphabet = string.ascii_uppercase + string.digits
+        body = "".join(rng.choice(alphabet) for _ in range(n))
+        if rng.random() < 0.4:
+            cut = rng.randint(1, n - 1)
+            body = body[:cut] + rng.choice("-/.") + body[cut:]
+        return body
+
+    def _word_with_punct(self, rng: random.Random) -> str:
+        w = _case(self.lexicon.by_frequency(rng), rng)
+        r = rng.random()
+        if r < 0.4:
+            return w + rng.choice(".,!?:;'\"")
+        if r < 0.55:
+            return rng.choice("\"'(#@") + w
+        if r < 0.7:
+            return w + "'s"
+        if r < 0.85:
+            return w + rng.choice("-&/") + _case(self.lexicon.by_frequency(rng), rng)
+        return "(" + w + ")"
+
+    def _random_chars(self, rng: random.Random) -> str:
+        n = rng.randint(1, 10)
+        pool = self.charset if rng.random() < 0.3 else string.ascii_letters + string.digits
+        return "".join(rng.choice(pool) for _ in range(n))
