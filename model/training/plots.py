@@ -1,0 +1,129 @@
+"""Plots and tables of the training campaign (``docs/``): training curves, focal vs
+cross entropy, and the label-frequency skew that motivates the focal loss.
+
+    python -m model.training.plots --runs runs/small-focal-s0 runs/small-ce-s0 --synth data/synth --out docs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_log(run: Path) -> tuple[list[dict], list[dict]]:
+    """(train records, validation records) of a run's ``log.jsonl``; a resumed run's
+    repeated steps keep the last record written."""
+    train: dict[int, dict] = {}
+    val: dict[int, dict] = {}
+    for line in (run / "log.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        (val if "val" in rec else train)[rec["step"]] = rec
+    return [train[k] for k in sorted(train)], [val[k] for k in sorted(val)]
+
+
+def _label(run: Path) -> str:
+    cfg = json.loads((run / "config.json").read_text())
+    return f"{run.name} ({'focal γ=' + str(cfg['gamma']) if cfg['loss'] == 'focal' else 'CE'})"
+
+
+def plot_curves(runs: list[Path], out: Path) -> Path:
+    """Loss and validation accuracy (36-char, per set and mean) against images seen."""
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for run in runs:
+        train, val = read_log(run)
+        if train:
+            ax_loss.plot([r["images"] / 1e6 for r in train], [r["loss"] for r in train], label=_label(run), lw=1)
+        if val:
+            x = [r["images"] / 1e6 for r in val]
+            line = ax_acc.plot(x, [100 * r["val"]["mean_acc36"] for r in val], lw=2, label=f"{_label(run)} mean")[0]
+            sets = [k for k in val[-1]["val"] if isinstance(val[-1]["val"][k], dict)]
+            for style, name in zip((":", "--", "-."), sets):
+                ax_acc.plot(x, [100 * r["val"].get(name, {}).get("acc36", float("nan")) for r in val], style, color=line.get_color(), lw=1, label=f"  {name}")
+    ax_loss.set(xlabel="images seen (millions)", ylabel="training loss", title="Training loss", yscale="log")
+    ax_acc.set(xlabel="images seen (millions)", ylabel="word accuracy, 36-char (%)", title="Validation accuracy (real crops never trained on)")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def focal_vs_ce_table(focal: Path, ce: Path) -> str:
+    """Markdown table of validation accuracy at every step both runs were validated."""
+    _, vf = read_log(focal)
+    _, vc = read_log(ce)
+    by_step = {r["step"]: r for r in vc}
+    rows = ["| step | images | set | focal γ=2 | CE | focal − CE |", "|---:|---:|---|---:|---:|---:|"]
+    for r in vf:
+        other = by_step.get(r["step"])
+        if other is None:
+            continue
+        for name, m in r["val"].items():
+            if not isinstance(m, dict):
+                continue
+            o = other["val"][name]["acc36"]
+            rows.append(f"| {r['step']} | {r['images']} | {name} (n={m['n']}) | {100 * m['acc36']:.2f} | {100 * o:.2f} | {100 * (m['acc36'] - o):+.2f} |")
+    return "\n".join(rows) + "\n"
+
+
+def plot_label_skew(label_files: list[Path], out: Path, real_tsvs: list[Path] = ()) -> Path:
+    """Word rank/frequency (log-log) and character frequency of the training labels."""
+    words: Counter[str] = Counter()
+    for f in label_files:
+        words.update(f.read_text(encoding="utf-8").splitlines())
+    real: Counter[str] = Counter()
+    for tsv in real_tsvs:
+        real.update(line.partition("\t")[2] for line in tsv.read_text(encoding="utf-8").splitlines() if line)
+    chars: Counter[str] = Counter()
+    for w, n in words.items():
+        for c in w:
+            chars[c] += n
+    fig, (ax_w, ax_c) = plt.subplots(1, 2, figsize=(14, 4.5))
+    ranked = sorted(words.values(), reverse=True)
+    ax_w.loglog(range(1, len(ranked) + 1), ranked, label=f"synthetic labels ({sum(ranked):,} crops, {len(ranked):,} distinct)")
+    if real:
+        rr = sorted(real.values(), reverse=True)
+        ax_w.loglog(range(1, len(rr) + 1), rr, label=f"real train labels ({sum(rr):,} crops)")
+    ax_w.set(xlabel="word rank", ylabel="count", title="Word frequency (Zipf-like skew)")
+    ax_w.legend(fontsize=8)
+    ax_w.grid(alpha=0.3)
+    top = chars.most_common()
+    ax_c.bar(range(len(top)), [n for _, n in top], color="tab:orange")
+    ax_c.set_xticks(range(len(top)))
+    ax_c.set_xticklabels([c for c, _ in top], fontsize=5)
+    ax_c.set_yscale("log")
+    ax_c.set(title="Character frequency in synthetic labels", ylabel="count")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", type=Path, nargs="+", required=True, help="run folders; with two (focal, ce) also the comparison")
+    p.add_argument("--synth", type=Path, help="shard folder whose labels to plot")
+    p.add_argument("--real", type=Path, nargs="*", default=[], help="labels.tsv folders to compare the skew with")
+    p.add_argument("--out", type=Path, default=Path("docs"))
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(plot_curves(args.runs[:1], args.out / "training_curves.png"))
+    if len(args.runs) == 2:
+        (args.out / "focal_vs_ce.md").write_text(focal_vs_ce_table(*args.runs))
+        print(plot_curves(args.runs, args.out / "focal_vs_ce.png"))
+    if args.synth:
+        print(plot_label_skew(sorted(args.synth.glob("shard-*.txt")), args.out / "label_distribution.png", [d / "labels.tsv" for d in args.real]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,67 @@
+"""Promote a trained checkpoint to ``weights/`` only if it beats the shipped one.
+
+Both are evaluated on the same validation parts of the real folders (never trained
+on); the candidate is copied (weights + sidecar, byte for byte) when its mean 36-char
+accuracy is higher, and ``weights/metrics.json`` records the numbers for the model card.
+
+    python -m model.training.ship runs/small-focal-s0/best.safetensors \
+        --val ../shared/data/train/iiit5k ../shared/data/train/svt ../shared/data/train/ic15
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import CheckpointError, load_checkpoint
+from .data import load_folder_part
+from .evaluate import evaluate, to_json, to_markdown
+
+DEFAULT_WEIGHTS = Path(__file__).resolve().parents[2] / "weights" / "safl.safetensors"
+
+
+def mean_acc(path: Path, folders: list[Path], val_fraction: float, seed: int) -> tuple[float, list, dict]:
+    """Mean 36-char accuracy over the validation parts, the per-set results and the training metadata."""
+    model, info = load_checkpoint(path)
+    sets = [load_folder_part(f, info.config.preprocess, "val", val_fraction, seed) for f in folders]
+    results = evaluate(model, sets, worst=3)
+    return sum(r.acc36 for r in results) / len(results), results, {"model": info.model_id, **info.training}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("candidate", type=Path)
+    p.add_argument("--val", type=Path, nargs="+", required=True)
+    p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
+    p.add_argument("--val-fraction", type=float, default=0.3)
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    cand, cand_results, cand_meta = mean_acc(args.candidate, args.val, args.val_fraction, args.split_seed)
+    print(to_markdown(cand_results, f"candidate {cand_meta['model']}"))
+    try:
+        cur, _, cur_meta = mean_acc(args.weights, args.val, args.val_fraction, args.split_seed)
+        print(f"shipped {cur_meta['model']}: mean acc36 {100 * cur:.2f} %")
+    except CheckpointError as exc:
+        cur = -1.0
+        print(f"no usable shipped weights ({exc}); the candidate will be shipped")
+    print(f"candidate: mean acc36 {100 * cand:.2f} %")
+    if cand <= cur:
+        print("not better: weights/ left unchanged")
+        return 1
+    args.weights.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(args.candidate, args.weights)
+    shutil.copyfile(args.candidate.with_suffix(".json"), args.weights.with_suffix(".json"))
+    to_json(cand_results, args.weights.parent / "metrics.json", {"model": cand_meta["model"], "split": {"part": "val", "val_fraction": args.val_fraction, "seed": args.split_seed}, "training": cand_meta})
+    print(f"shipped → {args.weights}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
