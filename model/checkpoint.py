@@ -148,7 +148,10 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
         state = load_file(str(info.weights_path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"could not read weights {info.weights_path}: {exc}") from None
-    model = SAFL(info.config)
+    try:
+        model = SAFL(info.config)
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"the config in the sidecar of {info.weights_path.name} does not describe a buildable model: {exc}") from None
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

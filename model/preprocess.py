@@ -88,7 +88,7 @@ def resize(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     img = canonicalize(img, cfg.channels)
     if img.size != (cfg.width, cfg.height):
         img = img.resize((cfg.width, cfg.height), Image.Resampling.BILINEAR)
-    return np.asarray(img, dtype=np.uint8)
+    return np.array(img, dtype=np.uint8)
 
 
 def to_tensor(arr: np.ndarray | torch.Tensor) -> torch.Tensor:

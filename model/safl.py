@@ -96,6 +96,7 @@ class SAFL(nn.Module):
     def __init__(self, config: SAFLConfig) -> None:
         super().__init__()
         self.config = config
+        config.preprocess  # noqa: B018 - validates the input geometry (channels 1 or 3, at least 8x8) up front
         self.charset = Charset(config.charset)
         c = config
         self.rectifier = TPSRectifier(c.channels, c.height, c.width, c.tps_points) if c.use_tps else None

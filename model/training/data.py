@@ -107,7 +107,8 @@ def load_folder_part(folder: str | Path, cfg: PreprocessConfig, part: str, val_f
 def load_shards(folder: str | Path, limit: int | None = None) -> ArrayDataset:
     """Rendered ``shard-*.npy`` + ``shard-*.txt`` files (see ``model.training.synth``)."""
     folder = Path(folder)
-    npys = sorted(folder.glob("shard-*.npy"))
+    # Only finished shards: an interrupted render can leave ``shard-*.npy.tmp.npy`` behind.
+    npys = sorted(p for p in folder.glob("shard-*.npy") if p.name[len("shard-") : -len(".npy")].isdigit())
     if not npys:
         raise FileNotFoundError(f"no shard-*.npy files in {folder}; render some with `safl synth --out {folder}`")
     arrays, labels = [], []

@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from rapidfuzz.distance import Levenshtein
 
 from ..preprocess import to_tensor
 from ..safl import SAFL
@@ -59,6 +58,8 @@ class DatasetResult:
 
 def score(predictions: list[str], labels: list[str]) -> tuple[int, float, float, float]:
     """``(n, acc36, acc_cs, ned)`` for parallel lists; n counts samples scored under the 36 protocol."""
+    from rapidfuzz.distance import Levenshtein  # training extra: `safl serve` must not need it
+
     n = correct36 = correct_cs = n_cs = 0
     ned = 0.0
     for pred, gt in zip(predictions, labels):

@@ -1,0 +1,224 @@
+"""The ``safl`` command: ``serve``, ``recognize``, and the training commands ``synth``, ``train``, ``eval``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import uvicorn
+from pydantic import SecretStr, ValidationError
+
+from model.training.cli import add_eval_parser, add_synth_parser, add_train_parser
+
+from .app import create_app
+from .predictor import Predictor, StartupError
+from .runtime import Runtime
+from .settings import DEFAULT_WEIGHTS, Settings
+
+
+def default_weights() -> Path:
+    """``SAFL_WEIGHTS`` if set, else ``<repo root>/weights/safl.safetensors``."""
+    return Path(os.environ.get("SAFL_WEIGHTS") or DEFAULT_WEIGHTS)
+
+
+# --- safl serve
+
+
+def _flag_type(annotation: Any) -> tuple[Any, Sequence[str] | None]:
+    """argparse ``type`` and ``choices`` for a settings field's annotation."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Literal:
+        return str, [str(a) for a in typing.get_args(annotation)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        return _flag_type(args[0])
+    if annotation is SecretStr:
+        return str, None
+    return annotation, None
+
+
+def add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    """``safl serve``: one flag per ``Settings`` field; a flag beats its ``SAFL_*`` variable."""
+    p = sub.add_parser(
+        "serve", help="run the HTTP recognition service",
+        description="Serve the model over HTTP. Every flag can also be set as the environment variable shown; the flag wins.",
+    )  # fmt: skip
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        default = "unset" if field.default is None else field.default
+        help_text = f"{field.description} (env SAFL_{name.upper()}, default: {default})"
+        if name == "api_key":
+            help_text += "; prefer the environment variable: flags show up in process lists"
+        if field.annotation is bool:
+            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+            continue
+        kind, choices = _flag_type(field.annotation)
+        # SUPPRESS: a flag not given leaves the field to the environment or its default.
+        p.add_argument(flag, dest=name, type=kind, choices=choices, default=argparse.SUPPRESS, help=help_text)
+    p.set_defaults(func=run_serve)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """``Settings`` from the environment, with the flags given on the command line on top."""
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
+    return Settings(**overrides)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """``safl serve``: exit 0 after a graceful shutdown, 2 for bad settings or weights."""
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as exc:
+        print(f"safl serve: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return serve(settings)
+
+
+def serve(settings: Settings, predictor: Predictor | None = None) -> int:
+    """Load the model (unless given), then run uvicorn until SIGTERM/SIGINT; a first signal drains gracefully."""
+    if predictor is None:
+        try:
+            # Loaded here, not in the lifespan, so a bad checkpoint is one clear line, not a traceback.
+            predictor = Predictor.load(settings.weights, settings.device, settings.threads, settings.bf16)
+        except StartupError as exc:
+            print(f"safl serve: {exc}", file=sys.stderr)
+            return 2
+    app = create_app(settings, predictor=predictor)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level, lifespan="on",
+        timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
+    )  # fmt: skip
+    server = GracefulServer(config, app.state.runtime)
+    server.run()
+    return 0 if server.started else 3
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn's server with a drain phase before it stops listening.
+
+    First SIGTERM/SIGINT: readiness turns 503 and new recognition requests get 503 at once
+    (the listener stays open so they are answered, not reset); once the admitted ones
+    have finished (or ``drain_timeout_s`` passed) uvicorn's own shutdown runs, and the
+    process exits 0. A second signal exits at once.
+    """
+
+    def __init__(self, config: uvicorn.Config, runtime: Runtime) -> None:
+        super().__init__(config)
+        self._runtime = runtime
+        self._drain_requested = False
+        self._drain_task: asyncio.Task[bool] | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Unlike uvicorn's own handler, the signal is not re-raised after shutdown: exit 0.
+        if self._drain_requested:
+            self.force_exit = True
+            self.should_exit = True
+            return
+        self._drain_requested = True
+        self._runtime.begin_drain()  # a flag: safe in a signal handler
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._drain_requested and self._drain_task is None:
+            self._drain_task = asyncio.get_running_loop().create_task(self._runtime.drain(self._runtime.settings.drain_timeout_s))
+        if self._drain_task is not None and self._drain_task.done():
+            self.should_exit = True
+        return await super().on_tick(counter)
+
+
+# --- safl recognize
+
+
+def add_recognize_parser(sub: argparse._SubParsersAction) -> None:
+    """``safl recognize IMG [IMG...]``: the service's decode/preprocess/model path, locally."""
+    p = sub.add_parser(
+        "recognize", help="recognise word images locally (no server)",
+        description="Print file<TAB>text<TAB>confidence for each image (confidence: see the API docs).",
+    )  # fmt: skip
+    p.add_argument("images", nargs="+", type=Path, metavar="IMG")
+    p.add_argument("--weights", type=Path, default=default_weights(), help="checkpoint (env SAFL_WEIGHTS; default: %(default)s)")
+    p.add_argument("--device", default=os.environ.get("SAFL_DEVICE", "auto"), help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="PyTorch intra-op threads (default: PyTorch's)")
+    p.add_argument("--batch-size", type=int, default=32, help="crops per model batch (default: 32)")
+    p.add_argument("--max-pixels", type=int, default=Settings.model_fields["max_pixels"].default, help="per-image pixel limit")
+    p.add_argument("--max-file-bytes", type=int, default=Settings.model_fields["max_file_bytes"].default, help="per-image size limit")
+    p.add_argument("--json", action="store_true", help="print one JSON document (the API's response shape, plus errors)")
+    p.set_defaults(func=run_recognize)
+
+
+def run_recognize(args: argparse.Namespace) -> int:
+    """Exit 0 when every image was recognised, 1 when some could not be read, 2 when the model cannot load."""
+    from .errors import APIError
+    from .images import ImageLimits, ImageRejected, load_crop, treat_bomb_warning_as_error
+
+    try:
+        predictor = Predictor.load(args.weights, args.device, args.threads)
+    except StartupError as exc:
+        print(f"safl recognize: {exc}", file=sys.stderr)
+        return 2
+    predictor.init_thread()
+    treat_bomb_warning_as_error()
+    limits = ImageLimits(args.max_file_bytes, args.max_pixels)
+    names, crops, errors = [], [], []
+    for path in args.images:
+        try:
+            if path.stat().st_size > limits.max_file_bytes:  # before reading it into memory
+                raise ImageRejected(413, "file_too_large", f"file {str(path)!r} is over {limits.max_file_bytes} bytes")
+            data = path.read_bytes()
+            crops.append(load_crop(data, str(path), limits, predictor.preprocess_config))
+            names.append(str(path))
+        except OSError as exc:
+            errors.append({"filename": str(path), "code": "unreadable", "message": f"cannot read {path}: {exc.strerror or exc}"})
+        except APIError as exc:
+            errors.append({"filename": str(path), "code": exc.code, "message": exc.message})
+    results = []
+    size = max(1, args.batch_size)
+    for i in range(0, len(crops), size):
+        results.extend(predictor.recognize(crops[i : i + size]))
+    if args.json:
+        doc: dict[str, Any] = {
+            "model": predictor.info.model_id,
+            "results": [
+                {"filename": n, "text": r.text, "confidence": r.confidence, "char_confidences": r.char_confidences}
+                for n, r in zip(names, results, strict=True)
+            ],
+        }
+        if errors:
+            doc["errors"] = errors
+        print(json.dumps(doc, ensure_ascii=False))
+    else:
+        for n, r in zip(names, results, strict=True):
+            print(f"{n}\t{r.text}\t{r.confidence:.6g}")
+    for e in errors:
+        print(f"safl recognize: {e['message']}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+# --- entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``safl`` argument parser with all subcommands."""
+    parser = argparse.ArgumentParser(prog="safl", description="SAFL scene-text recognition: serve, recognise, make data, train, evaluate.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_serve_parser(sub)
+    add_recognize_parser(sub)
+    add_synth_parser(sub)
+    add_train_parser(sub)
+    add_eval_parser(sub, default_weights())
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``safl`` console script (also ``python -m service``)."""
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)

@@ -1,0 +1,101 @@
+"""Pure ASGI middleware: request-body size cap and request latency metrics.
+
+Pure ASGI (not ``BaseHTTPMiddleware``) so ``receive`` reaches the endpoint unwrapped by
+extra tasks: the body is counted as it streams, and ``http.disconnect`` still arrives
+for the disconnect watcher in ``service.app``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import APIError, error_response
+from .metrics import Metrics
+
+
+class BodyLimitMiddleware:
+    """413 for bodies over ``max_body_bytes``: from Content-Length up front, else by counting.
+
+    Neither uvicorn nor Starlette limit body size themselves.
+    """
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int, on_reject: Callable[[str], None] | None = None) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.on_reject = on_reject
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_body_bytes
+        declared = _header(scope, b"content-length")
+        if declared is not None:
+            # isascii: str.isdigit() is also true for '²' and other digits int() rejects.
+            if not (declared.isascii() and declared.isdigit()):
+                await error_response(400, "bad_request", "invalid Content-Length header")(scope, receive, send)
+                return
+            if int(declared) > limit:
+                # Answered before reading a byte of the body.
+                if self.on_reject:
+                    self.on_reject("body_too_large")
+                reply = error_response(413, "body_too_large", f"request body of {declared} bytes exceeds the limit of {limit}")
+                await reply(scope, receive, send)
+                return
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    # Raised inside the endpoint's body read; the app's handler renders it.
+                    raise APIError(413, "body_too_large", f"request body exceeds the limit of {limit} bytes")
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+
+class RequestMetricsMiddleware:
+    """Observes ``safl_request_duration_seconds{route, status}`` for every HTTP request.
+
+    ``route`` is the matched route's path template; unmatched paths share one label so
+    scanners cannot blow up the series count.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, known_paths: Callable[[], set[str]]) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.known_paths = known_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def recording_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", None) or scope.get("path", "")
+            label = path if path in self.known_paths() else "unmatched"
+            self.metrics.request_duration.labels(route=label, status=str(status)).observe(time.perf_counter() - start)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value.decode("latin-1").strip()
+    return None

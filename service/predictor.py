@@ -1,0 +1,158 @@
+"""The model on its device: loading, device and thread choice, inference, warm-up.
+
+Everything here runs synchronously; the batcher calls ``recognize`` from its single
+inference thread, so one batch runs at a time per device.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from PIL import Image, ImageDraw
+
+from model import CheckpointError, CheckpointInfo, Recognition, load_checkpoint
+from model.preprocess import PreprocessConfig, collate, preprocess
+
+log = logging.getLogger("service")
+
+
+class StartupError(RuntimeError):
+    """The service cannot start (no weights, unusable device); the message says what to do."""
+
+
+class Recognizer(Protocol):
+    """What the predictor needs from a model: ``SAFL.recognize``'s signature."""
+
+    def recognize(self, images: torch.Tensor, amp_dtype: torch.dtype | None = None) -> list[Recognition]: ...
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → ``cuda`` when available, else ``cpu``; an explicit CUDA device must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise StartupError(f"device {name!r} requested but CUDA is not available here (use --device cpu or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise StartupError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return device
+
+
+def warmup_sizes(max_batch_size: int) -> list[int]:
+    """Batch sizes warm-up runs: powers of two up to ``max_batch_size``, and it.
+
+    The worker's batches take any size in ``1..max_batch_size``; these sizes touch the
+    allocator's and the kernels' choices across that whole range without running all of them.
+    """
+    sizes, n = [], 1
+    while n < max_batch_size:
+        sizes.append(n)
+        n *= 2
+    sizes.append(max_batch_size)
+    return sizes
+
+
+def _warmup_image(cfg: PreprocessConfig) -> Image.Image:
+    # Dark strokes on white, roughly like a word: exercises the same decode path as real crops.
+    img = Image.new("L", (cfg.width * 2, cfg.height * 2), 255)
+    draw = ImageDraw.Draw(img)
+    for x in range(8, cfg.width * 2 - 8, 14):
+        draw.rectangle((x, 12, x + 6, cfg.height * 2 - 12), fill=0)
+    return img
+
+
+class Predictor:
+    """A loaded model, its device and precision."""
+
+    def __init__(self, model: Recognizer, info: CheckpointInfo, device: torch.device, amp_dtype: torch.dtype | None = None,
+                 threads: int | None = None) -> None:  # fmt: skip
+        self.model = model
+        self.info = info
+        self.device = device
+        self.amp_dtype = amp_dtype
+        self.threads = threads
+
+    @classmethod
+    def load(cls, weights: str | os.PathLike[str], device: str = "auto", threads: int | None = None, bf16: bool = False) -> Predictor:
+        """Load a checkpoint onto the chosen device; raises ``StartupError`` with a fix in its message."""
+        path = Path(weights)
+        if not path.exists():
+            raise StartupError(
+                f"model weights not found at {path}. Train a model (safl train) or point the service at a "
+                "checkpoint with --weights PATH or the SAFL_WEIGHTS environment variable."
+            )
+        target = resolve_device(device)
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            model, info = load_checkpoint(path, device=target)
+        except CheckpointError as exc:
+            raise StartupError(f"cannot load model weights {path}: {exc}") from None
+        except Exception as exc:  # e.g. a sidecar config the model cannot be built from (d_model 0 or negative)
+            raise StartupError(f"cannot load model weights {path}: the checkpoint does not describe a usable model ({type(exc).__name__}: {exc})") from None
+        # A diverged training run saves NaN weights that load fine and then answer "" with confidence 1.0.
+        broken = [name for name, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if broken:
+            raise StartupError(
+                f"model weights {path} hold NaN or infinite values (in {len(broken)} tensors, e.g. {broken[0]!r}); "
+                "the training run that wrote them diverged. Serve an earlier checkpoint."
+            )
+        # bf16 autocast only on CUDA: CPU autocast is slower than fp32 for this model.
+        amp = torch.bfloat16 if bf16 and target.type == "cuda" else None
+        if bf16 and amp is None:
+            log.warning("bf16 requested but the device is %s; running in float32", target)
+        return cls(model, info, target, amp, threads)
+
+    @property
+    def preprocess_config(self) -> PreprocessConfig:
+        """Input geometry of the loaded model."""
+        return self.info.config.preprocess
+
+    @property
+    def precision(self) -> str:
+        """``float32`` or the autocast dtype."""
+        return "bf16-autocast" if self.amp_dtype is torch.bfloat16 else "float32"
+
+    def init_thread(self) -> None:
+        """Run in the inference thread before its first batch (thread settings are per thread for OpenMP)."""
+        if self.threads:
+            torch.set_num_threads(self.threads)
+
+    def recognize(self, crops: list[torch.Tensor]) -> list[Recognition]:
+        """Recognise preprocessed ``[C, H, W]`` crops; on CUDA out-of-memory, split and retry."""
+        batch = collate(crops)
+        if self.device.type == "cuda":
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        else:
+            batch = batch.to(self.device)
+        return self._recognize(batch)
+
+    def _recognize(self, batch: torch.Tensor) -> list[Recognition]:
+        try:
+            return self.model.recognize(batch, amp_dtype=self.amp_dtype)
+        except torch.OutOfMemoryError:
+            if batch.shape[0] == 1:
+                raise
+            oom = True
+        # Outside the except block, so the exception's frames (and their tensors) are freed first.
+        assert oom
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        half = batch.shape[0] // 2
+        log.warning("out of memory on a batch of %d; retrying as %d + %d", batch.shape[0], half, batch.shape[0] - half)
+        return self._recognize(batch[:half]) + self._recognize(batch[half:])
+
+    def warmup(self, max_batch_size: int) -> list[int]:
+        """Run every batch size of ``warmup_sizes`` once; returns the sizes run."""
+        crop = preprocess(_warmup_image(self.preprocess_config), self.preprocess_config)
+        sizes = warmup_sizes(max_batch_size)
+        for n in sizes:
+            self.recognize([crop] * n)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return sizes

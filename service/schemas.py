@@ -1,0 +1,104 @@
+"""Request and response models (they also make the OpenAPI docs at ``/docs``)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+CONFIDENCE_DOC = (
+    "Probability the model gives the whole string under greedy decoding: the product of "
+    "the per-character probabilities (char_confidences) and of the end-of-word token's "
+    "probability. An empty text's confidence is the end-of-word probability alone. "
+    "It is not calibrated on an untrained or domain-shifted model."
+)
+
+
+class RecognitionResult(BaseModel):
+    """One recognised crop."""
+
+    filename: str = Field(description="the part's filename (multipart) or image-<index> (JSON)")
+    text: str = Field(description="recognised word")
+    confidence: float = Field(description=CONFIDENCE_DOC)
+    char_confidences: list[float] = Field(description="probability of each recognised character, in order")
+
+
+class RecognizeResponse(BaseModel):
+    """Results in the order the images were sent."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    model: str = Field(description="<name>@<first 12 hex digits of the weights' sha256>")
+    results: list[RecognitionResult]
+
+
+class RecognizeJSON(BaseModel):
+    """``application/json`` body for clients that cannot send multipart."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    images: list[str] = Field(min_length=1, description="base64-encoded image files (a data: URL prefix is allowed)")
+    filenames: list[str] | None = Field(None, description="optional names echoed back in the results, one per image")
+
+
+class ErrorDetail(BaseModel):
+    """What went wrong."""
+
+    code: str = Field(description="stable machine-readable code, e.g. too_many_pixels")
+    message: str = Field(description="human-readable explanation, naming the file where there is one")
+
+
+class ErrorResponse(BaseModel):
+    """The body of every 4xx/5xx reply."""
+
+    error: ErrorDetail
+
+
+class Status(BaseModel):
+    """Liveness / readiness."""
+
+    status: str
+
+
+class InputInfo(BaseModel):
+    """Geometry every crop is resized to."""
+
+    height: int
+    width: int
+    channels: int
+
+
+class BatchingInfo(BaseModel):
+    """Dynamic batching settings."""
+
+    max_batch_size: int
+    max_wait_ms: float
+    max_queue: int
+    timeout_ms: float
+
+
+class LimitsInfo(BaseModel):
+    """Per-request input limits."""
+
+    max_files: int
+    max_file_bytes: int
+    max_body_bytes: int
+    max_pixels: int
+    formats: list[str]
+
+
+class InfoResponse(BaseModel):
+    """What is being served, and how."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    model: str
+    name: str
+    sha256: str
+    preset: str
+    charset: str
+    max_len: int
+    input: InputInfo
+    device: str
+    precision: str
+    threads: int
+    batching: BatchingInfo
+    limits: LimitsInfo

@@ -1,0 +1,77 @@
+"""Service settings: environment variables ``SAFL_*``, overridden by ``safl serve`` flags.
+
+Every field here becomes a ``--flag`` of ``safl serve`` (see ``service.cli``), so the
+field descriptions are the flags' help and the README's settings table.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: ``<repo root>/weights/safl.safetensors``: where the shipped model lives.
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "safl.safetensors"
+
+
+class Settings(BaseSettings):
+    """Everything ``create_app`` needs; read from ``SAFL_<NAME>`` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="SAFL_", extra="forbid", frozen=True)
+
+    # --- server
+    host: str = Field(default="127.0.0.1", description="interface to listen on (0.0.0.0 for all)")
+    port: int = Field(default=8000, ge=0, le=65535, description="TCP port")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(default="info", description="uvicorn and service log level")
+
+    # --- model
+    weights: Path = Field(default=DEFAULT_WEIGHTS, description="checkpoint .safetensors (its .json sidecar must sit next to it)")
+    device: str = Field(default="auto", description="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
+    threads: int | None = Field(default=None, ge=1, description="PyTorch intra-op threads for inference (unset: PyTorch's default)")
+    bf16: bool = Field(default=False, description="bf16 autocast for inference; applies on CUDA only")
+    warmup: bool = Field(default=True, description="run the batch shapes once before /readyz turns 200")
+
+    # --- dynamic batching
+    max_batch_size: int = Field(default=32, ge=1, le=1024, description="most crops in one model batch (1 turns batching off)")
+    max_wait_ms: float = Field(default=5.0, ge=0, le=10_000, description="longest the oldest waiting crop is held back to fill a batch")
+    max_queue: int = Field(default=256, ge=1, description="crops waiting for the model, all requests together; beyond it: 503")
+    timeout_ms: float = Field(default=10_000, gt=0, description="default request deadline; a client may shorten it with X-Request-Timeout-Ms")
+    retry_after_s: int = Field(default=1, ge=0, description="Retry-After seconds sent with 503 replies")
+    drain_timeout_s: float = Field(default=30.0, ge=0, description="on SIGTERM, longest wait for admitted requests to finish")
+
+    # --- input limits
+    max_files: int = Field(default=64, ge=1, description="most images in one request")
+    max_file_bytes: int = Field(default=10 * 2**20, ge=1, description="largest single image, bytes")
+    max_body_bytes: int = Field(default=50 * 2**20, ge=1, description="largest request body, bytes (Content-Length and streamed)")
+    max_pixels: int = Field(default=16_000_000, ge=1, description="most pixels (width x height) in one image, checked before decoding")
+
+    # --- access
+    api_key: SecretStr | None = Field(default=None, description="when set, requests need 'Authorization: Bearer KEY' or 'X-API-Key: KEY'")
+    auth_health: bool = Field(default=False, description="also require the API key on /healthz and /readyz")
+    auth_metrics: bool = Field(default=False, description="also require the API key on /metrics")
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError("device must be auto, cpu, cuda or cuda:N")
+
+    @field_validator("api_key")
+    @classmethod
+    def _empty_key_is_none(cls, value: SecretStr | None) -> SecretStr | None:
+        # SAFL_API_KEY= (empty) in a deployment file means "no key", not "the empty key".
+        if value is not None and not value.get_secret_value():
+            return None
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.max_files > self.max_queue:
+            raise ValueError(f"max_files ({self.max_files}) cannot exceed max_queue ({self.max_queue}): such a request could never queue")
+        if self.max_file_bytes > self.max_body_bytes:
+            raise ValueError("max_file_bytes cannot exceed max_body_bytes")
+        return self

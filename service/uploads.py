@@ -1,0 +1,116 @@
+"""Read a recognition request's images from ``multipart/form-data`` or base64 JSON.
+
+Only bytes come out of here; decoding is ``service.images``' job. The body's total size
+is capped by ``BodyLimitMiddleware`` while it streams in; this module enforces the
+per-request file count and the per-file size.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect, Request
+
+from .errors import APIError
+from .schemas import RecognizeJSON
+
+#: Non-file form fields are ignored, but their number and size are still bounded.
+_MAX_FIELDS = 16
+_MAX_FIELD_BYTES = 64 * 1024
+_HOW = "send multipart/form-data with one or more 'files' parts, or application/json {\"images\": [\"<base64>\", ...]}"
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One image as sent: its name and raw bytes."""
+
+    filename: str
+    data: bytes
+
+
+async def read_uploads(request: Request, max_files: int, max_file_bytes: int) -> list[Upload]:
+    """The request's images in the order sent; ``APIError`` (4xx) for anything malformed."""
+    content_type = request.headers.get("content-type", "")
+    media = content_type.split(";", 1)[0].strip().lower()
+    try:
+        if media == "multipart/form-data":
+            return await _read_multipart(request, max_files, max_file_bytes)
+        if media == "application/json" or media.endswith("+json"):
+            return _read_json(await request.body(), max_files, max_file_bytes)
+    except ClientDisconnect:
+        raise APIError(400, "client_disconnected", "the client disconnected while sending the body") from None
+    if not media and request.headers.get("content-length", "0") == "0" and "transfer-encoding" not in request.headers:
+        raise APIError(422, "no_files", f"the request has no body: {_HOW}")
+    raise APIError(415, "unsupported_content_type", f"content type {media or '(none)'!r} is not accepted: {_HOW}")
+
+
+async def _read_multipart(request: Request, max_files: int, max_file_bytes: int) -> list[Upload]:
+    parser = MultiPartParser(request.headers, request.stream(), max_files=max_files, max_fields=_MAX_FIELDS, max_part_size=_MAX_FIELD_BYTES)
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        # Starlette signals every multipart problem with this one exception type.
+        if str(exc).startswith("Too many files"):
+            raise APIError(413, "too_many_files", f"more than {max_files} files in one request") from None
+        raise APIError(400, "malformed_multipart", f"the multipart body could not be parsed: {exc}") from None
+    try:
+        parts = [(key, value) for key, value in form.multi_items() if key == "files"]
+        if not parts:
+            raise APIError(422, "no_files", f"no 'files' parts in the request: {_HOW}")
+        if len(parts) > max_files:
+            raise APIError(413, "too_many_files", f"{len(parts)} files in one request; the limit is {max_files}")
+        uploads = []
+        for index, (_, value) in enumerate(parts):
+            if not isinstance(value, UploadFile):
+                raise APIError(422, "not_a_file", f"'files' part #{index} is a plain form field, not a file upload")
+            name = value.filename or f"file-{index}"
+            if value.size is not None and value.size > max_file_bytes:
+                raise APIError(413, "file_too_large", f"file {name!r} is {value.size} bytes; the limit is {max_file_bytes}")
+            uploads.append(Upload(name, await value.read()))
+        return uploads
+    finally:
+        await form.close()
+
+
+def _b64decode(text: str) -> bytes:
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    text = "".join(text.split())  # MIME base64 wraps lines
+    if "-" in text or "_" in text:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    return base64.b64decode(text, validate=True)
+
+
+def _read_json(body: bytes, max_files: int, max_file_bytes: int) -> list[Upload]:
+    try:
+        payload = RecognizeJSON.model_validate_json(body)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        if err.get("type") == "json_invalid":
+            raise APIError(422, "invalid_json", f"the body is not valid JSON: {err.get('msg')}") from None
+        where = ".".join(str(p) for p in err.get("loc", ())) or "body"
+        if err.get("type") == "too_short" and where == "images":
+            raise APIError(422, "no_files", f"'images' is empty: {_HOW}") from None
+        raise APIError(422, "validation_error", f"{where}: {err.get('msg')} (expected {{\"images\": [\"<base64>\", ...]}})") from None
+    images = payload.images
+    if len(images) > max_files:
+        raise APIError(413, "too_many_files", f"{len(images)} images in one request; the limit is {max_files}")
+    names = payload.filenames
+    if names is not None and len(names) != len(images):
+        raise APIError(422, "validation_error", f"{len(names)} filenames for {len(images)} images")
+    uploads = []
+    for index, text in enumerate(images):
+        name = names[index] if names is not None else f"image-{index}"
+        if len(text) * 3 // 4 > max_file_bytes + 3:  # checked before decoding it
+            raise APIError(413, "file_too_large", f"image {name!r} is over {max_file_bytes} bytes")
+        try:
+            data = _b64decode(text)
+        except (binascii.Error, ValueError):
+            raise APIError(422, "invalid_base64", f"image {name!r} is not valid base64") from None
+        uploads.append(Upload(name, data))
+    return uploads

@@ -1,0 +1,39 @@
+"""Shared fixtures: a real (untrained) tiny SAFL checkpoint and rendered word images.
+
+Tests run on 1 thread so they do not starve a training run on the same 2 cores.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from model import SAFL, SAFLConfig, save_checkpoint
+
+torch.set_num_threads(1)
+
+
+def render_word(text: str, size: tuple[int, int] = (128, 32), mode: str = "L") -> Image.Image:
+    """A plain black-on-white word image drawn with Pillow's built-in font."""
+    img = Image.new("L", size, 255)
+    font = ImageFont.load_default(size=max(10, size[1] - 8))
+    ImageDraw.Draw(img).text((4, 2), text, fill=0, font=font)
+    return img.convert(mode)
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> SAFL:
+    """An untrained ``tiny`` SAFL with fixed weights (seed 0), in eval mode."""
+    torch.manual_seed(0)
+    return SAFL(SAFLConfig.from_preset("tiny")).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_model: SAFL) -> Path:
+    """``tiny_model`` saved as a real safetensors + JSON checkpoint; returns the .safetensors path."""
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    save_checkpoint(tiny_model, path, name="safl-tiny")
+    return path

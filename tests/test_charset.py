@@ -1,0 +1,118 @@
+"""The charset / tokenizer: ids, round trips, the unknown-character policy, decoding rules."""
+
+from __future__ import annotations
+
+import random
+import string
+
+import pytest
+import torch
+
+from model import Charset
+from model.charset import BOS_ID, DEFAULT_CHARS, EOS_ID, NUM_SPECIAL, PAD_ID
+
+
+def test_default_charset_is_printable_ascii_without_space() -> None:
+    cs = Charset()
+    assert cs.chars == DEFAULT_CHARS
+    assert len(cs.chars) == 94
+    assert set(cs.chars) == set(string.printable) - set(string.whitespace)
+    assert cs.vocab_size == 94 + NUM_SPECIAL
+    assert (PAD_ID, BOS_ID, EOS_ID, NUM_SPECIAL) == (0, 1, 2, 3)
+
+
+def test_ids_follow_charset_order_after_the_specials() -> None:
+    cs = Charset("xyz")
+    assert cs.encode("zyx") == [5, 4, 3]
+    assert cs.vocab_size == 6
+    assert "x" in cs and "a" not in cs
+
+
+@pytest.mark.parametrize("text", ["", "a", "Hello", "R2-D2", "$12.50", "e-mail@x.org", DEFAULT_CHARS])
+def test_encode_decode_round_trip(text: str) -> None:
+    cs = Charset()
+    ids = cs.encode(text)
+    assert len(ids) == len(text)
+    assert all(NUM_SPECIAL <= i < cs.vocab_size for i in ids)
+    assert cs.decode(ids) == text
+
+
+def test_random_round_trips() -> None:
+    cs = Charset()
+    rng = random.Random(0)
+    for _ in range(200):
+        text = "".join(rng.choice(DEFAULT_CHARS) for _ in range(rng.randint(1, 25)))
+        assert cs.decode(cs.encode(text)) == text
+        # The same through the EOS-terminated form the decoder produces.
+        assert cs.decode(cs.encode(text) + [EOS_ID, PAD_ID, PAD_ID]) == text
+
+
+def test_encode_unknown_character_raises_naming_it() -> None:
+    with pytest.raises(KeyError, match="'é' is not in the charset"):
+        Charset().encode("café")
+    with pytest.raises(KeyError, match="' '"):
+        Charset().encode("two words")
+
+
+def test_decode_stops_at_eos() -> None:
+    cs = Charset()
+    ids = cs.encode("ab") + [EOS_ID] + cs.encode("cd")
+    assert cs.decode(ids) == "ab"
+    assert cs.decode([EOS_ID] + cs.encode("x")) == ""
+
+
+def test_special_ids_are_never_decoded() -> None:
+    cs = Charset()
+    ids = [BOS_ID] + cs.encode("a") + [PAD_ID, BOS_ID] + cs.encode("b") + [PAD_ID]
+    assert cs.decode(ids) == "ab"
+    assert cs.decode([PAD_ID, BOS_ID, PAD_ID]) == ""
+    # Every single special id decodes to nothing; every other id to exactly one character.
+    for i in range(cs.vocab_size):
+        assert len(cs.decode([i])) == (0 if i < NUM_SPECIAL else 1)
+
+
+def test_filter_label_policy() -> None:
+    cs = Charset()
+    assert cs.filter_label("Hello", 25) == "Hello"
+    assert cs.filter_label("New York", 25) == "NewYork"  # spaces removed
+    assert cs.filter_label("café", 25) is None  # unknown character: skipped, not mangled
+    assert cs.filter_label("tab\there", 25) is None
+    assert cs.filter_label("", 25) is None
+    assert cs.filter_label("   ", 25) is None
+    assert cs.filter_label("a" * 25, 25) == "a" * 25
+    assert cs.filter_label("a" * 26, 25) is None  # too long for the decoder
+    assert cs.filter_label("a b c d", 4) == "abcd"  # length counted after dropping spaces
+    assert cs.filter_label("a b c d", 3) is None
+
+
+def test_filter_label_with_restricted_charset() -> None:
+    cs = Charset(string.digits)
+    assert cs.filter_label("2024", 10) == "2024"
+    assert cs.filter_label("20a4", 10) is None
+
+
+@pytest.mark.parametrize("chars", ["", "abca"])
+def test_invalid_charsets_rejected(chars: str) -> None:
+    with pytest.raises(ValueError):
+        Charset(chars)
+
+
+def test_model_recognitions_never_contain_specials(tiny_model) -> None:
+    """``to_recognitions`` stops at EOS / PAD / BOS and multiplies in the EOS probability."""
+    cs = tiny_model.charset
+    ids = torch.tensor(
+        [
+            cs.encode("ab") + [EOS_ID, PAD_ID],
+            [EOS_ID, PAD_ID, PAD_ID, PAD_ID],
+            cs.encode("abcd"),  # ran out of room without EOS
+            cs.encode("a") + [PAD_ID] + cs.encode("bc"),
+        ]
+    )
+    probs = torch.tensor([[0.5, 0.5, 0.8, 1.0], [0.9, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 0.5], [0.5, 1.0, 1.0, 1.0]])
+    recs = tiny_model.to_recognitions(ids, probs)
+    assert [r.text for r in recs] == ["ab", "", "abcd", "a"]
+    assert recs[0].confidence == pytest.approx(0.5 * 0.5 * 0.8)
+    assert recs[0].char_confidences == [0.5, 0.5]
+    assert recs[1].confidence == pytest.approx(0.9) and recs[1].char_confidences == []
+    assert recs[2].confidence == pytest.approx(0.5)
+    assert recs[3].confidence == pytest.approx(0.5)

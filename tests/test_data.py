@@ -1,0 +1,259 @@
+"""Dataset readers (labels.tsv folders, STR LMDBs, rendered shards), filtering, batching helpers."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import render_word
+from PIL import Image
+
+from model import Charset, PreprocessConfig
+from model.charset import BOS_ID, EOS_ID, PAD_ID
+from model.preprocess import resize
+from model.training.data import (
+    ArrayDataset,
+    augment,
+    encode_labels,
+    load_any,
+    load_folder,
+    load_folder_part,
+    load_lmdb,
+    load_shards,
+    read_labels_tsv,
+    split_indices,
+)
+
+CFG = PreprocessConfig()
+LABELS = ["Hello", "world", "café", "New York", "x" * 30, "42", "STOP", "a-b", "Ünïcode", "ok"]
+
+
+def _make_folder(folder: Path, labels: list[str] = LABELS) -> list[Image.Image]:
+    """A labelled folder of real image files in assorted formats and sizes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    images, lines = [], []
+    for i, text in enumerate(labels):
+        img = render_word(text[:12], (60 + 10 * i, 24 + 2 * i), "RGB" if i % 2 else "L")
+        name = f"img_{i}.{'png' if i % 3 else 'jpg'}"
+        img.save(folder / name)
+        images.append(Image.open(folder / name))
+        lines.append(f"{name}\t{text}")
+    (folder / "labels.tsv").write_text("\n".join(lines[:4]) + "\n\n" + "\n".join(lines[4:]) + "\n", encoding="utf-8")
+    return images
+
+
+def _write_lmdb(path: Path, items: list[tuple[Image.Image, str]], num_samples: int | None = None, skip: set[int] = frozenset()) -> None:
+    import lmdb
+
+    env = lmdb.open(str(path), map_size=1 << 24)
+    with env.begin(write=True) as txn:
+        for i, (img, label) in enumerate(items, 1):
+            if i in skip:
+                continue
+            buf = io.BytesIO()
+            img.save(buf, format="PNG" if i % 2 else "JPEG")
+            txn.put(f"image-{i:09d}".encode(), buf.getvalue())
+            txn.put(f"label-{i:09d}".encode(), label.encode("utf-8"))
+        if num_samples is not None:
+            txn.put(b"num-samples", str(num_samples).encode())
+    env.close()
+
+
+def _write_shards(folder: Path, sizes: list[int], meta: dict | None = None) -> tuple[np.ndarray, list[str]]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    all_imgs, all_labels = [], []
+    for k, n in enumerate(sizes):
+        imgs = rng.integers(0, 256, (n, 32, 128), dtype=np.uint8)
+        labels = [f"w{k}x{j}" for j in range(n)]
+        np.save(folder / f"shard-{k:05d}.npy", imgs)
+        (folder / f"shard-{k:05d}.txt").write_text("\n".join(labels) + "\n")
+        all_imgs.append(imgs)
+        all_labels += labels
+    if meta is not None:
+        (folder / "meta.json").write_text(json.dumps(meta))
+    return np.concatenate(all_imgs), all_labels
+
+
+# -- labels.tsv folders -------------------------------------------------------------------------
+
+
+def test_load_folder(tmp_path: Path) -> None:
+    originals = _make_folder(tmp_path / "real")
+    ds = load_folder(tmp_path / "real", CFG)
+    assert ds.name == "real" and len(ds) == len(LABELS)
+    assert ds.labels == LABELS  # raw labels, blank lines skipped, unicode kept
+    assert ds.images.shape == (len(LABELS), 32, 128) and ds.images.dtype == np.uint8
+    for arr, img in zip(ds.images, originals):
+        assert np.array_equal(arr, resize(img, CFG))
+
+
+def test_read_labels_tsv_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no labels.tsv"):
+        read_labels_tsv(tmp_path)
+    (tmp_path / "labels.tsv").write_text("a.png\tok\nb.png no tab\n")
+    with pytest.raises(ValueError, match=r"labels.tsv:2: expected 'file<TAB>text'"):
+        read_labels_tsv(tmp_path)
+    (tmp_path / "labels.tsv").write_text("a.png\ttab\tinside\n")
+    assert read_labels_tsv(tmp_path) == [("a.png", "tab\tinside")]
+
+
+def test_empty_folder(tmp_path: Path) -> None:
+    (tmp_path / "labels.tsv").write_text("\n")
+    ds = load_folder(tmp_path, CFG)
+    assert len(ds) == 0 and ds.images.shape == (0, 32, 128)
+
+
+def test_folder_split_is_deterministic_and_disjoint(tmp_path: Path) -> None:
+    labels = [f"w{i}" for i in range(20)]
+    _make_folder(tmp_path / "f", labels)
+    val = load_folder_part(tmp_path / "f", CFG, "val", 0.3, seed=0)
+    train = load_folder_part(tmp_path / "f", CFG, "train", 0.3, seed=0)
+    everything = load_folder_part(tmp_path / "f", CFG, "all")
+    assert len(val) == 6 and len(train) == 14
+    assert set(val.labels).isdisjoint(train.labels)
+    assert sorted(val.labels + train.labels) == sorted(everything.labels)
+    assert val.name == "f-val" and train.name == "f-train"
+    # Images follow their labels.
+    for ds in (val, train):
+        for img, lab in zip(ds.images, ds.labels):
+            assert np.array_equal(img, everything.images[labels.index(lab)])
+    again = load_folder_part(tmp_path / "f", CFG, "val", 0.3, seed=0)
+    assert again.labels == val.labels
+    other = load_folder_part(tmp_path / "f", CFG, "val", 0.3, seed=1)
+    assert other.labels != val.labels
+    with pytest.raises(ValueError, match="unknown part"):
+        load_folder_part(tmp_path / "f", CFG, "test")
+
+
+def test_split_indices() -> None:
+    val, train = split_indices(100, 0.3, 7)
+    assert len(val) == 30 and len(train) == 70
+    assert sorted(val + train) == list(range(100))
+    assert (val, train) == split_indices(100, 0.3, 7)
+    assert split_indices(0, 0.3, 0) == ([], [])
+
+
+# -- filtering ------------------------------------------------------------------------------------
+
+
+def test_filtered_by_charset_and_max_len(tmp_path: Path) -> None:
+    _make_folder(tmp_path / "f")
+    ds = load_folder(tmp_path / "f", CFG)
+    kept = ds.filtered(Charset(), max_len=25)
+    # café / Ünïcode (not in charset) and the 30-char label dropped; spaces removed.
+    assert kept.labels == ["Hello", "world", "NewYork", "42", "STOP", "a-b", "ok"]
+    assert len(kept.images) == 7
+    assert np.array_equal(kept.images[2], ds.images[3])
+    assert ds.filtered(Charset(), max_len=4).labels == ["42", "STOP", "a-b", "ok"]
+    digits = ds.filtered(Charset("0123456789"), 25)
+    assert digits.labels == ["42"] and digits.images.shape == (1, 32, 128)
+    none = ds.filtered(Charset("#"), 25)
+    assert none.labels == [] and none.images.shape == (0, 32, 128)
+
+
+def test_filtered_returns_itself_when_nothing_changes() -> None:
+    ds = ArrayDataset("d", np.zeros((2, 32, 128), np.uint8), ["ab", "cd"])
+    assert ds.filtered(Charset(), 25) is ds
+
+
+# -- LMDB -----------------------------------------------------------------------------------------
+
+
+def test_load_lmdb_str_layout(tmp_path: Path) -> None:
+    words = ["Hello", "world", "café", "42", "STOP"]
+    imgs = [render_word(w, (90, 30)) for w in words]
+    _write_lmdb(tmp_path / "db", list(zip(imgs, words)), num_samples=len(words))
+    ds = load_lmdb(tmp_path / "db", CFG)
+    assert ds.labels == words and ds.name == "db"
+    assert ds.images.shape == (5, 32, 128)
+    assert np.array_equal(ds.images[0], resize(imgs[0], CFG))  # PNG entries are lossless
+    assert load_lmdb(tmp_path / "db", CFG, limit=2).labels == words[:2]
+    assert load_any(tmp_path / "db", CFG).labels == words
+    assert ds.filtered(Charset(), 25).labels == ["Hello", "world", "42", "STOP"]
+
+
+def test_load_lmdb_skips_missing_entries(tmp_path: Path) -> None:
+    words = ["one", "two", "three"]
+    _write_lmdb(tmp_path / "db", [(render_word(w), w) for w in words], num_samples=3, skip={2})
+    assert load_lmdb(tmp_path / "db", CFG).labels == ["one", "three"]
+
+
+def test_load_lmdb_without_num_samples(tmp_path: Path) -> None:
+    _write_lmdb(tmp_path / "db", [(render_word("a"), "a")], num_samples=None)
+    with pytest.raises(ValueError, match="no num-samples"):
+        load_lmdb(tmp_path / "db", CFG)
+
+
+# -- shards ---------------------------------------------------------------------------------------
+
+
+def test_load_shards(tmp_path: Path) -> None:
+    images, labels = _write_shards(tmp_path / "s", [5, 5, 3])
+    ds = load_shards(tmp_path / "s")
+    assert ds.labels == labels and np.array_equal(ds.images, images)
+    limited = load_shards(tmp_path / "s", limit=7)
+    assert limited.labels == labels[:7] and np.array_equal(limited.images, images[:7])
+    via_any = load_any(tmp_path / "s", CFG)
+    assert via_any.labels == labels
+
+
+def test_load_shards_ignores_an_interrupted_render(tmp_path: Path) -> None:
+    images, labels = _write_shards(tmp_path / "s", [4])
+    np.save(tmp_path / "s" / "shard-00001.npy.tmp.npy", np.zeros((2, 32, 128), np.uint8))
+    (tmp_path / "s" / "shard-00001.txt.tmp").write_text("x\ny\n")
+    assert load_shards(tmp_path / "s").labels == labels
+    assert load_any(tmp_path / "s", CFG).labels == labels
+
+
+def test_shard_errors(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no shard"):
+        load_shards(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="not a labels.tsv folder"):
+        load_any(tmp_path / "empty", CFG)
+    _write_shards(tmp_path / "bad", [3])
+    (tmp_path / "bad" / "shard-00000.txt").write_text("only\ntwo\n")
+    with pytest.raises(ValueError, match="3 images but 2 labels"):
+        load_shards(tmp_path / "bad")
+    _write_shards(tmp_path / "geom", [2], meta={"height": 48, "width": 160, "channels": 1})
+    with pytest.raises(ValueError, match="rendered at 48x160x1"):
+        load_any(tmp_path / "geom", CFG)
+    _write_shards(tmp_path / "ok", [2], meta={"height": 32, "width": 128, "channels": 1})
+    assert len(load_any(tmp_path / "ok", CFG)) == 2
+
+
+# -- batch helpers --------------------------------------------------------------------------------
+
+
+def test_encode_labels() -> None:
+    cs = Charset()
+    inp, tgt = encode_labels(["ab", "", "xyz"], cs)
+    assert inp.shape == tgt.shape == (3, 4)
+    a, b = cs.encode("ab")
+    assert inp[0].tolist() == [BOS_ID, a, b, PAD_ID]
+    assert tgt[0].tolist() == [a, b, EOS_ID, PAD_ID]
+    assert inp[1].tolist() == [BOS_ID, PAD_ID, PAD_ID, PAD_ID]
+    assert tgt[1].tolist() == [EOS_ID, PAD_ID, PAD_ID, PAD_ID]
+    assert tgt[2].tolist() == cs.encode("xyz") + [EOS_ID]
+    # Teacher forcing: input is the target shifted right behind BOS.
+    assert torch.equal(inp[2, 1:], tgt[2, :-1])
+    with pytest.raises(KeyError):
+        encode_labels(["café"], cs)
+
+
+def test_augment_is_reproducible_and_bounded() -> None:
+    from model.preprocess import to_tensor
+
+    batch = to_tensor(np.stack([resize(render_word(w), CFG) for w in ("Hello", "world", "42", "ok")]))
+    a = augment(batch, torch.Generator().manual_seed(0))
+    b = augment(batch, torch.Generator().manual_seed(0))
+    c = augment(batch, torch.Generator().manual_seed(1))
+    assert a.shape == batch.shape
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert float(a.min()) >= -1.0 and float(a.max()) <= 1.0
+    assert augment(batch, torch.Generator().manual_seed(0), strength=0.0) is batch

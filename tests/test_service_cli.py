@@ -1,0 +1,83 @@
+"""The ``safl`` command: recognize, serve's settings and start-up errors, mounted training commands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import render_word
+from service_support import encode, expected
+
+from model import SAFL
+from service.cli import build_parser, main, settings_from_args
+from service.settings import DEFAULT_WEIGHTS
+
+
+@pytest.fixture
+def word_files(tmp_path: Path) -> list[Path]:
+    paths = []
+    for name, img, fmt in [("a.png", render_word("hello"), "PNG"), ("b.jpg", render_word("World", (180, 40), "RGB"), "JPEG")]:
+        p = tmp_path / name
+        p.write_bytes(encode(img, fmt))
+        paths.append(p)
+    return paths
+
+
+def test_recognize_prints_file_text_confidence(tiny_checkpoint: Path, tiny_model: SAFL, word_files: list[Path], capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["recognize", *map(str, word_files), "--weights", str(tiny_checkpoint), "--device", "cpu", "--threads", "1"])
+    out = capsys.readouterr().out.splitlines()
+    assert rc == 0
+    want = expected(tiny_model, [p.read_bytes() for p in word_files])
+    assert len(out) == 2
+    for line, path, ref in zip(out, word_files, want, strict=True):
+        name, text, conf = line.split("\t")
+        assert name == str(path) and text == ref.text
+        assert float(conf) == pytest.approx(ref.confidence, rel=1e-4, abs=1e-30)
+
+
+def test_recognize_json_and_bad_files(tiny_checkpoint: Path, word_files: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not an image")
+    rc = main(["recognize", str(word_files[0]), str(bad), str(tmp_path / "missing.png"), "--weights", str(tiny_checkpoint), "--json"])
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)
+    assert rc == 1
+    assert doc["model"].startswith("safl-tiny@")
+    assert [r["filename"] for r in doc["results"]] == [str(word_files[0])]
+    assert set(doc["results"][0]) == {"filename", "text", "confidence", "char_confidences"}
+    assert [e["code"] for e in doc["errors"]] == ["unsupported_image", "unreadable"]
+    assert "notes.txt" in captured.err and "missing.png" in captured.err
+
+
+def test_missing_weights_fail_with_a_clear_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "weights" / "safl.safetensors"
+    assert main(["serve", "--weights", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "--weights" in err and "SAFL_WEIGHTS" in err
+    assert main(["recognize", "x.png", "--weights", str(missing)]) == 2
+
+
+def test_serve_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SAFL_MAX_BATCH_SIZE", "7")
+    monkeypatch.setenv("SAFL_MAX_WAIT_MS", "9")
+    monkeypatch.setenv("SAFL_API_KEY", "from-env")
+    args = build_parser().parse_args(["serve", "--max-wait-ms", "3", "--no-warmup", "--port", "9001", "--threads", "2"])
+    s = settings_from_args(args)
+    assert (s.max_batch_size, s.max_wait_ms, s.warmup, s.port, s.threads) == (7, 3.0, False, 9001, 2)
+    assert s.api_key is not None and s.api_key.get_secret_value() == "from-env"
+    assert s.weights == DEFAULT_WEIGHTS
+
+
+def test_invalid_settings_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--max-files", "500", "--max-queue", "10"]) == 2
+    assert "max_files" in capsys.readouterr().err
+
+
+def test_training_subcommands_are_mounted(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    parser = build_parser()
+    assert parser.parse_args(["synth", "--count", "10"]).count == 10
+    assert parser.parse_args(["train", "--preset", "tiny"]).preset == "tiny"
+    assert parser.parse_args(["eval", "--data", "d"]).weights == DEFAULT_WEIGHTS
+    monkeypatch.setenv("SAFL_WEIGHTS", str(tmp_path / "w.safetensors"))
+    assert build_parser().parse_args(["eval", "--data", "d"]).weights == tmp_path / "w.safetensors"

@@ -1,0 +1,157 @@
+"""Real sockets: client disconnects, and SIGTERM handling of ``python -m service serve``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import render_word
+from service_support import encode, gated_predictor, metric, multipart, serve_in_thread, settings_for
+
+from service import create_app
+
+REPO = Path(__file__).resolve().parent.parent
+PNGS = [encode(render_word(w)) for w in ("one", "two", "three", "four")]
+
+
+def _wait_metric(url: str, name: str, value: float, timeout: float = 10.0, **labels: str) -> None:
+    end = time.monotonic() + timeout
+    while metric(httpx.get(url + "/metrics").text, name, **labels) != value:
+        if time.monotonic() > end:
+            raise AssertionError(f"{name}{labels} never reached {value}")
+        time.sleep(0.02)
+
+
+def test_client_disconnect_drops_its_pending_crops(tiny_checkpoint: Path) -> None:
+    predictor, gated = gated_predictor(tiny_checkpoint)
+    app = create_app(settings_for(tiny_checkpoint, max_batch_size=1), predictor=predictor)
+    with serve_in_thread(app) as url:
+        gated.calls.clear()
+        gated.gate.clear()
+        gated.entered.clear()
+        replies: list[httpx.Response] = []
+        busy = threading.Thread(target=lambda: replies.append(httpx.post(url + "/recognize", files=multipart(PNGS[:1]), timeout=30)))
+        busy.start()
+        assert gated.entered.wait(10)
+        # This client gives up (read timeout) and closes its connection while its 2 crops are queued.
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/recognize", files=multipart(PNGS[1:3]), timeout=httpx.Timeout(10, read=0.3))
+        _wait_metric(url, "safl_errors_total", 1, reason="client_disconnected")
+        gated.gate.set()
+        busy.join(10)
+        after = httpx.post(url + "/recognize", files=multipart(PNGS[3:4]), timeout=30)
+        text = httpx.get(url + "/metrics").text
+    assert [r.status_code for r in replies] == [200] and after.status_code == 200
+    assert gated.calls == [1, 1]  # the disconnected client's crops never reached the model
+    assert metric(text, "safl_crops_dropped_total", reason="cancelled") == 2
+    assert metric(text, "safl_request_duration_seconds_count", route="/recognize", status="499") == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[str], timeout: float = 60.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited early with {proc.returncode}: {proc.stderr.read() if proc.stderr else ''}")
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("server never became ready")
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAFL_")}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+@pytest.mark.slow
+def test_python_m_service_serve_exits_0_on_sigterm(tiny_checkpoint: Path) -> None:
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "service", "serve", "--weights", str(tiny_checkpoint), "--port", str(port),
+           "--threads", "1", "--max-batch-size", "4", "--log-level", "warning"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_ready(url, proc)
+        r = httpx.post(url + "/recognize", files=multipart(PNGS[:2]), timeout=30)
+        assert r.status_code == 200 and len(r.json()["results"]) == 2
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# Runs the real GracefulServer with a model that takes 1 s per batch, so there is
+# admitted work in flight when SIGTERM arrives.
+_SLOW_SERVER = textwrap.dedent(
+    """
+    import sys, time
+    from service import Settings
+    from service.cli import serve
+    from service.predictor import Predictor
+
+    class Slow:
+        def __init__(self, model):
+            self.model = model
+        def recognize(self, images, amp_dtype=None):
+            time.sleep(1.0)
+            return self.model.recognize(images, amp_dtype=amp_dtype)
+
+    settings = Settings(weights=sys.argv[1], port=int(sys.argv[2]), device="cpu", threads=1, warmup=False, log_level="warning")
+    predictor = Predictor.load(settings.weights, "cpu", threads=1)
+    predictor.model = Slow(predictor.model)
+    raise SystemExit(serve(settings, predictor))
+    """
+)
+
+
+@pytest.mark.slow
+def test_sigterm_drains_admitted_work_and_refuses_new(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    script = tmp_path / "slow_server.py"
+    script.write_text(_SLOW_SERVER)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, str(script), str(tiny_checkpoint), str(port)], cwd=REPO, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        _wait_ready(url, proc)
+        replies: list[httpx.Response] = []
+        admitted = threading.Thread(target=lambda: replies.append(httpx.post(url + "/recognize", files=multipart(PNGS[:1]), timeout=30)))
+        admitted.start()
+        _wait_metric(url, "safl_in_flight_crops", 1)  # its batch is running
+        proc.send_signal(signal.SIGTERM)
+        end = time.monotonic() + 5
+        while httpx.get(url + "/readyz", timeout=5).status_code != 503:
+            assert time.monotonic() < end, "readiness never turned 503"
+            time.sleep(0.02)
+        refused = httpx.post(url + "/recognize", files=multipart(PNGS[1:2]), timeout=10)
+        admitted.join(20)
+        code = proc.wait(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
+    assert [r.status_code for r in replies] == [200]  # the admitted request was finished
+    assert code == 0

@@ -1,0 +1,209 @@
+"""The synthetic renderer and shard writer: determinism, geometry, labels, fonts, resume.
+
+Building a ``Renderer`` loads the word list and the background textures (seconds), so
+the renderers are module-scoped.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import random
+import shutil
+import string
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import ImageFont
+
+from model import Charset
+from model.charset import DEFAULT_CHARS
+from model.training.data import load_any, load_lmdb, load_shards
+from model.training.fonts import REQUIRED, FontFace, by_family, discover_fonts
+from model.training.synth import Renderer, SynthConfig, render_dataset
+from model.training.words import TextSampler
+
+CFG = SynthConfig(seed=0)
+
+
+@pytest.fixture(scope="module")
+def font_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The fonts of this machine, discovered once and cached in ``fonts.json`` (may be empty)."""
+    path = tmp_path_factory.mktemp("fonts") / "fonts.json"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a machine without fonts warns: tested separately
+        discover_fonts(DEFAULT_CHARS, cache=path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def faces(font_cache: Path) -> list[FontFace]:
+    return discover_fonts(DEFAULT_CHARS, cache=font_cache)
+
+
+@pytest.fixture(scope="module")
+def renderer(faces: list[FontFace]) -> Renderer:
+    return Renderer(CFG, faces)
+
+
+@pytest.fixture(scope="module")
+def default_font_renderer() -> Renderer:
+    """What a clean machine without fonts gets: Pillow's built-in font."""
+    return Renderer(CFG, faces=[])
+
+
+# -- fonts --------------------------------------------------------------------------------------
+
+
+def test_every_discovered_font_loads_with_pil(faces: list[FontFace]) -> None:
+    if not faces:
+        pytest.skip("no fonts installed on this machine (the default-font path is tested below)")
+    for face in faces:
+        assert REQUIRED <= face.chars, face.path
+        assert face.chars <= set(DEFAULT_CHARS)
+        font = ImageFont.truetype(face.path, 24)
+        left, top, right, bottom = font.getbbox("Ag0")
+        assert right > left and bottom > top, face.path
+    # Sorted by path, so font sampling is the same on every machine with the same fonts.
+    assert [Path(f.path) for f in faces] == sorted(Path(f.path) for f in faces)
+
+
+def test_no_fonts_warns_and_returns_empty(tmp_path: Path) -> None:
+    (tmp_path / "broken.ttf").write_bytes(b"not a font")
+    with pytest.warns(UserWarning, match="no system fonts found"):
+        assert discover_fonts(DEFAULT_CHARS, dirs=(tmp_path, tmp_path / "missing")) == []
+
+
+def test_by_family_groups_and_sorts() -> None:
+    f = lambda p, fam: FontFace(p, fam, frozenset("a"))  # noqa: E731
+    groups = by_family([f("/b1", "B"), f("/a1", "A"), f("/b2", "B")])
+    assert [[x.path for x in g] for g in groups] == [["/a1"], ["/b1", "/b2"]]
+
+
+# -- renderer -----------------------------------------------------------------------------------
+
+
+def _assert_valid(img: np.ndarray, label: str, cfg: SynthConfig = CFG) -> None:
+    assert img.shape == (cfg.height, cfg.width) and img.dtype == np.uint8
+    assert 1 <= len(label) <= cfg.max_len
+    assert all(c in cfg.charset for c in label), label
+    assert Charset(cfg.charset).filter_label(label, cfg.max_len) == label
+    assert img.std() > 1.0  # not a blank crop
+
+
+def test_render_is_deterministic_per_index(renderer: Renderer) -> None:
+    first = {i: renderer.render(i) for i in (0, 7, 3)}
+    # Another order, after other draws: every index gives the same crop again.
+    for i in (3, 11, 0, 7):
+        img, label = renderer.render(i)
+        if i in first:
+            assert label == first[i][1]
+            assert np.array_equal(img, first[i][0])
+
+
+def test_different_seeds_differ(renderer: Renderer) -> None:
+    other = copy.copy(renderer)  # same fonts, textures and word list; only the seed differs
+    other.cfg = dataclasses.replace(renderer.cfg, seed=1)
+    a = [renderer.render(i) for i in range(12)]
+    b = [other.render(i) for i in range(12)]
+    assert sum(x[1] != y[1] for x, y in zip(a, b)) >= 8
+    assert all(not np.array_equal(x[0], y[0]) for x, y in zip(a, b))
+    assert len({lab for _, lab in a}) >= 8  # and indices differ from each other
+
+
+def test_output_matches_model_input_and_labels_are_valid(renderer: Renderer) -> None:
+    labels = []
+    for i in range(60):
+        img, label = renderer.render(i)
+        _assert_valid(img, label)
+        labels.append(label)
+    # The text mix holds more than plain lowercase words.
+    joined = "".join(labels)
+    assert any(c.isupper() for c in joined) and any(c.isdigit() for c in joined)
+
+
+def test_default_font_path(default_font_renderer: Renderer, renderer: Renderer) -> None:
+    assert default_font_renderer.families == []
+    for i in range(20):
+        img, label = default_font_renderer.render(i)
+        _assert_valid(img, label)
+        assert np.array_equal(img, default_font_renderer.render(i)[0])
+
+
+def test_text_sampler_respects_max_len_and_charset(renderer: Renderer) -> None:
+    lexicon = renderer.sampler.lexicon
+    assert len(lexicon.words) > 10000 and lexicon.words[0] in ("the", "The")
+    rng = random.Random(0)
+    for charset, max_len in ((DEFAULT_CHARS, 4), (DEFAULT_CHARS, 25), (string.ascii_lowercase + string.digits, 10)):
+        sampler = TextSampler(charset, max_len, lexicon)
+        for _ in range(300):
+            text = sampler.sample(rng)
+            assert 1 <= len(text) <= max_len
+            assert all(c in charset for c in text), text
+
+
+# -- shards -------------------------------------------------------------------------------------
+
+
+def _prepare(out: Path, font_cache: Path) -> None:
+    # The data set records its fonts in out/fonts.json; reuse this module's discovery.
+    out.mkdir(parents=True)
+    shutil.copyfile(font_cache, out / "fonts.json")
+
+
+def test_render_dataset_writes_shards_and_resumes(tmp_path: Path, font_cache: Path, renderer: Renderer) -> None:
+    out = tmp_path / "synth"
+    _prepare(out, font_cache)
+    summary = render_dataset(out, 40, CFG, workers=1, shard_size=16, progress=False)
+    assert summary["rendered"] == 40
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["fonts.json", "meta.json"] + [f"shard-0000{k}.{ext}" for k in range(3) for ext in ("npy", "txt")]
+    meta = json.loads((out / "meta.json").read_text())
+    assert (meta["count"], meta["shard_size"], meta["seed"], meta["height"], meta["width"]) == (40, 16, 0, 32, 128)
+
+    ds = load_shards(out)
+    assert ds.images.shape == (40, 32, 128) and len(ds.labels) == 40
+    assert [len(np.load(out / f"shard-0000{k}.npy")) for k in range(3)] == [16, 16, 8]
+    # Worker processes produce exactly what an in-process renderer gives for each index.
+    for i in (0, 15, 16, 39):
+        img, label = renderer.render(i)
+        assert ds.labels[i] == label and np.array_equal(ds.images[i], img)
+
+    # Interrupted run: shard 2 missing, a stray temp file, shard 0 finished (marked so we can tell).
+    marked = 255 - np.load(out / "shard-00000.npy")
+    np.save(out / "shard-00000.npy", marked)
+    (out / "shard-00002.npy").unlink()
+    (out / "shard-00002.txt").unlink()
+    np.save(out / "shard-00002.npy.tmp.npy", np.zeros((3, 32, 128), np.uint8))
+    summary = render_dataset(out, 40, CFG, workers=1, shard_size=16, progress=False)
+    assert summary["rendered"] == 8  # only the missing shard
+    again = load_shards(out)
+    assert np.array_equal(again.images[:16], marked)  # finished shard kept, not re-rendered
+    assert np.array_equal(again.images[16:], ds.images[16:]) and again.labels == ds.labels
+    assert not (out / "shard-00002.npy.tmp.npy").exists()
+
+
+def test_render_dataset_refuses_other_settings(tmp_path: Path, font_cache: Path) -> None:
+    out = tmp_path / "synth"
+    _prepare(out, font_cache)
+    meta = {"renderer_version": 1, "count": 10, "shard_size": 16, "format": "npy", "fonts": 0, **dataclasses.asdict(SynthConfig(seed=5))}
+    (out / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(SystemExit, match="other settings"):
+        render_dataset(out, 10, CFG, workers=1, shard_size=16, progress=False)
+
+
+def test_render_dataset_lmdb(tmp_path: Path, font_cache: Path, renderer: Renderer) -> None:
+    out = tmp_path / "lmdb"
+    _prepare(out, font_cache)
+    render_dataset(out, 20, CFG, workers=1, shard_size=16, fmt="lmdb", progress=False)
+    assert (out / "data.mdb").is_file()
+    ds = load_lmdb(out, CFG.preprocess)
+    assert ds.images.shape == (20, 32, 128) and len(ds.labels) == 20
+    for i in (0, 17, 19):
+        img, label = renderer.render(i)
+        assert ds.labels[i] == label and np.array_equal(ds.images[i], img)  # PNG is lossless
+    via_any = load_any(out, CFG.preprocess)
+    assert via_any.labels == ds.labels

@@ -1,0 +1,189 @@
+"""The resumable trainer: a short run learns, and a stopped-and-resumed run is bit-identical."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import render_word
+
+from model import load_checkpoint
+from model.preprocess import PreprocessConfig, resize
+from model.training.cli import main as cli_main
+from model.training.data import ArrayDataset
+from model.training.train import BatchSampler, TrainConfig, Trainer, lr_factor
+
+N_STEPS = 16
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small rendered shard folder (the ``safl synth`` layout), words drawn with Pillow's font."""
+    folder = tmp_path_factory.mktemp("synth")
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnop") for _ in range(rng.randint(2, 6))) for _ in range(48)]
+    words[5] = "café"  # not in the charset: filtered out at load time
+    imgs = np.stack([resize(render_word(w), PreprocessConfig()) for w in words])
+    np.save(folder / "shard-00000.npy", imgs[:32])
+    (folder / "shard-00000.txt").write_text("\n".join(words[:32]) + "\n")
+    np.save(folder / "shard-00001.npy", imgs[32:])
+    (folder / "shard-00001.txt").write_text("\n".join(words[32:]) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def real_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A labelled folder of real image files (PNG), used for the real share and validation."""
+    folder = tmp_path_factory.mktemp("real")
+    words = ["cab", "fig", "dog", "egg", "bead", "face", "jam", "kale", "lamp", "mop"]
+    for i, w in enumerate(words):
+        render_word(w, (100, 30)).save(folder / f"{i}.png")
+    (folder / "labels.tsv").write_text("".join(f"{i}.png\t{w}\n" for i, w in enumerate(words)))
+    return folder
+
+
+def _cfg(out: Path, shards: Path, **overrides) -> TrainConfig:
+    values = dict(
+        out=str(out),
+        preset="tiny",
+        synth=[str(shards)],
+        total_steps=N_STEPS,
+        batch_size=16,
+        lr=2e-3,
+        warmup_steps=4,
+        threads=1,
+        progress=False,
+        val_every=0,
+        log_every=4,
+        checkpoint_minutes=1e9,
+        amp="off",
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_lr_schedule() -> None:
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, total_steps=110, min_lr_ratio=0.1)
+    assert lr_factor(0, cfg) == pytest.approx(0.1)
+    assert lr_factor(9, cfg) == pytest.approx(1.0)
+    assert lr_factor(10, cfg) == pytest.approx(1.0)
+    assert lr_factor(60, cfg) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(110, cfg) == pytest.approx(0.1)
+    assert lr_factor(500, cfg) == pytest.approx(0.1)
+    factors = [lr_factor(s, cfg) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(factors, factors[1:]))
+
+
+def test_short_run_lowers_the_loss(tmp_path: Path, shards: Path, real_folder: Path) -> None:
+    out = tmp_path / "run"
+    cfg = _cfg(out, shards, total_steps=24, real=[str(real_folder)], real_ratio=0.25, val=[str(real_folder)], val_every=12)
+    trainer = Trainer(cfg)
+    assert trainer.n_train == (47, 7)  # café dropped; the real folder's fine-tune part (70 %)
+    assert [len(v) for v in trainer.val_sets] == [3]
+    summary = trainer.run()
+    assert summary["step"] == 24 and summary["stopped_by"] == "steps"
+    log = _log(out)
+    train_log = [r for r in log if "loss" in r]
+    assert [r["step"] for r in train_log] == [4, 8, 12, 16, 20, 24]
+    assert train_log[-1]["loss"] < 0.7 * train_log[0]["loss"]
+    val_log = [r for r in log if "val" in r]
+    assert [r["step"] for r in val_log] == [12, 24]
+    assert 0.0 <= val_log[-1]["val"]["mean_acc36"] <= 1.0
+
+    assert json.loads((out / "config.json").read_text())["preset"] == "tiny"
+    # The latest weights are a servable checkpoint equal to the trainer's model.
+    model, info = load_checkpoint(out / "last.safetensors")
+    assert info.training["step"] == 24 and info.training["images_seen"] == 24 * 16
+    assert info.training["loss"] == "focal" and info.training["gamma"] == 2.0
+    sd = trainer.model.state_dict()
+    assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+    best, best_info = load_checkpoint(out / "best.safetensors")
+    assert "val" in best_info.training
+
+
+def test_resume_continues_exactly(tmp_path: Path, shards: Path) -> None:
+    straight = Trainer(_cfg(tmp_path / "straight", shards))
+    straight.run()
+    assert straight.step == N_STEPS
+
+    first = Trainer(_cfg(tmp_path / "split", shards, stop_at_step=N_STEPS // 2))
+    assert first.run()["step"] == N_STEPS // 2
+    del first
+    resumed = Trainer(_cfg(tmp_path / "split", shards), resume=True)
+    assert resumed.resumed and resumed.step == N_STEPS // 2  # the step counter continues
+    assert resumed.run()["step"] == N_STEPS
+
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert resumed.sched.last_epoch == straight.sched.last_epoch == N_STEPS
+    assert resumed.opt.param_groups[0]["lr"] == straight.opt.param_groups[0]["lr"]
+    # Both logs end with the same losses: same batches, same augmentation, same schedule.
+    ls, lr_ = _log(tmp_path / "straight"), _log(tmp_path / "split")
+    assert [r["step"] for r in lr_] == [4, 8, 12, 16]
+    assert [r["loss"] for r in ls] == [r["loss"] for r in lr_]
+    state = torch.load(tmp_path / "split" / "state.pt", weights_only=True)
+    assert state["step"] == N_STEPS
+
+
+def test_resume_keeps_the_saved_config(tmp_path: Path, shards: Path) -> None:
+    Trainer(_cfg(tmp_path / "r", shards, stop_at_step=2)).run()
+    # What is learnt cannot change on resume (lr, batch size); runtime fields can.
+    t = Trainer(_cfg(tmp_path / "r", shards, lr=1.0, batch_size=4, total_steps=3, log_every=1), resume=True)
+    assert t.cfg.lr == 2e-3 and t.cfg.batch_size == 16
+    assert t.cfg.total_steps == 3 and t.cfg.log_every == 1
+    assert t.run()["step"] == 3
+
+
+def test_resume_without_state_starts_afresh(tmp_path: Path, shards: Path) -> None:
+    t = Trainer(_cfg(tmp_path / "new", shards, total_steps=2), resume=True)
+    assert not t.resumed and t.step == 0
+    assert t.run()["step"] == 2
+
+
+def test_fine_tune_from_a_checkpoint(tmp_path: Path, shards: Path, tiny_checkpoint: Path, tiny_model) -> None:
+    t = Trainer(_cfg(tmp_path / "ft", shards, init=str(tiny_checkpoint), preset="small", total_steps=1))
+    assert t.model_cfg == tiny_model.config  # the checkpoint's config, not the preset
+    sd = tiny_model.state_dict()
+    assert all(torch.equal(v, sd[k]) for k, v in t.model.state_dict().items())
+    t.run()
+    assert not torch.equal(t.model.state_dict()["decoder.head.weight"], sd["decoder.head.weight"])
+
+
+def test_batch_sampler_mixes_real_and_synthetic() -> None:
+    from model import Charset
+
+    synth = ArrayDataset("s", np.zeros((10, 32, 128), np.uint8), ["aa"] * 10)
+    real = ArrayDataset("r", np.full((5, 32, 128), 255, np.uint8), ["bb"] * 5)
+    cfg = TrainConfig(batch_size=8, real_ratio=0.25, augment=0.0)
+    images, inp, tgt = BatchSampler(synth, real, cfg, Charset(), torch.Generator().manual_seed(0)).next()
+    assert images.shape == (8, 1, 32, 128) and inp.shape == tgt.shape == (8, 3)
+    assert (images[:6] == -1).all() and (images[6:] == 1).all()  # 6 synthetic, then 2 real
+    only_real = BatchSampler(synth.subset([]), real, cfg, Charset(), torch.Generator())
+    assert only_real.n_real == 8
+    with pytest.raises(ValueError, match="no training data"):
+        BatchSampler(synth.subset([]), None, cfg, Charset(), torch.Generator())
+
+
+def test_cli_train(tmp_path: Path, shards: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cli"
+    args = ["train", "--out", str(out), "--preset", "tiny", "--synth", str(shards), "--total-steps", "2", "--batch-size", "4"]
+    args += ["--threads", "1", "--no-progress", "--val-every", "0", "--amp", "off", "--warmup-steps", "1", "--log-every", "1"]
+    assert cli_main(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["step"] == 2
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["batch_size"] == 4 and saved["preset"] == "tiny" and saved["synth"] == [str(shards)]
+    assert cli_main([a if a != "2" else "3" for a in args] + ["--resume"]) == 0  # --total-steps 3
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 3
+    with pytest.raises(SystemExit):
+        cli_main(["train", "--out", str(tmp_path / "x"), "--loss", "mse"])
