@@ -5,7 +5,7 @@ This package never imports ``service``: training and serving both build on it.
 
 from .charset import Charset
 from .checkpoint import CheckpointError, CheckpointInfo, load_checkpoint, save_checkpoint
-from .preprocess import PreprocessConfig, preprocess
+from .preprocess import PreprocessConfig
 from .safl import PRESETS, SAFL, Recognition, SAFLConfig
 
 __all__ = [
@@ -18,6 +18,5 @@ __all__ = [
     "Recognition",
     "SAFLConfig",
     "load_checkpoint",
-    "preprocess",
     "save_checkpoint",
 ]

@@ -75,6 +75,7 @@ def _atomic_write(path: Path, write: Any) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files: a container's non-root user could not read them
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -69,13 +69,16 @@ def canonicalize(img: Image.Image, channels: int = 1) -> Image.Image:
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     elif mode == "PA":
         img = img.convert("RGBA")
-    if img.mode in ("LA", "La", "RGBA", "RGBa"):
+    if img.mode in ("LA", "RGBA"):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, _WHITE + (255,))
         img = Image.alpha_composite(background, rgba).convert("RGB")
     target = "L" if channels == 1 else "RGB"
     if img.mode != target:
-        img = img.convert(target)
+        try:
+            img = img.convert(target)
+        except ValueError as exc:  # e.g. LAB or premultiplied La: Pillow has no conversion
+            raise ValueError(f"unsupported image mode {mode!r}: {exc}") from None
     return img
 
 

@@ -128,6 +128,11 @@ class _ClientGone(Exception):
     pass
 
 
+def _retrieve_exception(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
 async def _await_results(request: Request, futures: list[asyncio.Future[Recognition]], timeout: float) -> list[Recognition]:
     """Results of all futures, unless the deadline passes or the client disconnects first.
 
@@ -135,6 +140,10 @@ async def _await_results(request: Request, futures: list[asyncio.Future[Recognit
     crops before they reach the model.
     """
     gathered = asyncio.gather(*futures)
+    # A gather cancelled while pending completes later with a CancelledError *exception*
+    # (it is not .cancelled()); retrieve it then, or asyncio logs "Future exception was never
+    # retrieved" for every deadline and every disconnect.
+    gathered.add_done_callback(_retrieve_exception)
     watcher = asyncio.ensure_future(_wait_for_disconnect(request))
     try:
         waiters: set[asyncio.Future[Any]] = {gathered, watcher}
@@ -152,8 +161,6 @@ async def _await_results(request: Request, futures: list[asyncio.Future[Recognit
                 fut.cancel()
             elif not fut.cancelled():
                 fut.exception()  # mark retrieved: the first failure was already raised
-        if gathered.done() and not gathered.cancelled():
-            gathered.exception()
 
 
 def create_app(settings: Settings | None = None, *, predictor: Predictor | None = None) -> FastAPI:
@@ -207,6 +214,9 @@ def create_app(settings: Settings | None = None, *, predictor: Predictor | None 
         """Multipart ``files`` parts or JSON ``{"images": [base64, ...]}``; results in the order sent."""
         if runtime.draining or runtime.stopped:
             raise APIError(503, "shutting_down", "the server is shutting down; retry on another instance", retry_headers)
+        if runtime.batcher is not None and not runtime.batcher.has_room():
+            # Refused before the body is read and decoded: under overload the excess costs almost nothing.
+            raise APIError(503, "overloaded", "the recognition queue is full; retry later", retry_headers)
         started = time.monotonic()
         with runtime.track_request():
             timeout = _request_timeout(request, settings.timeout_ms / 1000.0)

@@ -118,6 +118,12 @@ class DynamicBatcher(Generic[R]):
 
     # --- producer side (event loop)
 
+    def has_room(self, n: int = 1) -> bool:
+        """Whether ``n`` more crops would fit in the queue now (abandoned crops do not count)."""
+        if len(self._queue) + n > self.config.max_queue:
+            self._purge()
+        return len(self._queue) + n <= self.config.max_queue
+
     def submit(self, tensors: Sequence[torch.Tensor], deadline: float) -> list[asyncio.Future[R]]:
         """Queue one request's crops, all or none; returns one future per crop, in order.
 

@@ -203,7 +203,7 @@ def test_load_shards(tmp_path: Path) -> None:
 
 
 def test_load_shards_ignores_an_interrupted_render(tmp_path: Path) -> None:
-    images, labels = _write_shards(tmp_path / "s", [4])
+    _, labels = _write_shards(tmp_path / "s", [4])
     np.save(tmp_path / "s" / "shard-00001.npy.tmp.npy", np.zeros((2, 32, 128), np.uint8))
     (tmp_path / "s" / "shard-00001.txt.tmp").write_text("x\ny\n")
     assert load_shards(tmp_path / "s").labels == labels

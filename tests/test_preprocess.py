@@ -6,7 +6,6 @@ test sees what an upload or a labelled folder would give the model.
 
 from __future__ import annotations
 
-import importlib
 import io
 from collections.abc import Callable
 
@@ -16,7 +15,14 @@ import torch
 from conftest import render_word
 from PIL import Image
 
-from model.preprocess import PreprocessConfig, canonicalize, collate, preprocess, resize, to_tensor
+from model.preprocess import (
+    PreprocessConfig,
+    canonicalize,
+    collate,
+    preprocess,
+    resize,
+    to_tensor,
+)
 
 CFG = PreprocessConfig()
 SIZE = (160, 40)  # not the model size: every case is also resized
@@ -209,13 +215,10 @@ def test_preprocess_config_validation(kwargs) -> None:
 
 def test_service_and_training_share_this_code(tmp_path) -> None:
     """The service, the renderer and the data loaders all call these very functions."""
-    # ``import model.preprocess as mp`` would give the function: the package re-exports
-    # ``preprocess`` under the submodule's name.
-    mp = importlib.import_module("model.preprocess")
-    import model.training.data as data
-    import model.training.synth as synth
+    import model.preprocess as mp
     import service.images as service_images
-    import service.predictor as predictor
+    from model.training import data, synth
+    from service import predictor
 
     assert service_images.preprocess is mp.preprocess
     assert predictor.preprocess is mp.preprocess

@@ -78,7 +78,7 @@ def test_no_fonts_warns_and_returns_empty(tmp_path: Path) -> None:
 
 
 def test_by_family_groups_and_sorts() -> None:
-    f = lambda p, fam: FontFace(p, fam, frozenset("a"))  # noqa: E731
+    f = lambda p, fam: FontFace(p, fam, frozenset("a"))
     groups = by_family([f("/b1", "B"), f("/a1", "A"), f("/b2", "B")])
     assert [[x.path for x in g] for g in groups] == [["/a1"], ["/b1", "/b2"]]
 
@@ -154,10 +154,17 @@ def _prepare(out: Path, font_cache: Path) -> None:
     shutil.copyfile(font_cache, out / "fonts.json")
 
 
-def test_render_dataset_writes_shards_and_resumes(tmp_path: Path, font_cache: Path, renderer: Renderer) -> None:
-    out = tmp_path / "synth"
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory, font_cache: Path) -> tuple[Path, dict]:
+    """40 crops in shards of 16, rendered once by a worker process (read-only for tests)."""
+    out = tmp_path_factory.mktemp("render") / "synth"
     _prepare(out, font_cache)
     summary = render_dataset(out, 40, CFG, workers=1, shard_size=16, progress=False)
+    return out, summary
+
+
+def test_render_dataset_writes_shards(rendered: tuple[Path, dict], renderer: Renderer) -> None:
+    out, summary = rendered
     assert summary["rendered"] == 40
     names = sorted(p.name for p in out.iterdir())
     assert names == ["fonts.json", "meta.json"] + [f"shard-0000{k}.{ext}" for k in range(3) for ext in ("npy", "txt")]
@@ -167,11 +174,19 @@ def test_render_dataset_writes_shards_and_resumes(tmp_path: Path, font_cache: Pa
     ds = load_shards(out)
     assert ds.images.shape == (40, 32, 128) and len(ds.labels) == 40
     assert [len(np.load(out / f"shard-0000{k}.npy")) for k in range(3)] == [16, 16, 8]
+    for img, label in zip(ds.images, ds.labels):
+        _assert_valid(img, label)
     # Worker processes produce exactly what an in-process renderer gives for each index.
     for i in (0, 15, 16, 39):
         img, label = renderer.render(i)
         assert ds.labels[i] == label and np.array_equal(ds.images[i], img)
+    assert load_any(out, CFG.preprocess).labels == ds.labels
 
+
+def test_render_dataset_resumes(rendered: tuple[Path, dict], tmp_path: Path) -> None:
+    out = tmp_path / "synth"
+    shutil.copytree(rendered[0], out)
+    original = load_shards(out)
     # Interrupted run: shard 2 missing, a stray temp file, shard 0 finished (marked so we can tell).
     marked = 255 - np.load(out / "shard-00000.npy")
     np.save(out / "shard-00000.npy", marked)
@@ -182,7 +197,7 @@ def test_render_dataset_writes_shards_and_resumes(tmp_path: Path, font_cache: Pa
     assert summary["rendered"] == 8  # only the missing shard
     again = load_shards(out)
     assert np.array_equal(again.images[:16], marked)  # finished shard kept, not re-rendered
-    assert np.array_equal(again.images[16:], ds.images[16:]) and again.labels == ds.labels
+    assert np.array_equal(again.images[16:], original.images[16:]) and again.labels == original.labels
     assert not (out / "shard-00002.npy.tmp.npy").exists()
 
 

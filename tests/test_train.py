@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from pathlib import Path
@@ -47,21 +48,21 @@ def real_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _cfg(out: Path, shards: Path, **overrides) -> TrainConfig:
-    values = dict(
-        out=str(out),
-        preset="tiny",
-        synth=[str(shards)],
-        total_steps=N_STEPS,
-        batch_size=16,
-        lr=2e-3,
-        warmup_steps=4,
-        threads=1,
-        progress=False,
-        val_every=0,
-        log_every=4,
-        checkpoint_minutes=1e9,
-        amp="off",
-    )
+    values = {
+        "out": str(out),
+        "preset": "tiny",
+        "synth": [str(shards)],
+        "total_steps": N_STEPS,
+        "batch_size": 16,
+        "lr": 2e-3,
+        "warmup_steps": 4,
+        "threads": 1,
+        "progress": False,
+        "val_every": 0,
+        "log_every": 4,
+        "checkpoint_minutes": 1e9,
+        "amp": "off",
+    }
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -79,7 +80,7 @@ def test_lr_schedule() -> None:
     assert lr_factor(110, cfg) == pytest.approx(0.1)
     assert lr_factor(500, cfg) == pytest.approx(0.1)
     factors = [lr_factor(s, cfg) for s in range(10, 111)]
-    assert all(a >= b for a, b in zip(factors, factors[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(factors))
 
 
 def test_short_run_lowers_the_loss(tmp_path: Path, shards: Path, real_folder: Path) -> None:
@@ -105,7 +106,7 @@ def test_short_run_lowers_the_loss(tmp_path: Path, shards: Path, real_folder: Pa
     assert info.training["loss"] == "focal" and info.training["gamma"] == 2.0
     sd = trainer.model.state_dict()
     assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
-    best, best_info = load_checkpoint(out / "best.safetensors")
+    _, best_info = load_checkpoint(out / "best.safetensors")
     assert "val" in best_info.training
 
 

@@ -83,7 +83,8 @@ class TextSampler:
             text = getattr(self, "_" + kind)(rng)
             if text and len(text) <= self.max_len and all(c in self.charset for c in text):
                 return text
-        return "text"
+        # Only reachable with a tiny charset or max_len: fall back to something legal.
+        return self.charset[rng.randrange(len(self.charset))]
 
     def _word_by_frequency(self, rng: random.Random) -> str:
         return _case(self.lexicon.by_frequency(rng), rng)
