@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .safl import SAFL, SAFLConfig
@@ -87,7 +87,10 @@ def save_checkpoint(model: SAFL, path: str | os.PathLike[str], name: str = "safl
     weights, sidecar = _paths(path)
     weights.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(weights, lambda tmp: save_file(state, tmp, metadata={"format": FORMAT}))
+    # The config (charset included) also goes into the weights file's own header, which the
+    # sha256 covers: a sidecar edited after the fact is caught on load.
+    header = {"format": FORMAT, "config": json.dumps(model.config.to_dict(), sort_keys=True)}
+    _atomic_write(weights, lambda tmp: save_file(state, tmp, metadata=header))
     sha = file_sha256(weights)
     meta = {
         "format": FORMAT,
@@ -138,6 +141,23 @@ def read_info(path: str | os.PathLike[str], verify: bool = True) -> CheckpointIn
     return CheckpointInfo(weights, sha, str(meta.get("name", "safl")), config, dict(meta.get("training") or {}))
 
 
+def _check_embedded_config(info: CheckpointInfo) -> None:
+    """Compare the sidecar's config with the one in the weights' header (when it has one;
+    checkpoints written before it was added have none)."""
+    try:
+        with safe_open(str(info.weights_path), framework="pt") as fh:
+            embedded = (fh.metadata() or {}).get("config")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"could not read weights {info.weights_path}: {exc}") from None
+    if embedded is None:
+        return
+    if json.loads(embedded) != info.config.to_dict():
+        raise CheckpointError(
+            f"the sidecar of {info.weights_path.name} does not match the config stored in the weights "
+            "(was the charset or another field edited?)"
+        )
+
+
 def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[SAFL, CheckpointInfo]:
     """Load a checkpoint into a fresh ``SAFL`` in eval mode on ``device``.
 
@@ -166,5 +186,6 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
                 f"weights {info.weights_path.name}: tensor {key!r} has shape {tuple(state[key].shape)}, "
                 f"the config (charset of {len(info.config.charset)} chars, d_model {info.config.d_model}) expects {tuple(tensor.shape)}"
             )
+    _check_embedded_config(info)  # last: the shape checks above name a mismatch more precisely
     model.load_state_dict(state, strict=True)
     return model.to(device).eval(), info

@@ -94,7 +94,10 @@ class Predictor:
         except CheckpointError as exc:
             raise StartupError(f"cannot load model weights {path}: {exc}") from None
         except Exception as exc:  # e.g. a sidecar config the model cannot be built from (d_model 0 or negative)
-            raise StartupError(f"cannot load model weights {path}: the checkpoint does not describe a usable model ({type(exc).__name__}: {exc})") from None
+            raise StartupError(
+                f"cannot load model weights {path}: building the model failed ({type(exc).__name__}: {exc}); "
+                "check the config in its .json sidecar"
+            ) from None
         # A diverged training run saves NaN weights that load fine and then answer "" with confidence 1.0.
         broken = [name for name, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
         if broken:

@@ -2,8 +2,8 @@
 
 Default run (deterministic, a few seconds): a burst far above the queue's capacity while
 the model is held (the excess gets 503 + Retry-After before the model moves, every
-accepted request then succeeds); clients that go away at every stage leave no work
-behind; a SIGTERM (``GracefulServer.handle_exit``) during load drains.
+accepted request then succeeds, and a refused request is not even decoded); clients that
+go away at every stage leave no work behind; a SIGTERM (``GracefulServer.handle_exit``) during load drains.
 
 Slow (``python -m pytest -m slow tests/test_hardening_load.py``), each against a real
 ``python -m service serve`` process on 127.0.0.1:
@@ -45,6 +45,7 @@ from service_support import (
     multipart,
     running_app,
     runtime_of,
+    serve_in_thread,
     settings_for,
     wait_until,
 )
@@ -191,8 +192,6 @@ def _connect(url: str) -> socket.socket:
 
 
 def test_disconnected_clients_leave_no_orphan_work(tiny_checkpoint: Path, tiny_model: SAFL) -> None:
-    from service_support import serve_in_thread
-
     want = expected(tiny_model, PNGS)
     predictor, gated = gated_predictor(tiny_checkpoint)
     app = create_app(settings_for(tiny_checkpoint, max_batch_size=2, max_wait_ms=1.0), predictor=predictor)
@@ -424,8 +423,8 @@ def test_burst_on_a_real_server(tiny_checkpoint: Path, tmp_path: Path) -> None:
 def _mean_duration(before: str, after: str, status: str) -> float:
     """Mean server-side duration of the POST /recognize replies with ``status`` between two /metrics texts."""
     labels = {"route": "/recognize", "status": status}
-    total, count = (metric(after, f"safl_request_duration_seconds_{k}", **labels) - metric(before, f"safl_request_duration_seconds_{k}", **labels)
-                    for k in ("sum", "count"))  # fmt: skip
+    name = "safl_request_duration_seconds_"
+    total, count = (metric(after, name + k, **labels) - metric(before, name + k, **labels) for k in ("sum", "count"))
     return total / count
 
 
@@ -569,5 +568,5 @@ def test_sigterm_under_load_real_server(tiny_checkpoint: Path, tmp_path: Path) -
     assert answered_after_signal >= 1  # admitted work really was drained, not dropped
     assert "Traceback" not in log
     record_figures("sigterm_under_load", requests=len(outcomes), outcomes=dict(counts), in_flight_at_signal=in_flight,
-                   sent_before_signal=len(before), drained_200_after_signal=answered_after_signal, exit_code=code, exit_seconds=round(exited - signalled, 2),
-                   lost=0)  # fmt: skip
+                   sent_before_signal=len(before), drained_200_after_signal=answered_after_signal, exit_code=code,
+                   exit_seconds=round(exited - signalled, 2), lost=0)  # fmt: skip

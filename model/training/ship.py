@@ -1,7 +1,7 @@
 """Promote a trained checkpoint to ``weights/`` only if it beats the shipped one.
 
 Both are evaluated on the same validation parts of the real folders (never trained
-on); the candidate is copied (weights + sidecar, byte for byte) when its mean 36-char
+on); the candidate is re-saved there (weights + sidecar) when its mean 36-char
 accuracy is higher, and ``weights/metrics.json`` records the numbers for the model card.
 
     python -m model.training.ship runs/small-focal-s0/best.safetensors \
@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import torch
 
-from ..checkpoint import CheckpointError, load_checkpoint
+from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import load_folder_part
 from .evaluate import evaluate, to_json, to_markdown
 
@@ -55,11 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     if cand <= cur:
         print("not better: weights/ left unchanged")
         return 1
-    args.weights.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(args.candidate, args.weights)
-    shutil.copyfile(args.candidate.with_suffix(".json"), args.weights.with_suffix(".json"))
+    # Re-saved rather than copied, so the shipped file carries the current checkpoint format.
+    model, info = load_checkpoint(args.candidate)
+    shipped = save_checkpoint(model, args.weights, name=info.name, training=info.training)
+    cand_meta["model"] = shipped.model_id
     to_json(cand_results, args.weights.parent / "metrics.json", {"model": cand_meta["model"], "split": {"part": "val", "val_fraction": args.val_fraction, "seed": args.split_seed}, "training": cand_meta})
-    print(f"shipped → {args.weights}")
+    print(f"shipped {shipped.model_id} → {args.weights} (sha256 {shipped.sha256})")
     return 0
 
 
