@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from .safl import SAFL, SAFLConfig
 
 FORMAT = "safl-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: TPS points are bounded offsets (config field tps_max_offset)
 
 
 class CheckpointError(ValueError):
@@ -126,8 +126,11 @@ def read_info(path: str | os.PathLike[str], verify: bool = True) -> CheckpointIn
     version = meta.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise CheckpointError(f"{sidecar} has format_version {version!r}; this safl reads up to {FORMAT_VERSION}")
+    raw_config = meta.get("config")
+    if version == 1 and isinstance(raw_config, dict):
+        raw_config = {"tps_max_offset": 0.0, **raw_config}  # format 1 predicted absolute TPS points
     try:
-        config = SAFLConfig.from_dict(meta["config"])
+        config = SAFLConfig.from_dict(raw_config)
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{sidecar} has an invalid model config: {exc}") from None
     if meta.get("charset", config.charset) != config.charset:
@@ -151,7 +154,10 @@ def _check_embedded_config(info: CheckpointInfo) -> None:
         raise CheckpointError(f"could not read weights {info.weights_path}: {exc}") from None
     if embedded is None:
         return
-    if json.loads(embedded) != info.config.to_dict():
+    stored = json.loads(embedded)
+    if "tps_max_offset" not in stored:
+        stored["tps_max_offset"] = 0.0  # written before the field existed (format 1)
+    if stored != info.config.to_dict():
         raise CheckpointError(
             f"the sidecar of {info.weights_path.name} does not match the config stored in the weights "
             "(was the charset or another field edited?)"

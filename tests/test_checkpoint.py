@@ -222,3 +222,21 @@ def test_folder_with_several_checkpoints(ckpt: Path) -> None:
 
 def test_checkpoint_error_is_a_value_error() -> None:
     assert issubclass(CheckpointError, ValueError)
+
+
+def test_format_1_checkpoint_loads_with_unbounded_tps(tmp_path: Path) -> None:
+    """A checkpoint written before bounded TPS offsets (format 1) loads in legacy mode, same outputs."""
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    legacy = SAFL(replace(SAFLConfig.from_preset("tiny"), tps_max_offset=0.0)).eval()
+    path = tmp_path / "old.safetensors"
+    save_checkpoint(legacy, path)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    meta["format_version"] = 1
+    del meta["config"]["tps_max_offset"]
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    loaded, info = load_checkpoint(path)
+    assert info.config.tps_max_offset == 0.0
+    x = torch.randn(2, 1, 32, 128)
+    torch.testing.assert_close(loaded.encode(x), legacy.encode(x))

@@ -322,3 +322,15 @@ def test_tiny_model_memorises_a_handful_of_words(memorised: Memorised) -> None:
     # A word it has not seen is not simply one of the memorised labels with full confidence.
     other = memorised.model.recognize(_words_batch(memorised.model, ["xylophone"]))[0]
     assert not (other.text in WORDS and other.confidence > 0.99)
+
+
+def test_tps_points_stay_within_the_offset_bound() -> None:
+    # Unbounded points drifted outside the image in real training; the tanh bound forbids it.
+    from model.rectify import TPSRectifier, fiducial_points
+
+    rect = TPSRectifier(1, 32, 128, 20, max_offset=0.75)
+    with torch.no_grad():
+        rect.fc.weight.normal_(0, 50.0)
+        rect.fc.bias.fill_(100.0)
+    pts = rect.points(torch.randn(4, 1, 32, 128))
+    assert (pts - fiducial_points(20)).abs().max() <= 0.75 + 1e-6

@@ -188,3 +188,20 @@ def test_cli_train(tmp_path: Path, shards: Path, capsys: pytest.CaptureFixture[s
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 3
     with pytest.raises(SystemExit):
         cli_main(["train", "--out", str(tmp_path / "x"), "--loss", "mse"])
+
+
+def test_reset_tps_keeps_the_rest_and_makes_the_rectifier_the_identity() -> None:
+    from dataclasses import replace
+
+    from model import SAFL, SAFLConfig
+    from model.training.train import _with_identity_tps
+
+    torch.manual_seed(0)
+    old = SAFL(replace(SAFLConfig.from_preset("tiny"), tps_max_offset=0.0))
+    with torch.no_grad():
+        old.rectifier.fc.weight.normal_(0, 1.0)  # a drifted, unbounded TPS head
+    fresh = _with_identity_tps(old)
+    assert fresh.config.tps_max_offset > 0
+    x = torch.randn(2, 1, 32, 128)
+    torch.testing.assert_close(fresh.rectifier(x), x, atol=1e-3, rtol=0)
+    torch.testing.assert_close(fresh.decoder.head.weight, old.decoder.head.weight)

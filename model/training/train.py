@@ -44,6 +44,7 @@ class TrainConfig:
     out: str = "runs/small-focal"
     preset: str = "small"
     init: str | None = None  # checkpoint to start from (fine-tuning), else random init
+    reset_tps: bool = False  # with `init`: re-initialise the TPS head as the identity (bounded offsets)
     synth: list[str] = field(default_factory=list)  # shard folders / LMDBs / labels.tsv folders
     real: list[str] = field(default_factory=list)  # labelled folders: their fine-tune part is trained on
     real_ratio: float = 0.0  # share of each batch drawn from `real`
@@ -54,6 +55,7 @@ class TrainConfig:
     gamma: float = 2.0
     batch_size: int = 64
     lr: float = 5e-4
+    tps_lr_scale: float = 0.1  # the rectifier learns slower: a fast-moving grid destabilises everything after it
     weight_decay: float = 0.05
     warmup_steps: int = 1000
     total_steps: int = 100000
@@ -149,6 +151,9 @@ class Trainer:
         if cfg.init:
             model, info = load_checkpoint(cfg.init)
             self.model_cfg = info.config
+            if cfg.reset_tps:
+                model = _with_identity_tps(model)
+                self.model_cfg = model.config
         else:
             self.model_cfg = SAFLConfig.from_preset(cfg.preset)
             model = SAFL(self.model_cfg)
@@ -165,10 +170,17 @@ class Trainer:
         self.sampler = BatchSampler(synth, real, cfg, self.charset, self.gen)
         self.n_train = (len(synth), len(real) if real is not None else 0)
 
-        decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2 and "pos" not in n]
-        no_decay = [p for n, p in self.model.named_parameters() if p.dim() < 2 or "pos" in n]
+        groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+        for n, p in self.model.named_parameters():
+            no_decay = p.dim() < 2 or n == "decoder.pos"
+            groups.setdefault((n.startswith("rectifier."), no_decay), []).append(p)
         self.opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98)
+            [
+                {"params": ps, "lr": cfg.lr * (cfg.tps_lr_scale if tps else 1.0), "weight_decay": 0.0 if nd else cfg.weight_decay}
+                for (tps, nd), ps in sorted(groups.items())
+            ],
+            lr=cfg.lr,
+            betas=(0.9, 0.98),
         )
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, self.cfg))
         self.step = 0
@@ -300,7 +312,7 @@ class Trainer:
                     "step": self.step,
                     "images": self.step * cfg.batch_size,
                     "loss": round(acc["loss"] / n, 5),
-                    "lr": self.sched.get_last_lr()[0],
+                    "lr": max(self.sched.get_last_lr()),
                     "img_s": round(cfg.batch_size * n / acc["total"], 1),
                     "data_ms": round(1000 * acc["data"] / n, 2),
                     "step_ms": round(1000 * acc["total"] / n, 2),
@@ -341,6 +353,17 @@ class Trainer:
             flush=True,
         )
         return summary
+
+
+def _with_identity_tps(model: SAFL) -> SAFL:
+    """The same network with a fresh, identity-initialised, bounded TPS head (other weights kept)."""
+    from dataclasses import replace
+
+    cfg = replace(model.config, tps_max_offset=SAFLConfig.tps_max_offset)
+    fresh = SAFL(cfg)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("rectifier.fc.")}
+    fresh.load_state_dict(state, strict=False)
+    return fresh
 
 
 def _concat(sets: list[ArrayDataset], name: str, pcfg) -> ArrayDataset:
