@@ -184,3 +184,14 @@ def test_safl_eval_cli_validation_part(checkpoint: Path, folder: Path, capsys: p
     assert len(val) == 2
     assert "| handmade-val | " in out and "(val)" in out
     assert "Most confident mistakes" not in out
+
+
+def test_paired_bootstrap_interval_brackets_the_difference() -> None:
+    from model.training.compare import paired_bootstrap
+
+    a = [True] * 60 + [False] * 40
+    b = [True] * 40 + [False] * 60
+    lo, hi = paired_bootstrap(a, b, rounds=500)
+    assert lo < 0.2 < hi and lo > 0.0
+    lo, hi = paired_bootstrap(a, a, rounds=200)
+    assert lo == hi == 0.0

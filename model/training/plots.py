@@ -19,11 +19,28 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def read_log(run: Path) -> tuple[list[dict], list[dict]]:
     """(train records, validation records) of a run's ``log.jsonl``; a resumed run's
-    repeated steps keep the last record written."""
+    repeated steps keep the last record written.
+
+    A run started with ``--init`` from another run's checkpoint is chained to that run:
+    its records come after the parent's records up to the checkpoint's step, with steps
+    and images counted from the parent's start.
+    """
     train: dict[int, dict] = {}
     val: dict[int, dict] = {}
+    offset, images_offset = 0, 0
+    cfg = json.loads((run / "config.json").read_text())
+    init = cfg.get("init")
+    if init and Path(init).with_suffix(".json").is_file():
+        parent_meta = json.loads(Path(init).with_suffix(".json").read_text()).get("training", {})
+        parent = Path(init).parent
+        if (parent / "log.jsonl").is_file() and "step" in parent_meta:
+            offset, images_offset = parent_meta["step"], parent_meta.get("images_seen", 0)
+            ptrain, pval = read_log(parent)
+            train.update({r["step"]: r for r in ptrain if r["step"] <= offset})
+            val.update({r["step"]: r for r in pval if r["step"] <= offset})
     for line in (run / "log.jsonl").read_text().splitlines():
         rec = json.loads(line)
+        rec = {**rec, "step": rec["step"] + offset, "images": rec.get("images", 0) + images_offset}
         (val if "val" in rec else train)[rec["step"]] = rec
     return [train[k] for k in sorted(train)], [val[k] for k in sorted(val)]
 
