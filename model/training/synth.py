@@ -17,6 +17,7 @@ bytes, ``label-%09d``, ``num-samples``).
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -78,7 +79,10 @@ def _perspective_coeffs(src: list[tuple[float, float]], dst: list[tuple[float, f
     return np.linalg.solve(np.array(rows, dtype=np.float64), np.array(rhs, dtype=np.float64)).tolist()
 
 
-def _load_textures(max_side: int = 480) -> list[Image.Image]:
+@functools.lru_cache(maxsize=1)
+def _load_textures(max_side: int = 480) -> tuple[Image.Image, ...]:
+    # Cached per process (read-only afterwards): decoding the 4096-px wallpapers takes
+    # seconds, and forked render workers inherit the parent's copy.
     textures = []
     for d in BACKGROUND_DIRS:
         if not d.is_dir():
@@ -94,7 +98,7 @@ def _load_textures(max_side: int = 480) -> list[Image.Image]:
                     textures.append(im.copy())
             except (OSError, ValueError):
                 continue
-    return textures
+    return tuple(textures)
 
 
 class Renderer:
@@ -338,6 +342,7 @@ def render_dataset(out: Path, count: int, cfg: SynthConfig, workers: int = 2, sh
     todo = shards if fmt == "lmdb" else [s for s in shards if not _shard_done(out, s[0], s[2] - s[1])]
     total = sum(e - s for _, s, e in todo)
     t0 = time.perf_counter()
+    _load_textures()  # once here: the forked workers inherit it
     ctx = mp.get_context("fork")
     lmdb_writer = _LmdbWriter(out, count) if fmt == "lmdb" else None
     with ctx.Pool(workers, initializer=_init_worker, initargs=(cfg, faces)) as pool, tqdm(total=total, unit="img", disable=not progress, desc="render") as bar:
