@@ -92,6 +92,19 @@ def focal_vs_ce_table(focal: Path, ce: Path) -> str:
     return "\n".join(rows) + "\n"
 
 
+def validation_table(run: Path) -> str:
+    """Markdown: every validation of a run (chained to its parent): step, images, hours, accuracies."""
+    _, val = read_log(run)
+    if not val:
+        return f"{run.name}: no validation yet\n"
+    sets = [k for k in val[-1]["val"] if isinstance(val[-1]["val"][k], dict)]
+    lines = [f"| step | images | train h (this run) | " + " | ".join(sets) + " | mean |", "|---:|---:|---:|" + "---:|" * (len(sets) + 1)]
+    for r in val:
+        accs = " | ".join(f"{100 * r['val'].get(k, {}).get('acc36', float('nan')):.2f}" for k in sets)
+        lines.append(f"| {r['step']} | {r['images']:,} | {r.get('train_hours', 0):.2f} | {accs} | {100 * r['val']['mean_acc36']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_label_skew(label_files: list[Path], out: Path, real_tsvs: list[Path] = ()) -> Path:
     """Word rank/frequency (log-log) and character frequency of the training labels."""
     words: Counter[str] = Counter()
@@ -134,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     print(plot_curves(args.runs[:1], args.out / "training_curves.png"))
+    (args.out / "validation_log.md").write_text("".join(f"### {_label(r)}\n\n{validation_table(r)}\n" for r in args.runs))
     if len(args.runs) == 2:
         (args.out / "focal_vs_ce.md").write_text(focal_vs_ce_table(*args.runs))
         print(plot_curves(args.runs, args.out / "focal_vs_ce.png"))
