@@ -97,6 +97,7 @@ def serve(settings: Settings, predictor: Predictor | None = None) -> int:
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level, lifespan="on",
         timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
+        limit_concurrency=settings.max_connections,
     )  # fmt: skip
     server = GracefulServer(config, app.state.runtime)
     server.run()

@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(default=1, ge=0, description="Retry-After seconds sent with 503 replies")
     drain_timeout_s: float = Field(default=30.0, ge=0, description="on SIGTERM, longest wait for admitted requests to finish")
 
+    max_connections: int = Field(
+        default=512, ge=1, description="open connections at once (uvicorn's limit_concurrency): caps the bytes being received; beyond it a plain 503"
+    )
+
     # --- input limits
     max_files: int = Field(default=64, ge=1, description="most images in one request")
     max_file_bytes: int = Field(default=10 * 2**20, ge=1, description="largest single image, bytes")
