@@ -28,21 +28,31 @@ def read_log(run: Path) -> tuple[list[dict], list[dict]]:
     train: dict[int, dict] = {}
     val: dict[int, dict] = {}
     offset, images_offset = 0, 0
-    cfg = json.loads((run / "config.json").read_text())
-    init = cfg.get("init")
-    if init and Path(init).with_suffix(".json").is_file():
-        parent_meta = json.loads(Path(init).with_suffix(".json").read_text()).get("training", {})
-        parent = Path(init).parent
-        if (parent / "log.jsonl").is_file() and "step" in parent_meta:
-            offset, images_offset = parent_meta["step"], parent_meta.get("images_seen", 0)
-            ptrain, pval = read_log(parent)
-            train.update({r["step"]: r for r in ptrain if r["step"] <= offset})
-            val.update({r["step"]: r for r in pval if r["step"] <= offset})
+    parent = parent_run(run)
+    if parent is not None:
+        parent_dir, offset, images_offset = parent
+        ptrain, pval = read_log(parent_dir)
+        train.update({r["step"]: r for r in ptrain if r["step"] <= offset})
+        val.update({r["step"]: r for r in pval if r["step"] <= offset})
     for line in (run / "log.jsonl").read_text().splitlines():
         rec = json.loads(line)
         rec = {**rec, "step": rec["step"] + offset, "images": rec.get("images", 0) + images_offset}
         (val if "val" in rec else train)[rec["step"]] = rec
     return [train[k] for k in sorted(train)], [val[k] for k in sorted(val)]
+
+
+def parent_run(run: Path) -> tuple[Path, int, int] | None:
+    """(parent run folder, step, images seen) of the checkpoint a run was started from, if logged."""
+    init = json.loads((run / "config.json").read_text()).get("init")
+    if not init or not Path(init).with_suffix(".json").is_file():
+        return None
+    meta = json.loads(Path(init).with_suffix(".json").read_text()).get("training", {})
+    parent = Path(init).parent
+    if not (parent / "log.jsonl").is_file() or "step" not in meta:
+        return None
+    offset = int(meta["step"])
+    images = int(meta.get("images_seen", offset * json.loads((parent / "config.json").read_text()).get("batch_size", 64)))
+    return parent, offset, images
 
 
 def _label(run: Path) -> str:
@@ -63,7 +73,12 @@ def plot_curves(runs: list[Path], out: Path) -> Path:
             sets = [k for k in val[-1]["val"] if isinstance(val[-1]["val"][k], dict)]
             for style, name in zip((":", "--", "-."), sets):
                 ax_acc.plot(x, [100 * r["val"].get(name, {}).get("acc36", float("nan")) for r in val], style, color=line.get_color(), lw=1, label=f"  {name}")
-    ax_loss.set(xlabel="images seen (millions)", ylabel="training loss", title="Training loss", yscale="log")
+    starts = {parent_run(r)[2] for r in runs if parent_run(r) is not None}
+    for x in starts:
+        for ax in (ax_loss, ax_acc):
+            ax.axvline(x / 1e6, color="grey", ls=":", lw=1)
+        ax_acc.annotate(" phase 2: bounded TPS", (x / 1e6, 1), color="grey", fontsize=7)
+    ax_loss.set(xlabel="images seen (millions)", ylabel="training loss (focal and CE are different scales)", title="Training loss", yscale="log")
     ax_acc.set(xlabel="images seen (millions)", ylabel="word accuracy, 36-char (%)", title="Validation accuracy (real crops never trained on)")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
