@@ -158,8 +158,13 @@ async def test_requests_refused_for_a_full_queue_are_not_decoded(tiny_checkpoint
         assert batcher is not None
         gated.gate.clear()
         gated.entered.clear()
-        held = [asyncio.create_task(client.post("/recognize", files=multipart(PNGS[:1]))) for _ in range(3)]
-        await wait_until(lambda: gated.entered.is_set() and batcher.depth == 2)
+        # One request at a time: sent together, the third could find the first still queued
+        # (max_queue=2) and be refused before the worker took the first one.
+        held = [asyncio.create_task(client.post("/recognize", files=multipart(PNGS[:1])))]
+        await wait_until(gated.entered.is_set)
+        for depth in (1, 2):
+            held.append(asyncio.create_task(client.post("/recognize", files=multipart(PNGS[:1]))))
+            await wait_until(lambda depth=depth: batcher.depth == depth)
         decoded.clear()
         refused = await asyncio.gather(*(client.post("/recognize", files=multipart([big, big])) for _ in range(10)))
         gated.gate.set()
