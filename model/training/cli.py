@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 from .train import TrainConfig
@@ -54,6 +54,11 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         else:
             p.add_argument(flag, type=type(value), default=value, help=f"(default: {value})")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its state.pt (a missing state starts afresh)")
+    twin = p.add_argument_group("lockstep twin", "a second run trained on the very same batches, differing only in loss and/or init")
+    twin.add_argument("--twin-out", help="the twin's run folder (enables the twin)")
+    twin.add_argument("--twin-loss", choices=("focal", "ce"), help="the twin's loss (default: the same as --loss)")
+    twin.add_argument("--twin-gamma", type=float, help="the twin's focal gamma (default: --gamma)")
+    twin.add_argument("--twin-init", help="the twin's starting checkpoint (default: --init)")
     p.set_defaults(func=run_train)
 
 
@@ -63,7 +68,18 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     if cfg.loss not in ("focal", "ce"):
         raise SystemExit("--loss must be focal or ce")
-    summary = train(cfg, resume=args.resume)
+    twin = None
+    if args.twin_out:
+        if Path(args.twin_out).resolve() == Path(cfg.out).resolve():
+            raise SystemExit("--twin-out must differ from --out")
+        twin = replace(
+            cfg,
+            out=args.twin_out,
+            loss=args.twin_loss or cfg.loss,
+            gamma=cfg.gamma if args.twin_gamma is None else args.twin_gamma,
+            init=args.twin_init or cfg.init,
+        )
+    summary = train(cfg, resume=args.resume, twin=twin)
     print(json.dumps(summary))
     return 0
 

@@ -191,7 +191,9 @@ def augment(batch: torch.Tensor, gen: torch.Generator, strength: float = 1.0) ->
     b = batch.shape[0]
     if strength <= 0:
         return batch
-    r = lambda *shape: torch.rand(*shape, generator=gen)  # noqa: E731
+    # Draws come from the CPU generator ``gen`` wherever the batch lives, so a GPU run
+    # repeats its augmentation exactly on resume; only the image work runs on the device.
+    r = lambda *shape: torch.rand(*shape, generator=gen).to(batch.device)  # noqa: E731
     angle = (r(b) - 0.5) * 0.1 * strength
     scale = 1.0 + (r(b) - 0.5) * 0.15 * strength
     tx = (r(b) - 0.5) * 0.08 * strength
@@ -199,11 +201,11 @@ def augment(batch: torch.Tensor, gen: torch.Generator, strength: float = 1.0) ->
     cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
     theta = torch.stack([torch.stack([cos, -sin * 0.25, tx], 1), torch.stack([sin * 4.0, cos, ty], 1)], 1)
     apply = (r(b) < 0.5).float().view(b, 1, 1)
-    identity = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]).expand(b, 2, 3)
+    identity = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]], device=batch.device).expand(b, 2, 3)
     theta = apply * theta + (1 - apply) * identity
     grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
     out = F.grid_sample(batch, grid, padding_mode="border", align_corners=False)
     contrast = 1.0 + (r(b, 1, 1, 1) - 0.5) * 0.6 * strength
     bright = (r(b, 1, 1, 1) - 0.5) * 0.3 * strength
-    noise = torch.randn(out.shape, generator=gen) * (r(b, 1, 1, 1) * 0.06 * strength)
+    noise = torch.randn(out.shape, generator=gen).to(batch.device) * (r(b, 1, 1, 1) * 0.06 * strength)
     return (out * contrast + bright + noise).clamp_(-1.0, 1.0)

@@ -32,6 +32,7 @@ from ..preprocess import to_tensor
 from ..safl import SAFL, SAFLConfig
 from .data import ArrayDataset, augment, encode_labels, load_any, load_folder_part
 from .evaluate import evaluate
+from .stream import RenderStream
 
 #: Fields that may change when a run is resumed (they do not change what is learnt).
 RUNTIME_FIELDS = {"max_minutes", "threads", "checkpoint_minutes", "val_every", "log_every", "stop_at_step", "progress", "total_steps"}
@@ -46,6 +47,8 @@ class TrainConfig:
     init: str | None = None  # checkpoint to start from (fine-tuning), else random init
     reset_tps: bool = False  # with `init`: re-initialise the TPS head as the identity (bounded offsets)
     synth: list[str] = field(default_factory=list)  # shard folders / LMDBs / labels.tsv folders
+    stream_workers: int = 0  # >0: render synthetic crops on the fly in this many processes instead of --synth
+    stream_seed: int = 1  # renderer seed of the stream (seed 0 is the pre-rendered data/synth set)
     real: list[str] = field(default_factory=list)  # labelled folders: their fine-tune part is trained on
     real_ratio: float = 0.0  # share of each batch drawn from `real`
     val: list[str] = field(default_factory=list)  # labelled folders: their validation part is reported
@@ -97,29 +100,64 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 class BatchSampler:
-    """Draws batches from the synthetic pool and, for ``real_ratio`` of each batch, the real one."""
+    """Draws batches from the synthetic pool (or render stream) and, for ``real_ratio`` of
+    each batch, the real one.
 
-    def __init__(self, synth: ArrayDataset, real: ArrayDataset | None, cfg: TrainConfig, charset: Charset, gen: torch.Generator) -> None:
+    ``batch(step)`` hands the same batch to every caller at one step, so runs trained in
+    lockstep (``train_lockstep``) see identical data.
+    """
+
+    def __init__(
+        self, synth: ArrayDataset | RenderStream, real: ArrayDataset | None, cfg: TrainConfig, charset: Charset, gen: torch.Generator, device: torch.device | None = None
+    ) -> None:
         self.synth, self.real, self.cfg, self.charset, self.gen = synth, real, cfg, charset, gen
+        self.device = device or torch.device("cpu")  # where augmentation runs (the training device)
         n_real = round(cfg.batch_size * cfg.real_ratio) if real is not None and len(real) else 0
-        if len(synth) == 0 and n_real == 0:
+        streaming = isinstance(synth, RenderStream)
+        if not streaming and len(synth) == 0 and n_real == 0:
             raise ValueError("no training data: give --synth and/or --real with --real-ratio > 0")
-        self.n_real = cfg.batch_size if len(synth) == 0 else n_real
+        self.n_real = cfg.batch_size if not streaming and len(synth) == 0 else n_real
+        self.n_synth = cfg.batch_size - self.n_real
+        self._cached: tuple[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+
+    def seek(self, step: int) -> None:
+        """Position a render stream where a run resumed at ``step`` continues."""
+        if isinstance(self.synth, RenderStream):
+            self.synth.seek(step * self.n_synth)
+        self._cached = None
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The batch of ``step`` (drawn once, then repeated for other callers at that step)."""
+        if self._cached is None or self._cached[0] != step:
+            self._cached = (step, self.next())
+        return self._cached[1]
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Normalised, augmented images and decoder input/target tokens."""
         parts, labels = [], []
-        n_synth = self.cfg.batch_size - self.n_real
-        for ds, n in ((self.synth, n_synth), (self.real, self.n_real)):
+        if isinstance(self.synth, RenderStream):
+            if self.n_synth > 0:
+                images, synth_labels = self.synth.take(self.n_synth)
+                parts.append(images)
+                labels += synth_labels
+            sources = ((self.real, self.n_real),)
+        else:
+            sources = ((self.synth, self.n_synth), (self.real, self.n_real))
+        for ds, n in sources:
             if n <= 0 or ds is None:
                 continue
             idx = torch.randint(len(ds), (n,), generator=self.gen).numpy()
             parts.append(ds.images[idx])
             labels += [ds.labels[i] for i in idx]
-        images = to_tensor(torch.cat([torch.from_numpy(p) for p in parts]))
+        images = to_tensor(torch.cat([torch.from_numpy(p) for p in parts]).to(self.device))
         images = augment(images, self.gen, self.cfg.augment)
         inp, tgt = encode_labels(labels, self.charset)
         return images, inp, tgt
+
+    def close(self) -> None:
+        """Stop a render stream's workers."""
+        if isinstance(self.synth, RenderStream):
+            self.synth.close()
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
@@ -131,7 +169,7 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
 class Trainer:
     """Builds data, model and optimiser from a ``TrainConfig`` and runs the loop."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False) -> None:
+    def __init__(self, cfg: TrainConfig, resume: bool = False, share_data_with: Trainer | None = None) -> None:
         self.out = Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
         state_path = self.out / "state.pt"
@@ -157,18 +195,14 @@ class Trainer:
         else:
             self.model_cfg = SAFLConfig.from_preset(cfg.preset)
             model = SAFL(self.model_cfg)
+        self.charset = model.charset
+        if share_data_with is not None:
+            # A lockstep twin: the same batches, augmentation draws and validation sets.
+            self.val_sets, self.gen, self.sampler = share_data_with.val_sets, share_data_with.gen, share_data_with.sampler
+            self.n_train = share_data_with.n_train
+        else:
+            self._build_data(cfg)  # before the model touches the GPU: render workers are forked
         self.model = model.to(self.device).train()
-        self.charset = self.model.charset
-        pcfg = self.model_cfg.preprocess
-
-        synth_sets = [load_any(p, pcfg).filtered(self.charset, self.model_cfg.max_len) for p in cfg.synth]
-        synth = _concat(synth_sets, "synth", pcfg)
-        real_sets = [load_folder_part(p, pcfg, "train", cfg.val_fraction, cfg.split_seed).filtered(self.charset, self.model_cfg.max_len) for p in cfg.real]
-        real = _concat(real_sets, "real", pcfg) if real_sets else None
-        self.val_sets = [load_folder_part(p, pcfg, "val", cfg.val_fraction, cfg.split_seed) for p in cfg.val]
-        self.gen = torch.Generator().manual_seed(cfg.seed)
-        self.sampler = BatchSampler(synth, real, cfg, self.charset, self.gen)
-        self.n_train = (len(synth), len(real) if real is not None else 0)
 
         groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
         for n, p in self.model.named_parameters():
@@ -190,6 +224,30 @@ class Trainer:
             self._load_state(state_path)
         else:
             (self.out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        if share_data_with is None:
+            self.sampler.seek(self.step)
+        self._loop: dict[str, Any] = {}
+
+    def _build_data(self, cfg: TrainConfig) -> None:
+        pcfg = self.model_cfg.preprocess
+        if cfg.stream_workers > 0:
+            from dataclasses import replace
+
+            from .synth import SynthConfig
+
+            scfg = replace(SynthConfig(), seed=cfg.stream_seed, charset=self.charset.chars, max_len=self.model_cfg.max_len, height=pcfg.height, width=pcfg.width, channels=pcfg.channels)
+            synth: ArrayDataset | RenderStream = RenderStream(scfg, cfg.stream_workers)
+            n_synth: int | str = "streamed"
+        else:
+            synth_sets = [load_any(p, pcfg).filtered(self.charset, self.model_cfg.max_len) for p in cfg.synth]
+            synth = _concat(synth_sets, "synth", pcfg)
+            n_synth = len(synth)
+        real_sets = [load_folder_part(p, pcfg, "train", cfg.val_fraction, cfg.split_seed).filtered(self.charset, self.model_cfg.max_len) for p in cfg.real]
+        real = _concat(real_sets, "real", pcfg) if real_sets else None
+        self.val_sets = [load_folder_part(p, pcfg, "val", cfg.val_fraction, cfg.split_seed) for p in cfg.val]
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.sampler = BatchSampler(synth, real, cfg, self.charset, self.gen, self.device)
+        self.n_train = (n_synth, len(real) if real is not None else 0)
 
     # -- state ---------------------------------------------------------------------------
 
@@ -228,6 +286,7 @@ class Trainer:
             "images_seen": self.step * self.cfg.batch_size,
             "train_hours": round(self.train_seconds / 3600, 3),
             "cpu_hours": round(self.train_seconds * self.cfg.threads / 3600, 3) if self.device.type == "cpu" else None,
+            "device": self.device.type,
             "loss": self.cfg.loss,
             "gamma": self.cfg.gamma if self.cfg.loss == "focal" else 0.0,
             "run": self.out.name,
@@ -261,8 +320,9 @@ class Trainer:
     def train_step(self) -> tuple[float, float, float]:
         """One optimisation step; returns (loss, data seconds, total seconds)."""
         t0 = time.perf_counter()
-        images, inp, tgt = self.sampler.next()
-        images, inp, tgt = images.to(self.device), inp.to(self.device), tgt.to(self.device)
+        images, inp, tgt = self.sampler.batch(self.step)
+        nb = self.device.type == "cuda"
+        images, inp, tgt = images.to(self.device, non_blocking=nb), inp.to(self.device, non_blocking=nb), tgt.to(self.device, non_blocking=nb)
         t1 = time.perf_counter()
         ctx = torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
         with ctx:
@@ -278,81 +338,131 @@ class Trainer:
         self.train_seconds += t2 - t0
         return float(loss.detach()), t1 - t0, t2 - t0
 
-    def run(self) -> dict[str, Any]:
-        """Train until ``total_steps``, ``stop_at_step`` or ``max_minutes``; returns a summary."""
+    def end_step(self) -> int:
+        """The step this invocation stops at (``total_steps`` or ``stop_at_step``)."""
+        return min(self.cfg.total_steps, self.cfg.stop_at_step or self.cfg.total_steps)
+
+    def begin(self, bar: bool = True) -> None:
+        """Announce the run and reset the loop's counters (before the first ``advance``)."""
         from tqdm import tqdm
 
         cfg = self.cfg
-        start = time.monotonic()
-        last_ckpt = start
-        end_step = min(cfg.total_steps, cfg.stop_at_step or cfg.total_steps)
         print(
             f"training {self.model_cfg.preset} ({self.model.num_parameters() / 1e6:.2f} M params) on {self.device}, "
             f"amp={self.amp_dtype}, threads={cfg.threads}, loss={cfg.loss}"
             f"{f' gamma={cfg.gamma}' if cfg.loss == 'focal' else ''}; data: {self.n_train[0]} synthetic + {self.n_train[1]} real; "
-            f"{'resumed at' if self.resumed else 'starting at'} step {self.step}",
+            f"{'resumed at' if self.resumed else 'starting at'} step {self.step} → {self.out}",
             flush=True,
         )
-        acc = {"loss": 0.0, "data": 0.0, "total": 0.0, "n": 0}
-        totals = {"data": 0.0, "total": 0.0, "n": 0}
-        bar = tqdm(total=end_step, initial=self.step, unit="step", disable=not cfg.progress, dynamic_ncols=True)
-        last_loss = float("nan")
-        stopped_by = "steps"
-        while self.step < end_step:
-            loss, data_s, total_s = self.train_step()
-            last_loss = loss
-            acc["loss"] += loss
-            acc["data"] += data_s
-            acc["total"] += total_s
-            acc["n"] += 1
-            bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == end_step:
-                n = acc["n"]
-                rec = {
-                    "step": self.step,
-                    "images": self.step * cfg.batch_size,
-                    "loss": round(acc["loss"] / n, 5),
-                    "lr": max(self.sched.get_last_lr()),
-                    "img_s": round(cfg.batch_size * n / acc["total"], 1),
-                    "data_ms": round(1000 * acc["data"] / n, 2),
-                    "step_ms": round(1000 * acc["total"] / n, 2),
-                    "train_hours": round(self.train_seconds / 3600, 4),
-                }
-                self._log(rec)
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", img_s=rec["img_s"], data=f"{100 * acc['data'] / acc['total']:.1f}%")
-                totals["data"] += acc["data"]
-                totals["total"] += acc["total"]
-                totals["n"] += n
-                acc = {"loss": 0.0, "data": 0.0, "total": 0.0, "n": 0}
-            if cfg.val_every and self.step % cfg.val_every == 0:
-                val = self.validate()
-                if val:
-                    bar.write(f"step {self.step}: val " + ", ".join(f"{k} {v['acc36']:.3f}" for k, v in val.items() if isinstance(v, dict)))
-            now = time.monotonic()
-            if now - last_ckpt > cfg.checkpoint_minutes * 60:
-                self.save_state()
-                last_ckpt = now
-            if cfg.max_minutes is not None and now - start > cfg.max_minutes * 60:
-                stopped_by = "time budget"
-                break
-        bar.close()
+        now = time.monotonic()
+        self._loop = {
+            "start": now,
+            "last_ckpt": now,
+            "acc": {"loss": 0.0, "data": 0.0, "total": 0.0, "n": 0},
+            "totals": {"data": 0.0, "total": 0.0, "n": 0},
+            "last_loss": float("nan"),
+            "stopped_by": "steps",
+            "bar": tqdm(total=self.end_step(), initial=self.step, unit="step", disable=not (cfg.progress and bar), dynamic_ncols=True),
+        }
+
+    def advance(self) -> bool:
+        """One step with its logging, validation and checkpointing; True when the run should stop."""
+        cfg, loop = self.cfg, self._loop
+        if self.step >= self.end_step():
+            return True
+        loss, data_s, total_s = self.train_step()
+        loop["last_loss"] = loss
+        acc = loop["acc"]
+        acc["loss"] += loss
+        acc["data"] += data_s
+        acc["total"] += total_s
+        acc["n"] += 1
+        bar = loop["bar"]
+        bar.update(1)
+        if self.step % cfg.log_every == 0 or self.step == self.end_step():
+            n = acc["n"]
+            rec = {
+                "step": self.step,
+                "images": self.step * cfg.batch_size,
+                "loss": round(acc["loss"] / n, 5),
+                "lr": max(self.sched.get_last_lr()),
+                "img_s": round(cfg.batch_size * n / acc["total"], 1),
+                "data_ms": round(1000 * acc["data"] / n, 2),
+                "step_ms": round(1000 * acc["total"] / n, 2),
+                "train_hours": round(self.train_seconds / 3600, 4),
+            }
+            self._log(rec)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", img_s=rec["img_s"], data=f"{100 * acc['data'] / acc['total']:.1f}%")
+            for k in ("data", "total", "n"):
+                loop["totals"][k] += acc[k]
+            loop["acc"] = {"loss": 0.0, "data": 0.0, "total": 0.0, "n": 0}
+        if cfg.val_every and self.step % cfg.val_every == 0:
+            val = self.validate()
+            if val:
+                bar.write(f"{self.out.name} step {self.step}: val " + ", ".join(f"{k} {v['acc36']:.3f}" for k, v in val.items() if isinstance(v, dict)))
+        now = time.monotonic()
+        if now - loop["last_ckpt"] > cfg.checkpoint_minutes * 60:
+            self.save_state()
+            loop["last_ckpt"] = now
+        if cfg.max_minutes is not None and now - loop["start"] > cfg.max_minutes * 60:
+            loop["stopped_by"] = "time budget"
+            return True
+        return self.step >= self.end_step()
+
+    def finish(self) -> dict[str, Any]:
+        """Save the state and summarise the invocation's speed."""
+        loop = self._loop
+        loop["bar"].close()
         self.save_state()
+        totals = loop["totals"]
         n = max(totals["n"], 1)
         summary = {
+            "run": str(self.out),
             "step": self.step,
-            "stopped_by": stopped_by,
-            "loss": last_loss,
-            "img_s": round(cfg.batch_size * n / totals["total"], 1) if totals["total"] else None,
+            "stopped_by": loop["stopped_by"],
+            "loss": loop["last_loss"],
+            "img_s": round(self.cfg.batch_size * n / totals["total"], 1) if totals["total"] else None,
             "data_ms": round(1000 * totals["data"] / n, 2),
             "step_ms": round(1000 * totals["total"] / n, 2),
             "data_share": round(totals["data"] / totals["total"], 4) if totals["total"] else None,
         }
         print(
-            f"stopped at step {self.step} ({stopped_by}); {summary['img_s']} img/s; data {summary['data_ms']} ms "
+            f"{self.out.name}: stopped at step {self.step} ({loop['stopped_by']}); {summary['img_s']} img/s; data {summary['data_ms']} ms "
             f"of {summary['step_ms']} ms per step ({100 * (summary['data_share'] or 0):.1f} %)",
             flush=True,
         )
         return summary
+
+    def run(self) -> dict[str, Any]:
+        """Train until ``total_steps``, ``stop_at_step`` or ``max_minutes``; returns a summary."""
+        try:
+            self.begin()
+            while not self.advance():
+                pass
+            return self.finish()
+        finally:
+            self.sampler.close()
+
+
+def train_lockstep(trainers: list[Trainer]) -> list[dict[str, Any]]:
+    """Run trainers that share one ``BatchSampler`` step by step, so every run sees the
+    very same batches: the controlled comparison of, say, focal loss against CE.
+
+    All stop together, at the first step where any of them would stop.
+    """
+    steps = {t.step for t in trainers}
+    if len(steps) != 1:
+        raise ValueError(f"lockstep runs must resume at the same step, got {sorted(steps)}: resume them separately first")
+    try:
+        for i, t in enumerate(trainers):
+            t.begin(bar=i == 0)
+        while True:
+            stops = [t.advance() for t in trainers]
+            if any(stops):
+                break
+        return [t.finish() for t in trainers]
+    finally:
+        trainers[0].sampler.close()
 
 
 def _with_identity_tps(model: SAFL) -> SAFL:
@@ -377,6 +487,18 @@ def _concat(sets: list[ArrayDataset], name: str, pcfg) -> ArrayDataset:
     return ArrayDataset(name, np.concatenate([s.images for s in sets]), [lab for s in sets for lab in s.labels])
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
-    """Build a trainer and run it (the ``safl train`` entry point)."""
-    return Trainer(cfg, resume=resume).run()
+def train(cfg: TrainConfig, resume: bool = False, twin: TrainConfig | None = None) -> dict[str, Any]:
+    """Build a trainer and run it (the ``safl train`` entry point).
+
+    With ``twin``, a second run (same data, other loss or init) trains in lockstep.
+    """
+    first = Trainer(cfg, resume=resume)
+    if twin is None:
+        return first.run()
+    try:
+        second = Trainer(twin, resume=resume, share_data_with=first)
+    except BaseException:
+        first.sampler.close()
+        raise
+    summaries = train_lockstep([first, second])
+    return {"runs": summaries}

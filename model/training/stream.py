@@ -1,0 +1,79 @@
+"""Synthetic crops rendered while training runs, for machines with cores to spare.
+
+On the 2-core CPU machines rendering ahead (``safl synth``) is the right call: a
+concurrent renderer would steal the trainer's cores. On a GPU machine with many
+cores the GPU waits for data instead, and a pre-rendered set would be seen many
+times over; there, worker processes render an endless, never-repeating stream.
+
+The stream is deterministic: position ``p`` is crop ``start + p`` of the renderer's
+``(seed, index)`` sequence, so a resumed run continues with the very crops it would
+have seen, whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from collections import deque
+
+import numpy as np
+
+from .fonts import discover_fonts
+from .synth import SynthConfig, _init_worker, _load_textures, _render_range
+
+
+class RenderStream:
+    """An endless, ordered stream of rendered ``(image, label)`` pairs from a worker pool."""
+
+    def __init__(self, cfg: SynthConfig, workers: int, chunk: int = 128, depth: int | None = None) -> None:
+        if workers < 1:
+            raise ValueError("a render stream needs at least one worker")
+        self.cfg = cfg
+        self.chunk = chunk
+        self.depth = depth or 3 * workers  # chunks in flight: keeps every worker busy without unbounded memory
+        faces = discover_fonts(cfg.charset)
+        _load_textures()  # decoded once here; forked workers inherit it
+        self._pool = mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(cfg, faces))
+        self._pending: deque = deque()
+        self._images: list[np.ndarray] = []
+        self._labels: list[str] = []
+        self._next = 0
+        self.position = 0
+
+    def seek(self, index: int) -> None:
+        """Continue the stream at crop ``index`` (drops what was rendered ahead)."""
+        self._pending.clear()
+        self._images, self._labels = [], []
+        self._next = self.position = index
+
+    def _fill(self) -> None:
+        while len(self._pending) < self.depth:
+            self._pending.append(self._pool.apply_async(_render_range, ((self._next, self._next + self.chunk),)))
+            self._next += self.chunk
+
+    def take(self, n: int) -> tuple[np.ndarray, list[str]]:
+        """The next ``n`` crops (uint8 ``[n, H, W]``) and labels, in stream order."""
+        have = sum(len(a) for a in self._images)
+        while have < n:
+            self._fill()
+            arr, labels = self._pending.popleft().get()
+            self._images.append(arr)
+            self._labels += labels
+            have += len(arr)
+        self._fill()
+        images = np.concatenate(self._images)
+        out, rest = images[:n], images[n:]
+        labels, self._labels = self._labels[:n], self._labels[n:]
+        self._images = [rest] if len(rest) else []
+        self.position += n
+        return out, labels
+
+    def close(self) -> None:
+        """Stop the workers."""
+        self._pool.terminate()
+        self._pool.join()
+
+    def __enter__(self) -> RenderStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One leg of the GPU campaign, run on a lent GPU machine (16 cores, no network) from the
+# repository root, with `.gpu/` (built by scripts/gpu_bundle.py) carried along.
+#
+# The focal arm (the shipped model) and its CE twin train in lockstep on the same
+# batches: synthetic crops rendered on the fly by 13 processes plus real fine-tune crops.
+# The run state lives in runs/gpu-* (kept while the machine stays warm, so the next leg
+# resumes exactly); if the machine was given back in between, the next leg starts from
+# the last weights that came back (.gpu/init/*.safetensors).
+#   MINUTES=8 bash scripts/gpu_train.sh      # writes checkpoints and logs to $OUT
+set -uo pipefail
+MINUTES=${MINUTES:-8}
+TOTAL=${TOTAL:-30000}
+OUT=${OUT:-runs/gpu-out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD/.gpu/shim PYTHONUNBUFFERED=1
+mkdir -p /usr/share/fonts/truetype/safl-bundle /usr/share/backgrounds/safl-bundle
+cp -n .gpu/fonts/* /usr/share/fonts/truetype/safl-bundle/
+cp -n .gpu/backgrounds/* /usr/share/backgrounds/safl-bundle/
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'cores', __import__('os').cpu_count())"
+
+REAL=.gpu/real
+python3 -m model.training.cli train --out runs/gpu-focal --init "${FOCAL_INIT:-.gpu/init/focal.safetensors}" \
+    --loss focal --gamma 2 \
+    --twin-out runs/gpu-ce --twin-loss ce --twin-init "${CE_INIT:-.gpu/init/ce.safetensors}" \
+    --stream-workers "${WORKERS:-13}" --stream-seed 1 \
+    --real $REAL/iiit5k $REAL/svt $REAL/ic15 --real-ratio 0.1 \
+    --val $REAL/iiit5k $REAL/svt $REAL/ic15 --val-fraction 0.3 --split-seed 0 \
+    --batch-size 384 --lr 7e-4 --tps-lr-scale 0.1 --warmup-steps 500 --total-steps "$TOTAL" \
+    --threads 2 --device "${DEVICE:-cuda}" --val-every 1000 --log-every 100 --checkpoint-minutes 2 \
+    --max-minutes "$MINUTES" --resume --no-progress 2>&1 | tee "$OUT/train.log"
+rc=${PIPESTATUS[0]}
+
+# Back to the developer's machine: at most 8 files of 16 MiB, so one tar of the small
+# files plus the last weights per arm, and the best weights on their own.
+for arm in focal ce; do
+    d=runs/gpu-$arm
+    [ -f "$d/best.safetensors" ] && cp "$d/best.safetensors" "$OUT/$arm-best.safetensors"
+    tar -cf "$OUT/$arm.tar" -C "$d" --exclude state.pt --exclude best.safetensors . 2>/dev/null
+done
+ls -la "$OUT"
+exit "$rc"
