@@ -271,8 +271,8 @@ class Trainer:
         self.step = int(state["step"])
         self.train_seconds = float(state["train_seconds"])
         self.best = float(state["best"])
-        self.gen.set_state(state["rng_data"])
-        torch.set_rng_state(state["rng_torch"])
+        self.gen.set_state(state["rng_data"].cpu())  # map_location moved it to the device
+        torch.set_rng_state(state["rng_torch"].cpu())
 
     def save_state(self) -> None:
         """Write the full resumable state and the latest servable weights (atomic)."""
@@ -459,6 +459,9 @@ def train_lockstep(trainers: list[Trainer]) -> list[dict[str, Any]]:
         while True:
             stops = [t.advance() for t in trainers]
             if any(stops):
+                reason = next(t._loop["stopped_by"] for t, stop in zip(trainers, stops) if stop)
+                for t in trainers:
+                    t._loop["stopped_by"] = reason  # all stop for the reason the first one gave
                 break
         return [t.finish() for t in trainers]
     finally:
