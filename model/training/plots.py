@@ -27,11 +27,10 @@ def read_log(run: Path) -> tuple[list[dict], list[dict]]:
     """
     train: dict[int, dict] = {}
     val: dict[int, dict] = {}
-    offset, images_offset = 0, 0
+    offset, images_offset = chain_offset(run)
     parent = parent_run(run)
     if parent is not None:
-        parent_dir, offset, images_offset = parent
-        ptrain, pval = read_log(parent_dir)
+        ptrain, pval = read_log(parent[0])
         train.update({r["step"]: r for r in ptrain if r["step"] <= offset})
         val.update({r["step"]: r for r in pval if r["step"] <= offset})
     for line in (run / "log.jsonl").read_text().splitlines():
@@ -39,6 +38,16 @@ def read_log(run: Path) -> tuple[list[dict], list[dict]]:
         rec = {**rec, "step": rec["step"] + offset, "images": rec.get("images", 0) + images_offset}
         (val if "val" in rec else train)[rec["step"]] = rec
     return [train[k] for k in sorted(train)], [val[k] for k in sorted(val)]
+
+
+def chain_offset(run: Path) -> tuple[int, int]:
+    """(steps, images) seen before this run started, summed over its chain of parents."""
+    parent = parent_run(run)
+    if parent is None:
+        return 0, 0
+    parent_dir, step, images = parent
+    before_steps, before_images = chain_offset(parent_dir)
+    return before_steps + step, before_images + images
 
 
 def parent_run(run: Path) -> tuple[Path, int, int] | None:
@@ -73,11 +82,16 @@ def plot_curves(runs: list[Path], out: Path) -> Path:
             sets = [k for k in val[-1]["val"] if isinstance(val[-1]["val"][k], dict)]
             for style, name in zip((":", "--", "-."), sets):
                 ax_acc.plot(x, [100 * r["val"].get(name, {}).get("acc36", float("nan")) for r in val], style, color=line.get_color(), lw=1, label=f"  {name}")
-    starts = {parent_run(r)[2] for r in runs if parent_run(r) is not None}
-    for x in starts:
+    starts: dict[int, str] = {}
+    for run in runs:
+        r = run
+        while parent_run(r) is not None:  # mark where each run of the chain took over
+            starts.setdefault(chain_offset(r)[1], r.name)
+            r = parent_run(r)[0]
+    for x, name in sorted(starts.items()):
         for ax in (ax_loss, ax_acc):
             ax.axvline(x / 1e6, color="grey", ls=":", lw=1)
-        ax_acc.annotate(" phase 2: bounded TPS", (x / 1e6, 1), color="grey", fontsize=7)
+        ax_acc.annotate(f" {name}", (x / 1e6, 1), color="grey", fontsize=7, rotation=90, va="bottom")
     ax_loss.set(xlabel="images seen (millions)", ylabel="training loss (focal and CE are different scales)", title="Training loss", yscale="log")
     ax_acc.set(xlabel="images seen (millions)", ylabel="word accuracy, 36-char (%)", title="Validation accuracy (real crops never trained on)")
     for ax in (ax_loss, ax_acc):
