@@ -53,6 +53,10 @@ def _high_bit_depth_to_l(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
 
 
+class UnsupportedImageMode(ValueError):
+    """A decoded image whose pixel mode (e.g. LAB) has no conversion to grayscale or RGB."""
+
+
 def canonicalize(img: Image.Image, channels: int = 1) -> Image.Image:
     """Bring a decoded image of any common mode to upright ``L`` (or ``RGB``).
 
@@ -78,7 +82,7 @@ def canonicalize(img: Image.Image, channels: int = 1) -> Image.Image:
         try:
             img = img.convert(target)
         except ValueError as exc:  # e.g. LAB or premultiplied La: Pillow has no conversion
-            raise ValueError(f"unsupported image mode {mode!r}: {exc}") from None
+            raise UnsupportedImageMode(f"unsupported image mode {mode!r}: {exc}") from None
     return img
 
 

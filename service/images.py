@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from model.preprocess import PreprocessConfig, preprocess
+from model.preprocess import PreprocessConfig, UnsupportedImageMode, preprocess
 
 from .errors import APIError
 
@@ -104,11 +104,14 @@ def decode_image(data: bytes, filename: str, limits: ImageLimits) -> Image.Image
 
 
 def to_model_input(img: Image.Image, filename: str, cfg: PreprocessConfig) -> torch.Tensor:
-    """``model.preprocess.preprocess`` with its failures (odd modes, EXIF) reported as 422."""
+    """``model.preprocess.preprocess`` with its failures reported: 415 for pixel modes it
+    cannot convert (e.g. LAB), 422 for anything else (broken EXIF, …)."""
     try:
         return preprocess(img, cfg)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise _too_many_pixels(filename, f"is too large to decode ({exc})") from None
+    except UnsupportedImageMode as exc:  # a valid file, just pixels we cannot read
+        raise ImageRejected(415, "unsupported_image", f"image {filename!r}: {exc}") from None
     except Exception as exc:
         raise ImageRejected(422, "corrupt_image", f"image {filename!r} could not be converted: {exc}") from None
 

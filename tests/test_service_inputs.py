@@ -64,6 +64,8 @@ CASES: list[tuple[str, Callable[[], dict[str, Any]], int, str, str]] = [
     ("text_file", lambda: {"files": multipart([b"hello, world\n" * 10], ["notes.txt"])}, 415, "unsupported_image", "notes.txt"),
     ("ico_format", lambda: {"files": multipart([encode(render_word("ico", (32, 32)), "ICO")], ["icon.ico"])}, 415, "unsupported_image", "icon.ico"),
     ("ppm_format", lambda: {"files": multipart([encode(render_word("ppm"), "PPM")], ["w.ppm"])}, 415, "unsupported_image", "w.ppm"),
+    # A valid TIFF whose LAB pixels Pillow cannot convert: unsupported, not corrupt.
+    ("lab_tiff", lambda: {"files": multipart([encode(Image.new("LAB", (40, 20)), "TIFF")], ["lab.tiff"])}, 415, "unsupported_image", "mode 'LAB'"),
     ("truncated_png", lambda: {"files": multipart([_PNG[: len(_PNG) // 2]], ["cut.png"])}, 422, "corrupt_image", "cut.png"),
     ("truncated_jpeg", lambda: {"files": multipart([_JPEG[: len(_JPEG) // 2]], ["cut.jpg"])}, 422, "corrupt_image", "cut.jpg"),
     ("garbage_after_magic", lambda: {"files": multipart([b"\x89PNG\r\n\x1a\n" + b"\x00" * 64], ["bad.png"])}, 422, "corrupt_image", "bad.png"),

@@ -9,6 +9,7 @@ words are still seen.
 
 from __future__ import annotations
 
+import functools
 import random
 import string
 from dataclasses import dataclass
@@ -34,12 +35,7 @@ class Lexicon:
     """English word list with frequencies; the list is ordered by frequency."""
 
     def __init__(self, size: int = 50000, min_len: int = 1) -> None:
-        import wordfreq  # training-only dependency
-
-        words = [w for w in wordfreq.top_n_list("en", size * 2) if w.isascii() and w.isalpha() and len(w) >= min_len]
-        self.words = words[:size]
-        freq = np.array([wordfreq.word_frequency(w, "en") for w in self.words], dtype=np.float64)
-        self.cdf = np.cumsum(freq / freq.sum())
+        self.words, self.cdf = _english(size, min_len)
 
     def by_frequency(self, rng: random.Random) -> str:
         """A word drawn with probability proportional to its frequency in English."""
@@ -49,6 +45,19 @@ class Lexicon:
     def uniform(self, rng: random.Random) -> str:
         """A word drawn uniformly from the lexicon."""
         return self.words[rng.randrange(len(self.words))]
+
+
+@functools.lru_cache(maxsize=4)
+def _english(size: int, min_len: int) -> tuple[list[str], np.ndarray]:
+    # Cached per process: reading wordfreq's tables takes seconds, and every Renderer
+    # (one per render worker, several per test session) needs the same list.
+    import wordfreq  # training-only dependency
+
+    words = [w for w in wordfreq.top_n_list("en", size * 2) if w.isascii() and w.isalpha() and len(w) >= min_len][:size]
+    freq = np.array([wordfreq.word_frequency(w, "en") for w in words], dtype=np.float64)
+    cdf = np.cumsum(freq / freq.sum())
+    cdf.flags.writeable = False  # shared between Lexicon instances
+    return words, cdf
 
 
 def _case(word: str, rng: random.Random) -> str:
