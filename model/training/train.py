@@ -401,7 +401,7 @@ class Trainer:
             if val:
                 bar.write(f"{self.out.name} step {self.step}: val " + ", ".join(f"{k} {v['acc36']:.3f}" for k, v in val.items() if isinstance(v, dict)))
         now = time.monotonic()
-        if now - loop["last_ckpt"] > cfg.checkpoint_minutes * 60:
+        if not loop.get("lockstep") and now - loop["last_ckpt"] > cfg.checkpoint_minutes * 60:
             self.save_state()
             loop["last_ckpt"] = now
         if cfg.max_minutes is not None and now - loop["start"] > cfg.max_minutes * 60:
@@ -450,14 +450,20 @@ def train_lockstep(trainers: list[Trainer]) -> list[dict[str, Any]]:
 
     All stop together, at the first step where any of them would stop.
     """
-    steps = {t.step for t in trainers}
-    if len(steps) != 1:
-        raise ValueError(f"lockstep runs must resume at the same step, got {sorted(steps)}: resume them separately first")
     try:
+        steps = {t.step for t in trainers}
+        if len(steps) != 1:  # refused inside the try: a render stream's workers are stopped too
+            raise ValueError(f"lockstep runs must resume at the same step, got {sorted(steps)}: resume them separately first")
         for i, t in enumerate(trainers):
             t.begin(bar=i == 0)
+            t._loop["lockstep"] = True  # timed checkpoints are taken below, for all at one step
+        last_ckpt = time.monotonic()
         while True:
             stops = [t.advance() for t in trainers]
+            if time.monotonic() - last_ckpt > trainers[0].cfg.checkpoint_minutes * 60:
+                for t in trainers:
+                    t.save_state()
+                last_ckpt = time.monotonic()
             if any(stops):
                 reason = next(t._loop["stopped_by"] for t, stop in zip(trainers, stops) if stop)
                 for t in trainers:
