@@ -24,6 +24,19 @@ def render_word(text: str, size: tuple[int, int] = (128, 32), mode: str = "L") -
     return img.convert(mode)
 
 
+def write_shards(folder: Path, words: list[str], shard_size: int = 32) -> Path:
+    """A shard folder in the ``safl synth`` layout, each word drawn with Pillow's font."""
+    import numpy as np
+
+    from model.preprocess import PreprocessConfig, resize
+
+    imgs = np.stack([resize(render_word(w), PreprocessConfig()) for w in words])
+    for k, start in enumerate(range(0, len(words), shard_size)):
+        np.save(folder / f"shard-{k:05d}.npy", imgs[start : start + shard_size])
+        (folder / f"shard-{k:05d}.txt").write_text("\n".join(words[start : start + shard_size]) + "\n")
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_model() -> SAFL:
     """An untrained ``tiny`` SAFL with fixed weights (seed 0), in eval mode."""

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import render_word
+from conftest import render_word, write_shards
 
 from model.charset import DEFAULT_CHARS
 from model.preprocess import PreprocessConfig, resize, to_tensor
@@ -135,9 +135,7 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("synth")
     rng = random.Random(1)
     words = ["".join(rng.choice("abcdefghijklmnop") for _ in range(rng.randint(2, 6))) for _ in range(32)]
-    np.save(folder / "shard-00000.npy", np.stack([resize(render_word(w), PreprocessConfig()) for w in words]))
-    (folder / "shard-00000.txt").write_text("\n".join(words) + "\n")
-    return folder
+    return write_shards(folder, words)
 
 
 def _cfg(out: Path, shards: Path | None, **overrides) -> TrainConfig:

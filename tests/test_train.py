@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import render_word
+from conftest import render_word, write_shards
 
 from model import load_checkpoint
-from model.preprocess import PreprocessConfig, resize
 from model.training.cli import main as cli_main
 from model.training.data import ArrayDataset
 from model.training.train import BatchSampler, TrainConfig, Trainer, lr_factor
@@ -28,12 +27,7 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     rng = random.Random(0)
     words = ["".join(rng.choice("abcdefghijklmnop") for _ in range(rng.randint(2, 6))) for _ in range(48)]
     words[5] = "café"  # not in the charset: filtered out at load time
-    imgs = np.stack([resize(render_word(w), PreprocessConfig()) for w in words])
-    np.save(folder / "shard-00000.npy", imgs[:32])
-    (folder / "shard-00000.txt").write_text("\n".join(words[:32]) + "\n")
-    np.save(folder / "shard-00001.npy", imgs[32:])
-    (folder / "shard-00001.txt").write_text("\n".join(words[32:]) + "\n")
-    return folder
+    return write_shards(folder, words)
 
 
 @pytest.fixture(scope="module")
