@@ -231,11 +231,9 @@ class Trainer:
     def _build_data(self, cfg: TrainConfig) -> None:
         pcfg = self.model_cfg.preprocess
         if cfg.stream_workers > 0:
-            from dataclasses import replace
-
             from .synth import SynthConfig
 
-            scfg = replace(SynthConfig(), seed=cfg.stream_seed, charset=self.charset.chars, max_len=self.model_cfg.max_len, height=pcfg.height, width=pcfg.width, channels=pcfg.channels)
+            scfg = SynthConfig(seed=cfg.stream_seed, charset=self.charset.chars, max_len=self.model_cfg.max_len, height=pcfg.height, width=pcfg.width, channels=pcfg.channels)
             synth: ArrayDataset | RenderStream = RenderStream(scfg, cfg.stream_workers)
             n_synth: int | str = "streamed"
         else:
