@@ -10,11 +10,9 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import struct
 import subprocess
 import sys
-import time
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,8 +24,7 @@ import httpx
 import numpy as np
 from conftest import render_word
 from PIL import Image
-
-REPO = Path(__file__).resolve().parent.parent
+from service_support import REPO, free_port, subprocess_env, wait_process_ready
 
 #: Statuses the API documents for client input on POST /recognize (503/504 only come from load and deadlines).
 CLIENT_ERRORS = {400, 413, 415, 422}
@@ -237,19 +234,6 @@ def seed_images() -> list[bytes]:
 # --- a real server process
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def subprocess_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SAFL_")}
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
 @dataclass
 class ServerProcess:
     proc: subprocess.Popen[bytes]
@@ -281,18 +265,7 @@ def serve_process(args: list[str], log: Path, ready_timeout: float = 90.0, scrip
         proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT)
     server = ServerProcess(proc, url, log)
     try:
-        end = time.monotonic() + ready_timeout
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"server exited early with {proc.returncode}: {server.output()[-3000:]}")
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > end:
-                raise AssertionError(f"server never became ready: {server.output()[-3000:]}")
-            time.sleep(0.1)
+        wait_process_ready(url, proc, ready_timeout, server.output)
         yield server
     finally:
         if proc.poll() is None:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import socket
+import subprocess
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,39 @@ from model.preprocess import collate, preprocess
 from service import Settings, create_app
 from service.predictor import Predictor
 from service.runtime import Runtime
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment for a server subprocess: no inherited SAFL_* settings, this checkout importable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAFL_")}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def wait_process_ready(url: str, proc: subprocess.Popen, timeout: float, output: Callable[[], str] = lambda: "") -> None:
+    """Poll ``url``/readyz until 200; fail with the server's ``output()`` if it exits or never gets ready."""
+    end = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited early with {proc.returncode}: {output()[-3000:]}")
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > end:
+            raise AssertionError(f"server never became ready: {output()[-3000:]}")
+        time.sleep(0.1)
 
 
 def settings_for(checkpoint: Path, **overrides: Any) -> Settings:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -15,7 +13,17 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import render_word
-from service_support import encode, gated_predictor, metric, multipart, serve_in_thread, settings_for
+from service_support import (
+    encode,
+    free_port,
+    gated_predictor,
+    metric,
+    multipart,
+    serve_in_thread,
+    settings_for,
+    subprocess_env,
+    wait_process_ready,
+)
 
 from service import create_app
 
@@ -56,42 +64,15 @@ def test_client_disconnect_drops_its_pending_crops(tiny_checkpoint: Path) -> Non
     assert metric(text, "safl_request_duration_seconds_count", route="/recognize", status="499") == 1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_ready(url: str, proc: subprocess.Popen[str], timeout: float = 60.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited early with {proc.returncode}: {proc.stderr.read() if proc.stderr else ''}")
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("server never became ready")
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SAFL_")}
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
 @pytest.mark.slow
 def test_python_m_service_serve_exits_0_on_sigterm(tiny_checkpoint: Path) -> None:
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "service", "serve", "--weights", str(tiny_checkpoint), "--port", str(port),
            "--threads", "1", "--max-batch-size", "4", "--log-level", "warning"]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_ready(url, proc)
+        wait_process_ready(url, proc, 60.0, lambda: proc.stderr.read() if proc.stderr and proc.poll() is not None else "")
         r = httpx.post(url + "/recognize", files=multipart(PNGS[:2]), timeout=30)
         assert r.status_code == 200 and len(r.json()["results"]) == 2
         proc.send_signal(signal.SIGTERM)
@@ -130,12 +111,12 @@ _SLOW_SERVER = textwrap.dedent(
 def test_sigterm_drains_admitted_work_and_refuses_new(tiny_checkpoint: Path, tmp_path: Path) -> None:
     script = tmp_path / "slow_server.py"
     script.write_text(_SLOW_SERVER)
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, str(script), str(tiny_checkpoint), str(port)], cwd=REPO, env=_env(),
+    proc = subprocess.Popen([sys.executable, str(script), str(tiny_checkpoint), str(port)], cwd=REPO, env=subprocess_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
-        _wait_ready(url, proc)
+        wait_process_ready(url, proc, 60.0, lambda: proc.stderr.read() if proc.stderr and proc.poll() is not None else "")
         replies: list[httpx.Response] = []
         admitted = threading.Thread(target=lambda: replies.append(httpx.post(url + "/recognize", files=multipart(PNGS[:1]), timeout=30)))
         admitted.start()
