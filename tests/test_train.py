@@ -184,6 +184,23 @@ def test_cli_train(tmp_path: Path, shards: Path, capsys: pytest.CaptureFixture[s
         cli_main(["train", "--out", str(tmp_path / "x"), "--loss", "mse"])
 
 
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ([], "no training data"),
+        (["--init", "missing.safetensors"], "checkpoint weights not found"),
+        (["--real", "no-such-folder", "--real-ratio", "0.5"], "no-such-folder"),
+        pytest.param(["--device", "cuda"], "no CUDA GPU", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),
+    ],
+    ids=["no_data", "missing_init", "missing_real", "no_gpu"],
+)
+def test_cli_train_setup_errors_are_one_line(tmp_path: Path, extra: list[str], message: str) -> None:
+    """A run that cannot start exits with one line naming the problem, not a traceback."""
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["train", "--out", str(tmp_path / "run"), "--preset", "tiny", "--no-progress", *extra])
+    assert isinstance(exc.value.code, str) and exc.value.code.startswith("safl train: ") and message in exc.value.code
+
+
 def test_reset_tps_keeps_the_rest_and_makes_the_rectifier_the_identity() -> None:
     from dataclasses import replace
 

@@ -79,7 +79,13 @@ def run_train(args: argparse.Namespace) -> int:
             gamma=cfg.gamma if args.twin_gamma is None else args.twin_gamma,
             init=args.twin_init or cfg.init,
         )
-    summary = train(cfg, resume=args.resume, twin=twin)
+    from ..checkpoint import CheckpointError
+    from .train import TrainingSetupError
+
+    try:
+        summary = train(cfg, resume=args.resume, twin=twin)
+    except (TrainingSetupError, CheckpointError, FileNotFoundError) as exc:
+        raise SystemExit(f"safl train: {exc}") from None
     print(json.dumps(summary))
     return 0
 

@@ -82,6 +82,10 @@ class TrainConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+class TrainingSetupError(ValueError):
+    """A run that cannot start as configured (no data, no GPU, mismatched twins): a user error."""
+
+
 def cpu_has_bf16() -> bool:
     """Whether this CPU has native bf16 (AVX512-BF16 or AMX), which makes autocast pay off."""
     try:
@@ -115,7 +119,7 @@ class BatchSampler:
         n_real = round(cfg.batch_size * cfg.real_ratio) if real is not None and len(real) else 0
         streaming = isinstance(synth, RenderStream)
         if not streaming and len(synth) == 0 and n_real == 0:
-            raise ValueError("no training data: give --synth and/or --real with --real-ratio > 0")
+            raise TrainingSetupError("no training data: give --synth and/or --real with --real-ratio > 0")
         self.n_real = cfg.batch_size if not streaming and len(synth) == 0 else n_real
         self.n_synth = cfg.batch_size - self.n_real
         self._cached: tuple[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
@@ -182,6 +186,8 @@ class Trainer:
         self.cfg = cfg
         torch.set_num_threads(cfg.threads)
         self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device))
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise TrainingSetupError(f"--device {cfg.device}: no CUDA GPU is visible to this torch build ({torch.__version__}); use --device auto or cpu")
         use_amp = cfg.amp == "bf16" or (cfg.amp == "auto" and (self.device.type == "cuda" or cpu_has_bf16()))
         self.amp_dtype = torch.bfloat16 if use_amp else None
 
@@ -451,7 +457,7 @@ def train_lockstep(trainers: list[Trainer]) -> list[dict[str, Any]]:
     try:
         steps = {t.step for t in trainers}
         if len(steps) != 1:  # refused inside the try: a render stream's workers are stopped too
-            raise ValueError(f"lockstep runs must resume at the same step, got {sorted(steps)}: resume them separately first")
+            raise TrainingSetupError(f"lockstep runs must resume at the same step, got {sorted(steps)}: resume them separately first")
         for i, t in enumerate(trainers):
             t.begin(bar=i == 0)
             t._loop["lockstep"] = True  # timed checkpoints are taken below, for all at one step
