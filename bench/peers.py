@@ -10,7 +10,8 @@ per line) and prints a markdown table; ``--json``, ``--markdown`` and ``--plot``
 Engines (``--peers``, default all three; one that is not installed is skipped with a message):
 
 - ``safl``: the checkpoint through the service's code path: image bytes → PIL decode →
-  ``model.preprocess.preprocess`` → ``collate`` → ``SAFL.recognize``, at every ``--batch-sizes``.
+  ``SAFL.recognize_images`` (``model.preprocess.views``: a crop taller than wide is also read
+  turned 90° each way and the most confident reading kept), at every ``--batch-sizes``.
 - ``tesseract``: the Tesseract CLI (Debian ``tesseract-ocr`` + ``tesseract-ocr-eng``), one
   process per crop fed on stdin (process start-up included: that is how it is called on a
   single word), ``-l eng``, single-line (``--psm 7``) and single-word (``--psm 8``) page
@@ -69,7 +70,6 @@ from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from model import CheckpointError, load_checkpoint  # noqa: E402
-from model.preprocess import collate, preprocess  # noqa: E402
 from model.training.data import read_labels_tsv, split_indices  # noqa: E402
 from model.training.evaluate import score  # noqa: E402
 
@@ -149,14 +149,14 @@ class Peer:
 
 
 def _decode(data: bytes) -> Image.Image:
-    # As the service: PIL opens the bytes and decodes them fully; preprocess() does the rest.
+    # As the service: PIL opens the bytes and decodes them fully; model.preprocess does the rest.
     img = Image.open(io.BytesIO(data))
     img.load()
     return img
 
 
 class SaflPeer(Peer):
-    """The checkpoint, through the service's code path (decode → preprocess → collate → recognize)."""
+    """The checkpoint, through the service's code path (decode → views → collate → recognize → most confident view)."""
 
     name = "safl"
 
@@ -181,7 +181,7 @@ class SaflPeer(Peer):
             "torch": torch.__version__,
             "device": "cpu",
             "threads": f"torch.set_num_threads({torch.get_num_threads()})",
-            "call": "PIL.Image.open(bytes) -> model.preprocess.preprocess -> collate -> SAFL.recognize (float32)",
+            "call": "PIL.Image.open(bytes) -> SAFL.recognize_images (model.preprocess.views, most confident view; float32)",
         }
 
     def _runner(self, batch_size: int) -> Callable[[list[bytes], Progress], list[str]]:
@@ -189,8 +189,7 @@ class SaflPeer(Peer):
             texts: list[str] = []
             for i in range(0, len(crops), batch_size):
                 chunk = crops[i : i + batch_size]
-                batch = collate([preprocess(_decode(c), self.cfg) for c in chunk])
-                texts += [r.text for r in self.model.recognize(batch)]
+                texts += [r.text for r in self.model.recognize_images([_decode(c) for c in chunk])]
                 progress(len(chunk))
             return texts
 

@@ -98,6 +98,22 @@ def resize(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     return np.array(img, dtype=np.uint8)
 
 
+def views(img: Image.Image, cfg: PreprocessConfig, turn_tall: bool = True) -> list[np.ndarray]:
+    """The model inputs to read for one crop: ``resize(img)`` first; for a crop taller
+    than wide, also the crop turned a quarter counter-clockwise and clockwise.
+
+    The model reads horizontal text. A crop taller than wide usually holds a word
+    written along its long side (vertical signs in incidental photos); which way it
+    runs is unknown, so the reader tries all three and keeps the most confident
+    reading (``model.safl.most_confident``). Training stores only the first view.
+    """
+    img = canonicalize(img, cfg.channels)
+    out = [resize(img, cfg)]
+    if turn_tall and img.height > img.width:
+        out += [resize(img.transpose(t), cfg) for t in (Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_270)]
+    return out
+
+
 def to_tensor(arr: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 ``[..., H, W]`` (grayscale) or ``[..., H, W, 3]`` → float in [-1, 1], channels first.
 

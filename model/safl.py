@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -13,7 +14,7 @@ from torch import nn
 from .charset import BOS_ID, DEFAULT_CHARS, EOS_ID, NUM_SPECIAL, PAD_ID, Charset
 from .decode import TransformerDecoder
 from .encode import SATRNEncoder
-from .preprocess import PreprocessConfig, collate, preprocess
+from .preprocess import PreprocessConfig, collate, to_tensor, views
 from .rectify import TPSRectifier
 
 
@@ -91,6 +92,26 @@ class Recognition:
     char_confidences: list[float]
 
 
+def most_confident(readings: Sequence[Recognition]) -> Recognition:
+    """The reading of a crop's views (``model.preprocess.views``) to report: the most
+    confident, the first (upright) one on a tie."""
+    if not readings:
+        raise ValueError("no readings to choose from")
+    return max(readings, key=lambda r: r.confidence)
+
+
+def most_confident_per_crop(readings: Sequence[Recognition], view_counts: Sequence[int]) -> list[Recognition]:
+    """Regroup the readings of consecutive views (``view_counts[i]`` of crop ``i``) and
+    keep each crop's most confident one."""
+    if sum(view_counts) != len(readings):
+        raise ValueError(f"{len(readings)} readings for {sum(view_counts)} views")
+    out, start = [], 0
+    for n in view_counts:
+        out.append(most_confident(readings[start : start + n]))
+        start += n
+    return out
+
+
 class SAFL(nn.Module):
     """Self-attention text recogniser with a TPS rectifier, trained with focal loss."""
 
@@ -152,11 +173,13 @@ class SAFL(nn.Module):
             out.append(Recognition("".join(chars), total, confs))
         return out
 
-    def recognize_images(self, images: list[Image.Image]) -> list[Recognition]:
-        """Recognise PIL images (pre-processed here with the shared code path)."""
+    def recognize_images(self, images: list[Image.Image], turn_tall: bool = True) -> list[Recognition]:
+        """Recognise PIL images, pre-processed here with the shared code path; a crop
+        taller than wide is also read turned (``model.preprocess.views``)."""
         device = next(self.parameters()).device
-        batch = collate([preprocess(im, self.config.preprocess) for im in images]).to(device)
-        return self.recognize(batch)
+        per_image = [views(im, self.config.preprocess, turn_tall) for im in images]
+        batch = collate([to_tensor(v) for vs in per_image for v in vs]).to(device)
+        return most_confident_per_crop(self.recognize(batch), [len(vs) for vs in per_image])
 
     def num_parameters(self) -> int:
         """Trainable parameter count."""

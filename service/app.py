@@ -16,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.routing import Route
 
 from model import Recognition
+from model.safl import most_confident_per_crop
 
 from .auth import api_key_dependency
 from .batcher import BatcherClosed, CropFailed, QueueFull
@@ -109,10 +110,10 @@ def _request_timeout(request: Request, default_s: float) -> float:
     return min(ms / 1000.0, default_s)
 
 
-def _decode_all(uploads: Sequence[Upload], limits: ImageLimits, runtime: Runtime) -> list[torch.Tensor]:
+def _decode_all(uploads: Sequence[Upload], limits: ImageLimits, runtime: Runtime, turn_tall: bool) -> list[list[torch.Tensor]]:
     assert runtime.predictor is not None
     cfg = runtime.predictor.preprocess_config
-    return [load_crop(u.data, u.filename, limits, cfg) for u in uploads]
+    return [load_crop(u.data, u.filename, limits, cfg, turn_tall) for u in uploads]
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -222,19 +223,19 @@ def create_app(settings: Settings | None = None, *, predictor: Predictor | None 
             timeout = _request_timeout(request, settings.timeout_ms / 1000.0)
             uploads = await read_uploads(request, settings.max_files, settings.max_file_bytes)
             # Decoded and validated before queueing: a bad image fails alone, and early.
-            crops = await run_in_threadpool(_decode_all, uploads, runtime.limits, runtime)
+            per_upload = await run_in_threadpool(_decode_all, uploads, runtime.limits, runtime, settings.turn_tall)
             assert runtime.batcher is not None and runtime.predictor is not None
             remaining = started + timeout - time.monotonic()
             if remaining <= 0:
                 raise APIError(504, "deadline_exceeded", "the deadline passed while the images were being decoded")
             try:
-                futures = runtime.batcher.submit(crops, deadline=started + timeout)
+                futures = runtime.batcher.submit([v for views in per_upload for v in views], deadline=started + timeout)
             except QueueFull:
                 raise APIError(503, "overloaded", "the recognition queue is full; retry later", retry_headers) from None
             except BatcherClosed:
                 raise APIError(503, "shutting_down", "the server is shutting down", retry_headers) from None
             try:
-                recognitions = await _await_results(request, futures, remaining)
+                readings = await _await_results(request, futures, remaining)
             except CropFailed as exc:
                 raise APIError(exc.status, exc.code, exc.message, retry_headers if exc.retry else None) from None
             except _ClientGone:
@@ -245,7 +246,7 @@ def create_app(settings: Settings | None = None, *, predictor: Predictor | None 
             model=runtime.predictor.info.model_id,
             results=[
                 RecognitionResult(filename=u.filename, text=r.text, confidence=r.confidence, char_confidences=r.char_confidences)
-                for u, r in zip(uploads, recognitions, strict=True)
+                for u, r in zip(uploads, most_confident_per_crop(readings, [len(v) for v in per_upload]), strict=True)
             ],
         )
 

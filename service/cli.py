@@ -13,17 +13,21 @@ import typing
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from pydantic import SecretStr, ValidationError
 
+from model.safl import most_confident_per_crop
 from model.training.cli import add_eval_parser, add_synth_parser, add_train_parser
 
 from .app import create_app
 from .predictor import Predictor, StartupError
 from .runtime import Runtime
 from .settings import DEFAULT_WEIGHTS, Settings
+
+if TYPE_CHECKING:
+    import torch
 
 
 def default_weights() -> Path:
@@ -153,6 +157,8 @@ def add_recognize_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-pixels", type=int, default=Settings.model_fields["max_pixels"].default, help="per-image pixel limit")
     p.add_argument("--max-file-bytes", type=int, default=Settings.model_fields["max_file_bytes"].default, help="per-image size limit")
     p.add_argument("--json", action="store_true", help="print one JSON document (the API's response shape, plus errors)")
+    p.add_argument("--turn-tall", action=argparse.BooleanOptionalAction, default=Settings.model_fields["turn_tall"].default,
+                   help="also read a crop taller than wide turned 90° each way, keep the most confident reading (default: %(default)s)")
     p.set_defaults(func=run_recognize)
 
 
@@ -169,22 +175,26 @@ def run_recognize(args: argparse.Namespace) -> int:
     predictor.init_thread()
     treat_bomb_warning_as_error()
     limits = ImageLimits(args.max_file_bytes, args.max_pixels)
-    names, crops, errors = [], [], []
+    names: list[str] = []
+    crops: list[list[torch.Tensor]] = []  # the views of each readable image
+    errors: list[dict[str, str]] = []
     for path in args.images:
         try:
             if path.stat().st_size > limits.max_file_bytes:  # before reading it into memory
                 raise ImageRejected(413, "file_too_large", f"file {str(path)!r} is over {limits.max_file_bytes} bytes")
             data = path.read_bytes()
-            crops.append(load_crop(data, str(path), limits, predictor.preprocess_config))
+            crops.append(load_crop(data, str(path), limits, predictor.preprocess_config, args.turn_tall))
             names.append(str(path))
         except OSError as exc:
             errors.append({"filename": str(path), "code": "unreadable", "message": f"cannot read {path}: {exc.strerror or exc}"})
         except APIError as exc:
             errors.append({"filename": str(path), "code": exc.code, "message": exc.message})
-    results = []
+    flat = [v for views in crops for v in views]
+    readings = []
     size = max(1, args.batch_size)
-    for i in range(0, len(crops), size):
-        results.extend(predictor.recognize(crops[i : i + size]))
+    for i in range(0, len(flat), size):
+        readings.extend(predictor.recognize(flat[i : i + size]))
+    results = most_confident_per_crop(readings, [len(v) for v in crops])
     if args.json:
         doc: dict[str, Any] = {
             "model": predictor.info.model_id,

@@ -32,11 +32,15 @@ class Settings(BaseSettings):
     threads: int | None = Field(default=None, ge=1, description="PyTorch intra-op threads for inference (unset: PyTorch's default)")
     bf16: bool = Field(default=False, description="bf16 autocast for inference; applies on CUDA only")
     warmup: bool = Field(default=True, description="run the batch shapes once before /readyz turns 200")
+    turn_tall: bool = Field(
+        default=True,
+        description="also read a crop taller than wide turned 90° each way and answer the most confident reading (3 model inputs for such a crop)",
+    )
 
     # --- dynamic batching
     max_batch_size: int = Field(default=32, ge=1, le=1024, description="most crops in one model batch (1 turns batching off)")
     max_wait_ms: float = Field(default=5.0, ge=0, le=10_000, description="longest the oldest waiting crop is held back to fill a batch")
-    max_queue: int = Field(default=256, ge=1, description="crops waiting for the model, all requests together; beyond it: 503")
+    max_queue: int = Field(default=256, ge=1, description="model inputs waiting, all requests together (a turned tall crop counts 3); beyond it: 503")
     timeout_ms: float = Field(default=10_000, gt=0, description="default request deadline; a client may shorten it with X-Request-Timeout-Ms")
     retry_after_s: int = Field(default=1, ge=0, description="Retry-After seconds sent with 503 replies")
     drain_timeout_s: float = Field(default=30.0, ge=0, description="on SIGTERM, longest wait for admitted requests to finish")
@@ -74,8 +78,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
-        if self.max_files > self.max_queue:
-            raise ValueError(f"max_files ({self.max_files}) cannot exceed max_queue ({self.max_queue}): such a request could never queue")
+        views = 3 if self.turn_tall else 1  # a crop taller than wide is read in 3 views
+        if self.max_files * views > self.max_queue:
+            detail = f"max_files ({self.max_files}) x {views} views" if views > 1 else f"max_files ({self.max_files})"
+            raise ValueError(f"{detail} cannot exceed max_queue ({self.max_queue}): such a request could never queue")
         if self.max_file_bytes > self.max_body_bytes:
             raise ValueError("max_file_bytes cannot exceed max_body_bytes")
         return self

@@ -50,3 +50,15 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_model: SAFL) 
     path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
     save_checkpoint(tiny_model, path, name="safl-tiny")
     return path
+
+
+@pytest.fixture(scope="session")
+def memorised_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """A ``tiny`` SAFL that has really learnt a few rendered words (``model_support.memorise``),
+    saved as a checkpoint; returns its path and the words."""
+    from model_support import memorise
+
+    m = memorise()
+    path = tmp_path_factory.mktemp("memorised") / "memorised.safetensors"
+    save_checkpoint(m.model, path, name="safl-memorised")
+    return path, m.words

@@ -26,7 +26,6 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from model import SAFL, Recognition
-from model.preprocess import collate, preprocess
 from service import Settings, create_app
 from service.predictor import Predictor
 from service.runtime import Runtime
@@ -81,8 +80,7 @@ def encode(img: Image.Image, fmt: str = "PNG", **save: Any) -> bytes:
 
 def expected(model: SAFL, files: list[bytes]) -> list[Recognition]:
     """What the model itself says about these files (decoded by Pillow, shared preprocessing)."""
-    cfg = model.config.preprocess
-    return model.recognize(collate([preprocess(Image.open(io.BytesIO(b)), cfg) for b in files]))
+    return model.recognize_images([Image.open(io.BytesIO(b)) for b in files])
 
 
 def assert_matches(results: list[dict[str, Any]], want: list[Recognition]) -> None:

@@ -130,6 +130,33 @@ def test_folder_split_is_deterministic_and_disjoint(tmp_path: Path) -> None:
         load_folder_part(tmp_path / "f", CFG, "test")
 
 
+def test_tall_crops_carry_their_turned_views_through_split_and_filter(tmp_path: Path) -> None:
+    folder = tmp_path / "t"
+    folder.mkdir()
+    labels = [f"w{i}" if i % 3 else "wé" for i in range(20)]  # every third label is dropped by filtered()
+    tall = {i for i in range(20) if i % 2}
+    lines = []
+    for i, lab in enumerate(labels):
+        img = render_word(f"w{i}", (90, 30))
+        if i in tall:
+            img = img.transpose(Image.Transpose.ROTATE_90)
+        img.save(folder / f"{i}.png")
+        lines.append(f"{i}.png\t{lab}")
+    (folder / "labels.tsv").write_text("\n".join(lines) + "\n")
+    everything = load_folder(folder, CFG)
+    assert set(everything.extra_views) == tall
+    assert all(v.shape == (2, 32, 128) and v.dtype == np.uint8 for v in everything.extra_views.values())
+    for part in ("val", "train"):
+        ds = load_folder_part(folder, CFG, part, 0.3, seed=0).filtered(Charset(), 25)
+        for k, (img, lab) in enumerate(zip(ds.images, ds.labels)):
+            i = next(i for i in range(20) if np.array_equal(everything.images[i], img))
+            assert lab == labels[i]
+            if i in tall:
+                assert np.array_equal(ds.extra_views[k], everything.extra_views[i])
+            else:
+                assert k not in ds.extra_views
+
+
 def test_split_indices() -> None:
     val, train = split_indices(100, 0.3, 7)
     assert len(val) == 30 and len(train) == 70

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import render_word
+from PIL import Image
 from model_support import Memorised, memorise
 
 from model import PreprocessConfig, save_checkpoint
@@ -123,6 +124,20 @@ def test_evaluate_on_a_handmade_folder(memorised: Memorised, folder: Path) -> No
 
     (none,) = evaluate(memorised.model, [ds], worst=0)
     assert none.worst == [] and none.acc36 == pytest.approx(want.acc36)
+
+
+def test_evaluation_reads_a_tall_crop_as_the_service_does(memorised: Memorised, tmp_path: Path) -> None:
+    # Vertical signs: the words written bottom to top in crops taller than wide.
+    for i, word in enumerate(memorised.words):
+        render_word(word).transpose(Image.Transpose.ROTATE_90).save(tmp_path / f"{i}.png")
+    (tmp_path / "labels.tsv").write_text("".join(f"{i}.png\t{w}\n" for i, w in enumerate(memorised.words)))
+    ds = load_folder(tmp_path, memorised.model.config.preprocess)
+    upright_only, _ = predict(memorised.model, ds.images)
+    assert upright_only != memorised.words
+    turned, _ = predict(memorised.model, ds.images, batch_size=4, extra_views=ds.extra_views)
+    assert turned == memorised.words
+    (result,) = evaluate(memorised.model, [ds])
+    assert result.acc36 == 1.0 and result.acc_cs == 1.0
 
 
 def test_worst_mistakes_are_sorted_by_confidence(memorised: Memorised) -> None:

@@ -170,17 +170,19 @@ def mutated_images(draw: st.DrawFn) -> bytes:
 @given(data=mutated_images())
 @fuzz_settings(400)
 def test_mutated_bytes_decode_to_a_crop_or_a_4xx(data: bytes) -> None:
-    # The decode path alone (no HTTP), so it can take many more inputs: a tensor of the
-    # model's shape or ImageRejected, nothing else, and never slow.
+    # The decode path alone (no HTTP), so it can take many more inputs: tensors of the
+    # model's shape (one per view) or ImageRejected, nothing else, and never slow.
     treat_bomb_warning_as_error()
     cfg = PreprocessConfig()
     t0 = time.perf_counter()
     try:
-        crop = load_crop(data, "fuzz.img", ImageLimits(LIMITS["max_file_bytes"], LIMITS["max_pixels"]), cfg)
+        crop_views = load_crop(data, "fuzz.img", ImageLimits(LIMITS["max_file_bytes"], LIMITS["max_pixels"]), cfg)
     except ImageRejected as exc:
         assert exc.status_code in (413, 415, 422) and "fuzz.img" in exc.message
     else:
-        assert crop.shape == (cfg.channels, cfg.height, cfg.width) and bool(crop.isfinite().all())
+        assert len(crop_views) in (1, 3)
+        for crop in crop_views:
+            assert crop.shape == (cfg.channels, cfg.height, cfg.width) and bool(crop.isfinite().all())
     TRIED["mutated_decode"] += 1
     assert time.perf_counter() - t0 < 5.0
 

@@ -22,6 +22,7 @@ from model.preprocess import (
     preprocess,
     resize,
     to_tensor,
+    views,
 )
 
 CFG = PreprocessConfig()
@@ -220,9 +221,9 @@ def test_service_and_training_share_this_code(tmp_path) -> None:
     from model.training import data, synth
     from service import predictor
 
-    assert service_images.preprocess is mp.preprocess
+    assert service_images.views is mp.views and service_images.to_tensor is mp.to_tensor
     assert predictor.preprocess is mp.preprocess
-    assert synth.resize is mp.resize and data.resize is mp.resize
+    assert synth.resize is mp.resize and data.views is mp.views
 
     # A labelled folder stores resize() output; to_tensor of it is exactly preprocess() of the file.
     img = _roundtrip(_rgba(), "PNG")
@@ -232,3 +233,26 @@ def test_service_and_training_share_this_code(tmp_path) -> None:
     with Image.open(tmp_path / "w.png") as im:
         served = mp.preprocess(im, CFG)
     assert torch.equal(to_tensor(ds.images[0]), served)
+
+
+def test_a_wide_crop_has_one_view_the_training_pixels() -> None:
+    img = _roundtrip(_rgba(), "PNG")
+    (only,) = views(img, CFG)
+    assert np.array_equal(only, resize(img, CFG))
+
+
+@pytest.mark.parametrize("size", [(40, 40), (39, 40)])
+def test_only_a_crop_taller_than_wide_is_also_turned(size: tuple[int, int]) -> None:
+    img = render_word("ab", size)
+    assert len(views(img, CFG)) == (3 if size[1] > size[0] else 1)
+    assert len(views(img, CFG, turn_tall=False)) == 1
+
+
+def test_a_tall_crop_is_also_read_turned_each_way() -> None:
+    word = render_word("Hello", SIZE)
+    # Written bottom to top, as on a vertical sign, and stored as an RGB PNG.
+    tall = _roundtrip(word.transpose(Image.Transpose.ROTATE_90).convert("RGB"), "PNG")
+    upright, ccw, cw = views(tall, CFG)
+    assert np.array_equal(upright, resize(tall, CFG))  # the first view is always the training one
+    assert np.array_equal(cw, resize(word, CFG))  # turning it back restores the word exactly
+    assert np.array_equal(ccw, resize(word.transpose(Image.Transpose.ROTATE_180), CFG))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from conftest import render_word
+from PIL import Image
 from service_support import assert_matches, encode, expected, metric, multipart, running_app, runtime_of, settings_for
 
 from model import SAFL
@@ -66,6 +67,22 @@ async def test_json_base64_equals_multipart(tiny_checkpoint: Path, tiny_model: S
     assert [x["filename"] for x in results] == ["image-0", "image-1"]
     assert_matches(results, expected(tiny_model, files))
     assert [x["filename"] for x in named.json()["results"]] == ["a.png", "b.jpg"]
+
+
+@pytest.mark.parametrize("turn_tall", [True, False])
+async def test_a_vertical_sign_is_read_turned(memorised_checkpoint: tuple[Path, list[str]], turn_tall: bool) -> None:
+    checkpoint, words = memorised_checkpoint
+    # Each word once as it is and once written bottom to top, in a crop taller than wide.
+    files = [encode(render_word(w)) for w in words] + [encode(render_word(w).transpose(Image.Transpose.ROTATE_90)) for w in words]
+    async with running_app(settings_for(checkpoint, max_batch_size=4, turn_tall=turn_tall)) as (app, client):
+        r = await client.post("/recognize", files=multipart(files))
+    assert r.status_code == 200, r.text
+    texts = [x["text"] for x in r.json()["results"]]
+    assert texts[: len(words)] == words
+    if turn_tall:
+        assert texts[len(words) :] == words
+    else:  # read as it stands, a sideways word is not the word
+        assert texts[len(words) :] != words
 
 
 async def test_probes_info_metrics_docs(tiny_checkpoint: Path) -> None:

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 from conftest import render_word
+from PIL import Image
 from service_support import encode, expected
 
 from model import SAFL
 from service.cli import build_parser, main, settings_from_args
-from service.settings import DEFAULT_WEIGHTS
+from service.settings import DEFAULT_WEIGHTS, Settings
 
 
 @pytest.fixture
@@ -34,6 +35,19 @@ def test_recognize_prints_file_text_confidence(tiny_checkpoint: Path, tiny_model
         name, text, conf = line.split("\t")
         assert name == str(path) and text == ref.text
         assert float(conf) == pytest.approx(ref.confidence, rel=1e-4, abs=1e-30)
+
+
+def test_recognize_turns_tall_crops_unless_told_not_to(memorised_checkpoint: tuple[Path, list[str]], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    checkpoint, words = memorised_checkpoint
+    paths = []
+    for i, w in enumerate(words):
+        paths.append(tmp_path / f"{i}.png")
+        render_word(w).transpose(Image.Transpose.ROTATE_270).save(paths[-1])  # top to bottom
+    common = [*map(str, paths), "--weights", str(checkpoint), "--device", "cpu", "--threads", "1"]
+    for flags, want_words in ([], True), (["--no-turn-tall"], False):
+        assert main(["recognize", *common, *flags]) == 0
+        texts = [line.split("\t")[1] for line in capsys.readouterr().out.splitlines()]
+        assert (texts == words) is want_words
 
 
 def test_recognize_json_and_bad_files(tiny_checkpoint: Path, word_files: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -72,6 +86,10 @@ def test_serve_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> No
 def test_invalid_settings_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--max-files", "500", "--max-queue", "10"]) == 2
     assert "max_files" in capsys.readouterr().err
+    # A request of tall crops queues 3 model inputs per file.
+    assert main(["serve", "--max-files", "10", "--max-queue", "20"]) == 2
+    assert "max_files (10) x 3 views cannot exceed max_queue (20)" in capsys.readouterr().err
+    assert Settings(max_files=10, max_queue=20, turn_tall=False).max_queue == 20
 
 
 def test_training_subcommands_are_mounted(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

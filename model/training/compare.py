@@ -42,10 +42,10 @@ def compare(path_a: Path, path_b: Path, folders: list[Path], val_fraction: float
     rows = []
     for folder in folders:
         ds = load_folder_part(folder, info_a.config.preprocess, "val", val_fraction, seed)
-        keep = [i for i, lab in enumerate(ds.labels) if normalize_36(lab)]
-        pa, _ = predict(model_a, ds.images[keep])
-        pb, _ = predict(model_b, ds.images[keep])
-        gold = [normalize_36(ds.labels[i]) for i in keep]
+        scored = ds.subset([i for i, lab in enumerate(ds.labels) if normalize_36(lab)])
+        pa, _ = predict(model_a, scored.images, extra_views=scored.extra_views)
+        pb, _ = predict(model_b, scored.images, extra_views=scored.extra_views)
+        gold = [normalize_36(lab) for lab in scored.labels]
         ca = [normalize_36(p) == g for p, g in zip(pa, gold)]
         cb = [normalize_36(p) == g for p, g in zip(pb, gold)]
         lo, hi = paired_bootstrap(ca, cb)

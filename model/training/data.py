@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..charset import BOS_ID, EOS_ID, PAD_ID, Charset
-from ..preprocess import PreprocessConfig, resize
+from ..preprocess import PreprocessConfig, views
 
 
 @dataclass
@@ -30,6 +30,10 @@ class ArrayDataset:
     name: str
     images: np.ndarray
     labels: list[str]
+    #: The further views (``model.preprocess.views``) of the samples read in more than
+    #: one, index → uint8 ``[V, H, W(, 3)]``: evaluation keeps the most confident
+    #: reading, as the service does; training reads ``images`` only.
+    extra_views: dict[int, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -44,11 +48,15 @@ class ArrayDataset:
                 labels.append(ok)
         if len(keep) == len(self.labels) and labels == self.labels:
             return self  # nothing dropped: avoid copying a large image array
-        return ArrayDataset(self.name, self.images[np.asarray(keep, dtype=np.int64)] if keep else self.images[:0], labels)
+        return ArrayDataset(self.name, self.images[np.asarray(keep, dtype=np.int64)] if keep else self.images[:0], labels, self._views_at(keep))
 
     def subset(self, indices: list[int], name: str | None = None) -> ArrayDataset:
         """The samples at ``indices``."""
-        return ArrayDataset(name or self.name, self.images[np.asarray(indices, dtype=np.int64)], [self.labels[i] for i in indices])
+        idx = np.asarray(indices, dtype=np.int64)
+        return ArrayDataset(name or self.name, self.images[idx], [self.labels[i] for i in indices], self._views_at(indices))
+
+    def _views_at(self, indices: list[int]) -> dict[int, np.ndarray]:
+        return {new: self.extra_views[old] for new, old in enumerate(indices) if old in self.extra_views}
 
 
 def read_labels_tsv(folder: Path) -> list[tuple[str, str]]:
@@ -71,13 +79,21 @@ def load_folder(folder: str | Path, cfg: PreprocessConfig, name: str | None = No
     """A ``labels.tsv`` folder of image files, pre-processed with the shared code path."""
     folder = Path(folder)
     pairs = read_labels_tsv(folder)
-    images = np.stack([_load_image(folder / f, cfg) for f, _ in pairs]) if pairs else np.zeros((0, cfg.height, cfg.width), np.uint8)
-    return ArrayDataset(name or folder.name, images, [t for _, t in pairs])
+    per_image = [_load_views(folder / f, cfg) for f, _ in pairs]
+    return _from_views(name or folder.name, per_image, [t for _, t in pairs], cfg)
 
 
-def _load_image(path: Path, cfg: PreprocessConfig) -> np.ndarray:
+def _load_views(path: Path, cfg: PreprocessConfig) -> list[np.ndarray]:
     with Image.open(path) as im:
-        return resize(im, cfg)
+        return views(im, cfg)
+
+
+def _from_views(name: str, per_image: list[list[np.ndarray]], labels: list[str], cfg: PreprocessConfig) -> ArrayDataset:
+    if not per_image:
+        shape = (0, cfg.height, cfg.width) + ((3,) if cfg.channels == 3 else ())
+        return ArrayDataset(name, np.zeros(shape, np.uint8), labels)
+    extra = {i: np.stack(v[1:]) for i, v in enumerate(per_image) if len(v) > 1}
+    return ArrayDataset(name, np.stack([v[0] for v in per_image]), labels, extra)
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -147,11 +163,11 @@ def load_lmdb(path: str | Path, cfg: PreprocessConfig, limit: int | None = None)
                 if img_bytes is None or label is None:
                     continue
                 with Image.open(io.BytesIO(img_bytes)) as im:
-                    images.append(resize(im, cfg))
+                    images.append(views(im, cfg))
                 labels.append(label.decode("utf-8"))
     finally:
         env.close()
-    return ArrayDataset(Path(path).name, np.stack(images) if images else np.zeros((0, cfg.height, cfg.width), np.uint8), labels)
+    return _from_views(Path(path).name, images, labels, cfg)
 
 
 def load_any(path: str | Path, cfg: PreprocessConfig) -> ArrayDataset:

@@ -15,10 +15,11 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..preprocess import to_tensor
-from ..safl import SAFL
+from ..safl import SAFL, Recognition, most_confident
 from .data import ArrayDataset
 
 _NOT_36 = re.compile(r"[^0-9a-z]")
@@ -77,23 +78,38 @@ def score(predictions: list[str], labels: list[str]) -> tuple[int, float, float,
 
 
 @torch.no_grad()
-def predict(model: SAFL, images, batch_size: int = 128, amp_dtype: torch.dtype | None = None) -> tuple[list[str], list[float]]:
-    """Texts and confidences for a uint8 image array, in batches."""
+def _read(model: SAFL, images, batch_size: int, amp_dtype: torch.dtype | None) -> list[Recognition]:
     device = next(model.parameters()).device
-    texts, confs = [], []
+    out: list[Recognition] = []
     for i in range(0, len(images), batch_size):
-        batch = to_tensor(images[i : i + batch_size]).to(device)
-        for r in model.recognize(batch, amp_dtype=amp_dtype):
-            texts.append(r.text)
-            confs.append(r.confidence)
-    return texts, confs
+        out += model.recognize(to_tensor(images[i : i + batch_size]).to(device), amp_dtype=amp_dtype)
+    return out
+
+
+def predict(model: SAFL, images, batch_size: int = 128, amp_dtype: torch.dtype | None = None,
+            extra_views: dict[int, np.ndarray] | None = None) -> tuple[list[str], list[float]]:
+    """Texts and confidences for a uint8 image array, in batches.
+
+    With ``extra_views`` (``ArrayDataset.extra_views``), a sample that has them is read
+    in every view and the most confident reading kept: what the service answers.
+    """
+    readings = _read(model, images, batch_size, amp_dtype)
+    if extra_views:
+        owners = [i for i, v in extra_views.items() for _ in range(len(v))]
+        flat = np.concatenate([extra_views[i] for i in dict.fromkeys(owners)])
+        alternatives: dict[int, list[Recognition]] = {}
+        for i, r in zip(owners, _read(model, flat, batch_size, amp_dtype), strict=True):
+            alternatives.setdefault(i, []).append(r)
+        for i, alts in alternatives.items():
+            readings[i] = most_confident([readings[i], *alts])
+    return [r.text for r in readings], [r.confidence for r in readings]
 
 
 def evaluate(model: SAFL, datasets: list[ArrayDataset], batch_size: int = 128, worst: int = 5) -> list[DatasetResult]:
     """Metrics per data set, with the ``worst`` most confident mistakes of each."""
     results = []
     for ds in datasets:
-        preds, confs = predict(model, ds.images, batch_size)
+        preds, confs = predict(model, ds.images, batch_size, extra_views=ds.extra_views)
         n, acc36, acc_cs, ned = score(preds, ds.labels)
         wrong = [
             Example(i, ds.labels[i], preds[i], round(confs[i], 4))

@@ -127,7 +127,7 @@ def validation_table(run: Path) -> str:
     if not val:
         return f"{run.name}: no validation yet\n"
     sets = [k for k in val[-1]["val"] if isinstance(val[-1]["val"][k], dict)]
-    lines = [f"| step | images | train h (this run) | " + " | ".join(sets) + " | mean |", "|---:|---:|---:|" + "---:|" * (len(sets) + 1)]
+    lines = ["| step | images | train h (this run) | " + " | ".join(sets) + " | mean |", "|---:|---:|---:|" + "---:|" * (len(sets) + 1)]
     for r in val:
         accs = " | ".join(f"{100 * r['val'].get(k, {}).get('acc36', float('nan')):.2f}" for k in sets)
         lines.append(f"| {r['step']} | {r['images']:,} | {r.get('train_hours', 0):.2f} | {accs} | {100 * r['val']['mean_acc36']:.2f} |")

@@ -11,7 +11,6 @@ accuracy is higher, and ``weights/metrics.json`` records the numbers for the mod
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
