@@ -23,7 +23,7 @@ from .batcher import BatcherClosed, CropFailed, QueueFull
 from .errors import APIError, error_response, install_error_handlers
 from .images import ALLOWED_FORMATS, ImageLimits, load_crop, treat_bomb_warning_as_error
 from .metrics import Metrics
-from .middleware import BodyLimitMiddleware, RequestMetricsMiddleware
+from .middleware import BodyLimitMiddleware, ConcurrencyLimitMiddleware, RequestMetricsMiddleware
 from .predictor import Predictor
 from .runtime import Runtime
 from .schemas import (
@@ -164,6 +164,10 @@ async def _await_results(request: Request, futures: list[asyncio.Future[Recognit
                 fut.exception()  # mark retrieved: the first failure was already raised
 
 
+#: Cheap routes an orchestrator and Prometheus must reach even when the server is saturated.
+UNLIMITED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
 def create_app(settings: Settings | None = None, *, predictor: Predictor | None = None) -> FastAPI:
     """Build the service app.
 
@@ -194,8 +198,11 @@ def create_app(settings: Settings | None = None, *, predictor: Predictor | None 
     def known_paths() -> set[str]:
         return {r.path for r in app.routes if isinstance(r, Route)}
 
-    # Added last = outermost: the latency histogram also times 413s answered by the body limit.
+    # Added last = outermost: the latency histogram also times the 503s and 413s answered
+    # by the request and body limits.
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, on_reject=metrics.error)
+    app.add_middleware(ConcurrencyLimitMiddleware, limit=settings.max_connections, exempt=UNLIMITED_PATHS,
+                       retry_after_s=settings.retry_after_s, on_reject=metrics.error)  # fmt: skip
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics, known_paths=known_paths)
 
     auth = api_key_dependency(settings.api_key.get_secret_value()) if settings.api_key else None

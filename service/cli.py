@@ -101,7 +101,9 @@ def serve(settings: Settings, predictor: Predictor | None = None) -> int:
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level, lifespan="on",
         timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
-        limit_concurrency=settings.max_connections,
+        # A backstop only: the app answers requests beyond max_connections itself (JSON 503,
+        # probes exempt); this caps idle keep-alive connections and anything else.
+        limit_concurrency=2 * settings.max_connections,
     )  # fmt: skip
     server = GracefulServer(config, app.state.runtime)
     server.run()

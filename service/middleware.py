@@ -1,4 +1,4 @@
-"""Pure ASGI middleware: request-body size cap and request latency metrics.
+"""Pure ASGI middleware: in-progress request cap, request-body size cap and request latency metrics.
 
 Pure ASGI (not ``BaseHTTPMiddleware``) so ``receive`` reaches the endpoint unwrapped by
 extra tasks: the body is counted as it streams, and ``http.disconnect`` still arrives
@@ -58,6 +58,42 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, counting_receive, send)
+
+
+class ConcurrencyLimitMiddleware:
+    """503 ``overloaded`` (the API's error shape, with ``Retry-After``) for a request that
+    arrives while ``limit`` others are in progress; ``exempt`` paths always pass.
+
+    uvicorn's ``limit_concurrency`` would refuse the same requests in plain text, and the
+    health probes and ``/metrics`` with them, so an overloaded instance would look dead to
+    its orchestrator and blind to Prometheus. Counted per request from its headers on, so
+    it also caps the request bodies being received at once.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int, exempt: frozenset[str], retry_after_s: int,
+                 on_reject: Callable[[str], None] | None = None) -> None:  # fmt: skip
+        self.app = app
+        self.limit = limit
+        self.exempt = exempt
+        self.retry_headers = {"Retry-After": str(retry_after_s)}
+        self.on_reject = on_reject
+        self.in_progress = 0  # one event loop: no lock needed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") in self.exempt:
+            await self.app(scope, receive, send)
+            return
+        if self.in_progress >= self.limit:
+            if self.on_reject:
+                self.on_reject("overloaded")
+            message = f"{self.limit} requests are in progress, the most this server takes at once; retry later"
+            await error_response(503, "overloaded", message, self.retry_headers)(scope, receive, send)
+            return
+        self.in_progress += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_progress -= 1
 
 
 class RequestMetricsMiddleware:

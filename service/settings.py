@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(default=30.0, ge=0, description="on SIGTERM, longest wait for admitted requests to finish")
 
     max_connections: int = Field(
-        default=512, ge=1, description="open connections at once (uvicorn's limit_concurrency): caps the bytes being received; beyond it a plain 503"
+        default=512, ge=1, description="requests in progress at once, /healthz, /readyz and /metrics aside (so it also caps the bodies being received); beyond it a JSON 503 'overloaded'. uvicorn refuses connections beyond twice this (plain 503)"
     )
 
     # --- input limits

@@ -103,6 +103,29 @@ async def test_queue_full_is_503_with_retry_after(tiny_checkpoint: Path, images:
     assert metric(text, "safl_errors_total", reason="overloaded") == 1
 
 
+async def test_requests_beyond_max_connections_get_a_json_503_but_probes_pass(tiny_checkpoint: Path, images: list[bytes]) -> None:
+    predictor, gated = gated_predictor(tiny_checkpoint)
+    settings = settings_for(tiny_checkpoint, max_batch_size=1, max_connections=2, retry_after_s=4)
+    async with running_app(settings, predictor) as (app, client):
+        running = await _busy_worker(client, gated, images[0])
+        queued = asyncio.create_task(client.post("/recognize", files=multipart(images[1:2])))
+        await wait_until(lambda: runtime_of(app).batcher.depth == 1)  # type: ignore[union-attr]
+        refused = await client.post("/recognize", files=multipart(images[2:3]))
+        info = await client.get("/info")  # any other route counts too
+        probes = [await client.get(p) for p in ("/healthz", "/readyz", "/metrics")]
+        gated.gate.set()
+        done = [await running, await queued]
+        after = await client.post("/recognize", files=multipart(images[3:4]))
+        text = (await client.get("/metrics")).text
+    for r in (refused, info):
+        assert r.status_code == 503 and r.headers["retry-after"] == "4"
+        assert r.json()["error"]["code"] == "overloaded" and "2 requests are in progress" in r.json()["error"]["message"]
+    assert [p.status_code for p in probes] == [200, 200, 200]
+    assert [r.status_code for r in done] == [200, 200] and after.status_code == 200
+    assert metric(text, "safl_errors_total", reason="overloaded") == 2
+    assert metric(text, "safl_request_duration_seconds_count", route="/recognize", status="503") == 1
+
+
 async def test_deadline_is_504_and_expired_crops_never_reach_the_model(tiny_checkpoint: Path, images: list[bytes]) -> None:
     predictor, gated = gated_predictor(tiny_checkpoint)
     async with running_app(settings_for(tiny_checkpoint), predictor) as (app, client):
