@@ -39,7 +39,7 @@ class Metrics:
             "safl_request_duration_seconds", "HTTP request latency, arrival to last byte sent.",
             ["route", "status"], buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
-        self.crops_recognized = Counter("safl_crops_recognized_total", "Crops the model recognised and returned.", registry=r)
+        self.crops_recognized = Counter("safl_crops_recognized_total", "Model inputs recognised and returned (a crop taller than wide is read as 3 turned views).", registry=r)
         self.crops_dropped = Counter(
             "safl_crops_dropped_total", "Queued crops dropped before the model ran (expired deadline, cancelled request).",
             ["reason"], registry=r,

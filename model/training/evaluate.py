@@ -96,7 +96,7 @@ def predict(model: SAFL, images, batch_size: int = 128, amp_dtype: torch.dtype |
     readings = _read(model, images, batch_size, amp_dtype)
     if extra_views:
         owners = [i for i, v in extra_views.items() for _ in range(len(v))]
-        flat = np.concatenate([extra_views[i] for i in dict.fromkeys(owners)])
+        flat = np.concatenate(list(extra_views.values()))
         alternatives: dict[int, list[Recognition]] = {}
         for i, r in zip(owners, _read(model, flat, batch_size, amp_dtype), strict=True):
             alternatives.setdefault(i, []).append(r)
