@@ -14,7 +14,7 @@ from torch import nn
 from .charset import BOS_ID, DEFAULT_CHARS, EOS_ID, NUM_SPECIAL, PAD_ID, Charset
 from .decode import TransformerDecoder
 from .encode import SATRNEncoder
-from .preprocess import PreprocessConfig, collate, to_tensor, views
+from .preprocess import PreprocessConfig, ViewConfig, collate, to_tensor, views
 from .rectify import TPSRectifier
 
 
@@ -173,11 +173,11 @@ class SAFL(nn.Module):
             out.append(Recognition("".join(chars), total, confs))
         return out
 
-    def recognize_images(self, images: list[Image.Image], turn_tall: bool = True) -> list[Recognition]:
-        """Recognise PIL images, pre-processed here with the shared code path; a crop
-        taller than wide is also read turned (``model.preprocess.views``)."""
+    def recognize_images(self, images: list[Image.Image], view_cfg: ViewConfig = ViewConfig()) -> list[Recognition]:
+        """Recognise PIL images, pre-processed here with the shared code path: each is read
+        in the views ``view_cfg`` asks for and the most confident reading kept."""
         device = next(self.parameters()).device
-        per_image = [views(im, self.config.preprocess, turn_tall) for im in images]
+        per_image = [views(im, self.config.preprocess, view_cfg) for im in images]
         batch = collate([to_tensor(v) for vs in per_image for v in vs]).to(device)
         return most_confident_per_crop(self.recognize(batch), [len(vs) for vs in per_image])
 

@@ -16,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.routing import Route
 
 from model import Recognition
+from model.preprocess import ViewConfig
 from model.safl import most_confident_per_crop
 
 from .auth import api_key_dependency
@@ -37,6 +38,7 @@ from .schemas import (
     RecognizeJSON,
     RecognizeResponse,
     Status,
+    ViewsInfo,
 )
 from .settings import Settings
 from .uploads import Upload, read_uploads
@@ -110,10 +112,10 @@ def _request_timeout(request: Request, default_s: float) -> float:
     return min(ms / 1000.0, default_s)
 
 
-def _decode_all(uploads: Sequence[Upload], limits: ImageLimits, runtime: Runtime, turn_tall: bool) -> list[list[torch.Tensor]]:
+def _decode_all(uploads: Sequence[Upload], limits: ImageLimits, runtime: Runtime, view_cfg: ViewConfig) -> list[list[torch.Tensor]]:
     assert runtime.predictor is not None
     cfg = runtime.predictor.preprocess_config
-    return [load_crop(u.data, u.filename, limits, cfg, turn_tall) for u in uploads]
+    return [load_crop(u.data, u.filename, limits, cfg, view_cfg) for u in uploads]
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -180,6 +182,7 @@ def create_app(settings: Settings | None = None, *, predictor: Predictor | None 
     metrics = Metrics()
     runtime = Runtime(settings, metrics, predictor)
     retry_headers = {"Retry-After": str(settings.retry_after_s)}
+    view_cfg = settings.view_config()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -230,7 +233,7 @@ def create_app(settings: Settings | None = None, *, predictor: Predictor | None 
             timeout = _request_timeout(request, settings.timeout_ms / 1000.0)
             uploads = await read_uploads(request, settings.max_files, settings.max_file_bytes)
             # Decoded and validated before queueing: a bad image fails alone, and early.
-            per_upload = await run_in_threadpool(_decode_all, uploads, runtime.limits, runtime, settings.turn_tall)
+            per_upload = await run_in_threadpool(_decode_all, uploads, runtime.limits, runtime, view_cfg)
             assert runtime.batcher is not None and runtime.predictor is not None
             remaining = started + timeout - time.monotonic()
             if remaining <= 0:
@@ -296,6 +299,7 @@ def create_app(settings: Settings | None = None, *, predictor: Predictor | None 
             charset=cfg.charset,
             max_len=cfg.max_len,
             input=InputInfo(height=cfg.height, width=cfg.width, channels=cfg.channels),
+            views=ViewsInfo(turn_tall=view_cfg.turn_tall, contrast=view_cfg.contrast),
             device=str(p.device),
             precision=p.precision,
             threads=p.threads or torch.get_num_threads(),

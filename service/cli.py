@@ -19,7 +19,7 @@ import uvicorn
 from pydantic import SecretStr, ValidationError
 
 from model.safl import most_confident_per_crop
-from model.training.cli import add_eval_parser, add_synth_parser, add_train_parser
+from model.training.cli import add_eval_parser, add_synth_parser, add_train_parser, add_view_flags, view_config
 
 from .app import create_app
 from .predictor import Predictor, StartupError
@@ -159,8 +159,7 @@ def add_recognize_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-pixels", type=int, default=Settings.model_fields["max_pixels"].default, help="per-image pixel limit")
     p.add_argument("--max-file-bytes", type=int, default=Settings.model_fields["max_file_bytes"].default, help="per-image size limit")
     p.add_argument("--json", action="store_true", help="print one JSON document (the API's response shape, plus errors)")
-    p.add_argument("--turn-tall", action=argparse.BooleanOptionalAction, default=Settings.model_fields["turn_tall"].default,
-                   help="also read a crop taller than wide turned 90° each way, keep the most confident reading (default: %(default)s)")
+    add_view_flags(p)
     p.set_defaults(func=run_recognize)
 
 
@@ -185,7 +184,7 @@ def run_recognize(args: argparse.Namespace) -> int:
             if path.stat().st_size > limits.max_file_bytes:  # before reading it into memory
                 raise ImageRejected(413, "file_too_large", f"file {str(path)!r} is over {limits.max_file_bytes} bytes")
             data = path.read_bytes()
-            crops.append(load_crop(data, str(path), limits, predictor.preprocess_config, args.turn_tall))
+            crops.append(load_crop(data, str(path), limits, predictor.preprocess_config, view_config(args)))
             names.append(str(path))
         except OSError as exc:
             errors.append({"filename": str(path), "code": "unreadable", "message": f"cannot read {path}: {exc.strerror or exc}"})

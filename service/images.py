@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from model.preprocess import PreprocessConfig, UnsupportedImageMode, to_tensor, views
+from model.preprocess import PreprocessConfig, UnsupportedImageMode, ViewConfig, to_tensor, views
 
 from .errors import APIError
 
@@ -103,12 +103,12 @@ def decode_image(data: bytes, filename: str, limits: ImageLimits) -> Image.Image
     return img
 
 
-def to_model_input(img: Image.Image, filename: str, cfg: PreprocessConfig, turn_tall: bool = True) -> list[torch.Tensor]:
+def to_model_input(img: Image.Image, filename: str, cfg: PreprocessConfig, view_cfg: ViewConfig = ViewConfig()) -> list[torch.Tensor]:
     """The crop's views (``model.preprocess.views``) as ``[C, H, W]`` tensors, with the
     failures reported: 415 for pixel modes it cannot convert (e.g. LAB), 422 for
     anything else (broken EXIF, …)."""
     try:
-        return [to_tensor(v) for v in views(img, cfg, turn_tall)]
+        return [to_tensor(v) for v in views(img, cfg, view_cfg)]
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise _too_many_pixels(filename, f"is too large to decode ({exc})") from None
     except UnsupportedImageMode as exc:  # a valid file, just pixels we cannot read
@@ -117,7 +117,7 @@ def to_model_input(img: Image.Image, filename: str, cfg: PreprocessConfig, turn_
         raise ImageRejected(422, "corrupt_image", f"image {filename!r} could not be converted: {exc}") from None
 
 
-def load_crop(data: bytes, filename: str, limits: ImageLimits, cfg: PreprocessConfig, turn_tall: bool = True) -> list[torch.Tensor]:
-    """Bytes of one upload → the model's ``[C, H, W]`` inputs (one per view: three for a
-    crop taller than wide when ``turn_tall``), or ``ImageRejected``."""
-    return to_model_input(decode_image(data, filename, limits), filename, cfg, turn_tall)
+def load_crop(data: bytes, filename: str, limits: ImageLimits, cfg: PreprocessConfig, view_cfg: ViewConfig = ViewConfig()) -> list[torch.Tensor]:
+    """Bytes of one upload → the model's ``[C, H, W]`` inputs, one per view
+    (``model.preprocess.views``), or ``ImageRejected``."""
+    return to_model_input(decode_image(data, filename, limits), filename, cfg, view_cfg)

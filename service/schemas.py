@@ -66,6 +66,13 @@ class InputInfo(BaseModel):
     channels: int
 
 
+class ViewsInfo(BaseModel):
+    """The views of each crop the model reads; the most confident reading is the answer."""
+
+    turn_tall: bool = Field(description="a crop taller than wide is also read turned 90° each way")
+    contrast: bool = Field(description="each crop is also read contrast-stretched and histogram-equalised")
+
+
 class BatchingInfo(BaseModel):
     """Dynamic batching settings."""
 
@@ -97,6 +104,7 @@ class InfoResponse(BaseModel):
     charset: str
     max_len: int
     input: InputInfo
+    views: ViewsInfo
     device: str
     precision: str
     threads: int

@@ -12,6 +12,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from model.preprocess import ViewConfig
+
 #: ``<repo root>/weights/safl.safetensors``: where the shipped model lives.
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "safl.safetensors"
 
@@ -34,13 +36,17 @@ class Settings(BaseSettings):
     warmup: bool = Field(default=True, description="run the batch shapes once before /readyz turns 200")
     turn_tall: bool = Field(
         default=True,
-        description="also read a crop taller than wide turned 90° each way and answer the most confident reading (3 model inputs for such a crop)",
+        description="also read a crop taller than wide turned 90° each way; the most confident reading is the answer (x3 model inputs for such a crop)",
+    )
+    contrast_views: bool = Field(
+        default=True,
+        description="also read each crop contrast-stretched and histogram-equalised; the most confident reading is the answer (x3 model inputs)",
     )
 
     # --- dynamic batching
     max_batch_size: int = Field(default=32, ge=1, le=1024, description="most crops in one model batch (1 turns batching off)")
     max_wait_ms: float = Field(default=5.0, ge=0, le=10_000, description="longest the oldest waiting crop is held back to fill a batch")
-    max_queue: int = Field(default=256, ge=1, description="model inputs waiting, all requests together (a turned tall crop counts 3); beyond it: 503")
+    max_queue: int = Field(default=1024, ge=1, description="model inputs (crop views) waiting, all requests together; beyond it: 503")
     timeout_ms: float = Field(default=10_000, gt=0, description="default request deadline; a client may shorten it with X-Request-Timeout-Ms")
     retry_after_s: int = Field(default=1, ge=0, description="Retry-After seconds sent with 503 replies")
     drain_timeout_s: float = Field(default=30.0, ge=0, description="on SIGTERM, longest wait for admitted requests to finish")
@@ -76,9 +82,13 @@ class Settings(BaseSettings):
             return None
         return value
 
+    def view_config(self) -> ViewConfig:
+        """The views of each crop the service reads (``model.preprocess.views``)."""
+        return ViewConfig(turn_tall=self.turn_tall, contrast=self.contrast_views)
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
-        views = 3 if self.turn_tall else 1  # a crop taller than wide is read in 3 views
+        views = self.view_config().max_views()
         if self.max_files * views > self.max_queue:
             detail = f"max_files ({self.max_files}) x {views} views" if views > 1 else f"max_files ({self.max_files})"
             raise ValueError(f"{detail} cannot exceed max_queue ({self.max_queue}): such a request could never queue")

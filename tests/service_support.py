@@ -26,6 +26,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from model import SAFL, Recognition
+from model.preprocess import ViewConfig
 from service import Settings, create_app
 from service.predictor import Predictor
 from service.runtime import Runtime
@@ -64,9 +65,17 @@ def wait_process_ready(url: str, proc: subprocess.Popen, timeout: float, output:
         time.sleep(0.1)
 
 
+#: One model input per crop: the batching and overload tests count inputs as crops. The
+#: tests of the views themselves turn them on.
+ONE_VIEW = ViewConfig(turn_tall=False, contrast=False)
+
+
 def settings_for(checkpoint: Path, **overrides: Any) -> Settings:
-    """Test settings: CPU, one thread, small batches and a short batching window."""
-    values: dict[str, Any] = {"weights": checkpoint, "device": "cpu", "threads": 1, "max_batch_size": 8, "max_wait_ms": 2.0}
+    """Test settings: CPU, one thread, small batches, a short batching window, ``ONE_VIEW``."""
+    values: dict[str, Any] = {
+        "weights": checkpoint, "device": "cpu", "threads": 1, "max_batch_size": 8, "max_wait_ms": 2.0,
+        "turn_tall": ONE_VIEW.turn_tall, "contrast_views": ONE_VIEW.contrast,
+    }  # fmt: skip
     values.update(overrides)
     return Settings(**values)
 
@@ -78,9 +87,9 @@ def encode(img: Image.Image, fmt: str = "PNG", **save: Any) -> bytes:
     return buf.getvalue()
 
 
-def expected(model: SAFL, files: list[bytes]) -> list[Recognition]:
+def expected(model: SAFL, files: list[bytes], view_cfg: ViewConfig = ONE_VIEW) -> list[Recognition]:
     """What the model itself says about these files (decoded by Pillow, shared preprocessing)."""
-    return model.recognize_images([Image.open(io.BytesIO(b)) for b in files])
+    return model.recognize_images([Image.open(io.BytesIO(b)) for b in files], view_cfg)
 
 
 def assert_matches(results: list[dict[str, Any]], want: list[Recognition]) -> None:

@@ -14,7 +14,7 @@ from PIL import Image
 
 from model import Charset, PreprocessConfig
 from model.charset import BOS_ID, EOS_ID, PAD_ID
-from model.preprocess import resize
+from model.preprocess import ViewConfig, resize
 from model.training.data import (
     ArrayDataset,
     augment,
@@ -143,11 +143,17 @@ def test_tall_crops_carry_their_turned_views_through_split_and_filter(tmp_path: 
         img.save(folder / f"{i}.png")
         lines.append(f"{i}.png\t{lab}")
     (folder / "labels.tsv").write_text("\n".join(lines) + "\n")
-    everything = load_folder(folder, CFG)
+    turn_only = ViewConfig(contrast=False)
+    everything = load_folder(folder, CFG, view_cfg=turn_only)
     assert set(everything.extra_views) == tall
     assert all(v.shape == (2, 32, 128) and v.dtype == np.uint8 for v in everything.extra_views.values())
+    # By default every crop also has its 2 contrast views (8 further views for a tall one);
+    # training asks for none.
+    default = load_folder(folder, CFG)
+    assert {i: len(v) for i, v in default.extra_views.items()} == {i: 8 if i in tall else 2 for i in range(20)}
+    assert load_folder(folder, CFG, view_cfg=None).extra_views == {}
     for part in ("val", "train"):
-        ds = load_folder_part(folder, CFG, part, 0.3, seed=0).filtered(Charset(), 25)
+        ds = load_folder_part(folder, CFG, part, 0.3, seed=0, view_cfg=turn_only).filtered(Charset(), 25)
         for k, (img, lab) in enumerate(zip(ds.images, ds.labels)):
             i = next(i for i in range(20) if np.array_equal(everything.images[i], img))
             assert lab == labels[i]

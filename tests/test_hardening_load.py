@@ -153,7 +153,7 @@ async def test_requests_refused_for_a_full_queue_are_not_decoded(tiny_checkpoint
     monkeypatch.setattr(service.app, "load_crop", counting_load_crop)
     big = encode(render_word("big", (2000, 400), "RGB"), "JPEG", quality=95)
     predictor, gated = gated_predictor(tiny_checkpoint)
-    async with running_app(settings_for(tiny_checkpoint, max_batch_size=1, max_queue=2, max_files=2, turn_tall=False), predictor) as (app, client):
+    async with running_app(settings_for(tiny_checkpoint, max_batch_size=1, max_queue=2, max_files=2), predictor) as (app, client):
         batcher = runtime_of(app).batcher
         assert batcher is not None
         gated.gate.clear()
@@ -332,7 +332,8 @@ def test_sigterm_during_load_drains_admitted_and_refuses_later(tiny_checkpoint: 
 
 
 def _serve_args(checkpoint: Path, **flags: Any) -> list[str]:
-    args = ["--weights", str(checkpoint), "--threads", "1", "--log-level", "warning"]
+    # One model input per crop (see service_support.ONE_VIEW): the queue arithmetic below counts crops.
+    args = ["--weights", str(checkpoint), "--threads", "1", "--log-level", "warning", "--no-turn-tall", "--no-contrast-views"]
     for name, value in flags.items():
         args += [f"--{name.replace('_', '-')}", str(value)]
     return args

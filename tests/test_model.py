@@ -14,7 +14,7 @@ from model_support import WORDS, Memorised, memorise
 from model import PRESETS, SAFL, Recognition, SAFLConfig
 from model.charset import EOS_ID, PAD_ID
 from model.loss import focal_loss, sequence_loss
-from model.preprocess import collate, preprocess
+from model.preprocess import ViewConfig, collate, preprocess
 from model.rectify import TPSRectifier, fiducial_points
 from model.safl import most_confident, most_confident_per_crop
 
@@ -286,7 +286,7 @@ def test_a_word_written_bottom_to_top_is_read_turned(memorised: Memorised) -> No
     model = memorised.model
     tall = [render_word(w).transpose(Image.Transpose.ROTATE_90) for w in memorised.words]
     # Read as it stands, the sideways crop is not the word: the turn is what reads it.
-    assert [r.text for r in model.recognize_images(tall, turn_tall=False)] != memorised.words
+    assert [r.text for r in model.recognize_images(tall, ViewConfig(turn_tall=False))] != memorised.words
     readings = model.recognize_images(tall)
     assert [r.text for r in readings] == memorised.words
     upright = model.recognize_images([render_word(w) for w in memorised.words])

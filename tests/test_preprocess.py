@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import render_word
-from PIL import Image
+from PIL import Image, ImageOps
 
 from model.preprocess import (
     PreprocessConfig,
@@ -21,6 +21,7 @@ from model.preprocess import (
     collate,
     preprocess,
     resize,
+    ViewConfig,
     to_tensor,
     views,
 )
@@ -235,24 +236,45 @@ def test_service_and_training_share_this_code(tmp_path) -> None:
     assert torch.equal(to_tensor(ds.images[0]), served)
 
 
-def test_a_wide_crop_has_one_view_the_training_pixels() -> None:
+UPRIGHT = ViewConfig(turn_tall=False, contrast=False)
+
+
+def test_the_first_view_is_the_training_pixels_and_the_rest_are_asked_for() -> None:
     img = _roundtrip(_rgba(), "PNG")
-    (only,) = views(img, CFG)
-    assert np.array_equal(only, resize(img, CFG))
+    first, stretched, equalised = views(img, CFG)
+    assert np.array_equal(first, resize(img, CFG))
+    assert np.array_equal(stretched, np.asarray(ImageOps.autocontrast(Image.fromarray(first), cutoff=5)))
+    assert np.array_equal(equalised, np.asarray(ImageOps.equalize(Image.fromarray(first))))
+    (only,) = views(img, CFG, UPRIGHT)
+    assert np.array_equal(only, first)
+    rgb = PreprocessConfig(channels=3)
+    assert [v.shape for v in views(img, rgb)] == [(32, 128, 3)] * 3
+
+
+def test_contrast_views_stretch_a_faded_crop() -> None:
+    faded = render_word("Hello", SIZE).point(lambda v: 110 + v * 40 // 255)  # grey on grey: 110..150
+    first, stretched, equalised = views(faded, CFG)
+    assert int(first.max()) - int(first.min()) <= 40
+    assert stretched.min() == 0 and stretched.max() == 255
+    assert equalised.max() - equalised.min() > 200
 
 
 @pytest.mark.parametrize("size", [(40, 40), (39, 40)])
 def test_only_a_crop_taller_than_wide_is_also_turned(size: tuple[int, int]) -> None:
     img = render_word("ab", size)
-    assert len(views(img, CFG)) == (3 if size[1] > size[0] else 1)
-    assert len(views(img, CFG, turn_tall=False)) == 1
+    tall = size[1] > size[0]
+    assert len(views(img, CFG, ViewConfig(contrast=False))) == (3 if tall else 1)
+    assert len(views(img, CFG)) == (9 if tall else 3) == (ViewConfig().max_views() if tall else 3)
+    assert len(views(img, CFG, ViewConfig(turn_tall=False))) == 3
 
 
 def test_a_tall_crop_is_also_read_turned_each_way() -> None:
     word = render_word("Hello", SIZE)
     # Written bottom to top, as on a vertical sign, and stored as an RGB PNG.
     tall = _roundtrip(word.transpose(Image.Transpose.ROTATE_90).convert("RGB"), "PNG")
-    upright, ccw, cw = views(tall, CFG)
+    upright, ccw, cw = views(tall, CFG, ViewConfig(contrast=False))
     assert np.array_equal(upright, resize(tall, CFG))  # the first view is always the training one
     assert np.array_equal(cw, resize(word, CFG))  # turning it back restores the word exactly
     assert np.array_equal(ccw, resize(word.transpose(Image.Transpose.ROTATE_180), CFG))
+    everything = views(tall, CFG)
+    assert [np.array_equal(a, b) for a, b in zip(everything[::3], (upright, ccw, cw))] == [True] * 3

@@ -85,6 +85,20 @@ async def test_a_vertical_sign_is_read_turned(memorised_checkpoint: tuple[Path, 
         assert texts[len(words) :] != words
 
 
+@pytest.mark.parametrize("contrast_views", [True, False])
+async def test_a_faded_crop_is_read_contrast_stretched(memorised_checkpoint: tuple[Path, list[str]], contrast_views: bool) -> None:
+    checkpoint, words = memorised_checkpoint
+    # Grey on grey (levels 120..140): a washed-out photo of each word.
+    files = [encode(render_word(w).point(lambda v: 120 + v * 20 // 255)) for w in words]
+    async with running_app(settings_for(checkpoint, contrast_views=contrast_views)) as (app, client):
+        r = await client.post("/recognize", files=multipart(files))
+        text = (await client.get("/metrics")).text
+    assert r.status_code == 200, r.text
+    texts = [x["text"] for x in r.json()["results"]]
+    assert (texts == words) is contrast_views
+    assert metric(text, "safl_crops_recognized_total") == len(words) * (3 if contrast_views else 1)
+
+
 async def test_probes_info_metrics_docs(tiny_checkpoint: Path) -> None:
     settings = settings_for(tiny_checkpoint, max_batch_size=4, max_wait_ms=3.0, max_queue=50, max_files=8)
     async with running_app(settings) as (app, client):
@@ -97,6 +111,7 @@ async def test_probes_info_metrics_docs(tiny_checkpoint: Path) -> None:
         spec = (await client.get("/openapi.json")).json()
     assert info["name"] == "safl-tiny" and len(info["sha256"]) == 64 and info["model"] == f"safl-tiny@{info['sha256'][:12]}"
     assert info["input"] == {"height": 32, "width": 128, "channels": 1}
+    assert info["views"] == {"turn_tall": False, "contrast": False}  # settings_for's ONE_VIEW
     assert info["device"] == "cpu" and info["precision"] == "float32" and info["threads"] == 1
     assert info["batching"] == {"max_batch_size": 4, "max_wait_ms": 3.0, "max_queue": 50, "timeout_ms": 10000.0}
     assert info["charset"] and info["limits"]["formats"] == ["PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF"]

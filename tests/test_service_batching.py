@@ -88,7 +88,7 @@ async def test_batching_off_runs_one_crop_per_batch(tiny_checkpoint: Path, image
 
 async def test_queue_full_is_503_with_retry_after(tiny_checkpoint: Path, images: list[bytes]) -> None:
     predictor, gated = gated_predictor(tiny_checkpoint)
-    settings = settings_for(tiny_checkpoint, max_batch_size=1, max_queue=2, max_files=2, retry_after_s=3, turn_tall=False)
+    settings = settings_for(tiny_checkpoint, max_batch_size=1, max_queue=2, max_files=2, retry_after_s=3)
     async with running_app(settings, predictor) as (app, client):
         running = await _busy_worker(client, gated, images[0])
         queued = asyncio.create_task(client.post("/recognize", files=multipart(images[1:3])))

@@ -11,6 +11,7 @@ from PIL import Image
 from service_support import encode, expected
 
 from model import SAFL
+from model.preprocess import ViewConfig
 from service.cli import build_parser, main, settings_from_args
 from service.settings import DEFAULT_WEIGHTS, Settings
 
@@ -29,7 +30,7 @@ def test_recognize_prints_file_text_confidence(tiny_checkpoint: Path, tiny_model
     rc = main(["recognize", *map(str, word_files), "--weights", str(tiny_checkpoint), "--device", "cpu", "--threads", "1"])
     out = capsys.readouterr().out.splitlines()
     assert rc == 0
-    want = expected(tiny_model, [p.read_bytes() for p in word_files])
+    want = expected(tiny_model, [p.read_bytes() for p in word_files], ViewConfig())  # every view: the CLI's default
     assert len(out) == 2
     for line, path, ref in zip(out, word_files, want, strict=True):
         name, text, conf = line.split("\t")
@@ -44,7 +45,7 @@ def test_recognize_turns_tall_crops_unless_told_not_to(memorised_checkpoint: tup
         paths.append(tmp_path / f"{i}.png")
         render_word(w).transpose(Image.Transpose.ROTATE_270).save(paths[-1])  # top to bottom
     common = [*map(str, paths), "--weights", str(checkpoint), "--device", "cpu", "--threads", "1"]
-    for flags, want_words in ([], True), (["--no-turn-tall"], False):
+    for flags, want_words in ([], True), (["--no-turn-tall"], False), (["--no-contrast-views"], True):
         assert main(["recognize", *common, *flags]) == 0
         texts = [line.split("\t")[1] for line in capsys.readouterr().out.splitlines()]
         assert (texts == words) is want_words
@@ -86,10 +87,11 @@ def test_serve_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> No
 def test_invalid_settings_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--max-files", "500", "--max-queue", "10"]) == 2
     assert "max_files" in capsys.readouterr().err
-    # A request of tall crops queues 3 model inputs per file.
-    assert main(["serve", "--max-files", "10", "--max-queue", "20"]) == 2
-    assert "max_files (10) x 3 views cannot exceed max_queue (20)" in capsys.readouterr().err
-    assert Settings(max_files=10, max_queue=20, turn_tall=False).max_queue == 20
+    # With every view on, a tall crop queues 9 model inputs.
+    assert main(["serve", "--max-files", "10", "--max-queue", "80"]) == 2
+    assert "max_files (10) x 9 views cannot exceed max_queue (80)" in capsys.readouterr().err
+    assert Settings(max_files=10, max_queue=30, turn_tall=False).max_queue == 30
+    assert Settings(max_files=10, max_queue=10, turn_tall=False, contrast_views=False).max_queue == 10
 
 
 def test_training_subcommands_are_mounted(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

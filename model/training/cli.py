@@ -11,6 +11,7 @@ import json
 from dataclasses import fields, replace
 from pathlib import Path
 
+from ..preprocess import ViewConfig
 from .train import TrainConfig
 
 
@@ -101,7 +102,23 @@ def add_eval_parser(sub: argparse._SubParsersAction, default_weights: Path | Non
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
     p.add_argument("--worst", type=int, default=5, help="most confident mistakes to list per data set")
+    add_view_flags(p)
     p.set_defaults(func=run_eval)
+
+
+def add_view_flags(p: argparse.ArgumentParser) -> None:
+    """``--turn-tall/--no-turn-tall`` and ``--contrast-views/--no-contrast-views``: the
+    ``model.preprocess.ViewConfig`` a reader uses (``view_config(args)``)."""
+    default = ViewConfig()
+    p.add_argument("--turn-tall", action=argparse.BooleanOptionalAction, default=default.turn_tall,
+                   help="also read a crop taller than wide turned 90° each way (default: %(default)s)")
+    p.add_argument("--contrast-views", action=argparse.BooleanOptionalAction, default=default.contrast,
+                   help="also read each crop contrast-stretched and histogram-equalised (default: %(default)s)")  # fmt: skip
+
+
+def view_config(args: argparse.Namespace) -> ViewConfig:
+    """The ``ViewConfig`` of parsed ``add_view_flags`` arguments."""
+    return ViewConfig(turn_tall=args.turn_tall, contrast=args.contrast_views)
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -114,12 +131,13 @@ def run_eval(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     model, info = load_checkpoint(args.weights)
     pcfg = info.config.preprocess
+    view_cfg = view_config(args)
     sets = []
     for d in args.data:
         if (d / "labels.tsv").is_file() and args.part != "all":
-            sets.append(load_folder_part(d, pcfg, args.part, args.val_fraction, args.split_seed))
+            sets.append(load_folder_part(d, pcfg, args.part, args.val_fraction, args.split_seed, view_cfg))
         else:
-            sets.append(load_any(d, pcfg))
+            sets.append(load_any(d, pcfg, view_cfg))
     results = evaluate(model, sets, args.batch_size, args.worst)
     print(to_markdown(results, f"{info.model_id} ({args.part})"))
     if args.json:

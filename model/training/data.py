@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..charset import BOS_ID, EOS_ID, PAD_ID, Charset
-from ..preprocess import PreprocessConfig, views
+from ..preprocess import PreprocessConfig, ViewConfig, resize, views
 
 
 @dataclass
@@ -75,17 +75,25 @@ def read_labels_tsv(folder: Path) -> list[tuple[str, str]]:
     return pairs
 
 
-def load_folder(folder: str | Path, cfg: PreprocessConfig, name: str | None = None) -> ArrayDataset:
-    """A ``labels.tsv`` folder of image files, pre-processed with the shared code path."""
+def load_folder(folder: str | Path, cfg: PreprocessConfig, name: str | None = None, view_cfg: ViewConfig | None = ViewConfig()) -> ArrayDataset:
+    """A ``labels.tsv`` folder of image files, pre-processed with the shared code path.
+
+    With ``view_cfg`` each sample also carries the further views the service would read
+    (``extra_views``); training passes ``None``: it reads the crops as they are.
+    """
     folder = Path(folder)
     pairs = read_labels_tsv(folder)
-    per_image = [_load_views(folder / f, cfg) for f, _ in pairs]
+    per_image = [_load_views(folder / f, cfg, view_cfg) for f, _ in pairs]
     return _from_views(name or folder.name, per_image, [t for _, t in pairs], cfg)
 
 
-def _load_views(path: Path, cfg: PreprocessConfig) -> list[np.ndarray]:
+def _load_views(path: Path, cfg: PreprocessConfig, view_cfg: ViewConfig | None) -> list[np.ndarray]:
     with Image.open(path) as im:
-        return views(im, cfg)
+        return _views(im, cfg, view_cfg)
+
+
+def _views(img: Image.Image, cfg: PreprocessConfig, view_cfg: ViewConfig | None) -> list[np.ndarray]:
+    return [resize(img, cfg)] if view_cfg is None else views(img, cfg, view_cfg)
 
 
 def _from_views(name: str, per_image: list[list[np.ndarray]], labels: list[str], cfg: PreprocessConfig) -> ArrayDataset:
@@ -104,12 +112,13 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], li
     return sorted(order[:k]), sorted(order[k:])
 
 
-def load_folder_part(folder: str | Path, cfg: PreprocessConfig, part: str, val_fraction: float = 0.3, seed: int = 0) -> ArrayDataset:
+def load_folder_part(folder: str | Path, cfg: PreprocessConfig, part: str, val_fraction: float = 0.3, seed: int = 0,
+                     view_cfg: ViewConfig | None = ViewConfig()) -> ArrayDataset:
     """``part`` = ``"val"`` / ``"train"`` (the fine-tune part) / ``"all"`` of a labelled folder.
 
     The split is fixed by ``seed`` so the validation part is never trained on.
     """
-    ds = load_folder(folder, cfg)
+    ds = load_folder(folder, cfg, view_cfg=view_cfg)
     if part == "all":
         return ds
     val, train = split_indices(len(ds), val_fraction, seed)
@@ -143,8 +152,9 @@ def load_shards(folder: str | Path, limit: int | None = None) -> ArrayDataset:
     return ArrayDataset(folder.name, images, labels)
 
 
-def load_lmdb(path: str | Path, cfg: PreprocessConfig, limit: int | None = None) -> ArrayDataset:
-    """An LMDB in the STR layout (``num-samples``, ``image-%09d``, ``label-%09d``, 1-based)."""
+def load_lmdb(path: str | Path, cfg: PreprocessConfig, limit: int | None = None, view_cfg: ViewConfig | None = None) -> ArrayDataset:
+    """An LMDB in the STR layout (``num-samples``, ``image-%09d``, ``label-%09d``, 1-based);
+    ``view_cfg`` as in ``load_folder``."""
     import lmdb
 
     env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False)
@@ -163,18 +173,19 @@ def load_lmdb(path: str | Path, cfg: PreprocessConfig, limit: int | None = None)
                 if img_bytes is None or label is None:
                     continue
                 with Image.open(io.BytesIO(img_bytes)) as im:
-                    images.append(views(im, cfg))
+                    images.append(_views(im, cfg, view_cfg))
                 labels.append(label.decode("utf-8"))
     finally:
         env.close()
     return _from_views(Path(path).name, images, labels, cfg)
 
 
-def load_any(path: str | Path, cfg: PreprocessConfig) -> ArrayDataset:
-    """Shards, LMDB or ``labels.tsv`` folder, whichever ``path`` holds."""
+def load_any(path: str | Path, cfg: PreprocessConfig, view_cfg: ViewConfig | None = None) -> ArrayDataset:
+    """Shards, LMDB or ``labels.tsv`` folder, whichever ``path`` holds; ``view_cfg`` as in
+    ``load_folder`` (shards hold resized crops only: no further views)."""
     p = Path(path)
     if (p / "labels.tsv").is_file():
-        return load_folder(p, cfg)
+        return load_folder(p, cfg, view_cfg=view_cfg)
     if any(p.glob("shard-*.npy")):
         meta = p / "meta.json"
         if meta.is_file():
@@ -183,7 +194,7 @@ def load_any(path: str | Path, cfg: PreprocessConfig) -> ArrayDataset:
                 raise ValueError(f"{p} was rendered at {m.get('height')}x{m.get('width')}x{m.get('channels')}, the model takes {cfg.height}x{cfg.width}x{cfg.channels}")
         return load_shards(p)
     if (p / "data.mdb").is_file():
-        return load_lmdb(p, cfg)
+        return load_lmdb(p, cfg, view_cfg=view_cfg)
     raise FileNotFoundError(f"{p}: not a labels.tsv folder, a shard folder or an LMDB")
 
 

@@ -246,7 +246,10 @@ class Trainer:
             synth_sets = [load_any(p, pcfg).filtered(self.charset, self.model_cfg.max_len) for p in cfg.synth]
             synth = _concat(synth_sets, "synth", pcfg)
             n_synth = len(synth)
-        real_sets = [load_folder_part(p, pcfg, "train", cfg.val_fraction, cfg.split_seed).filtered(self.charset, self.model_cfg.max_len) for p in cfg.real]
+        real_sets = [
+            load_folder_part(p, pcfg, "train", cfg.val_fraction, cfg.split_seed, view_cfg=None).filtered(self.charset, self.model_cfg.max_len)
+            for p in cfg.real
+        ]
         real = _concat(real_sets, "real", pcfg) if real_sets else None
         self.val_sets = [load_folder_part(p, pcfg, "val", cfg.val_fraction, cfg.split_seed) for p in cfg.val]
         self.gen = torch.Generator().manual_seed(cfg.seed)
