@@ -6,7 +6,8 @@ This package never imports ``service``: training and serving both build on it.
 from .charset import Charset
 from .checkpoint import CheckpointError, CheckpointInfo, load_checkpoint, save_checkpoint
 from .preprocess import PreprocessConfig
-from .safl import PRESETS, SAFL, Recognition, SAFLConfig
+from .reading import Recognition
+from .safl import PRESETS, SAFL, SAFLConfig
 
 __all__ = [
     "PRESETS",

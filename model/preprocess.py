@@ -102,8 +102,9 @@ def resize(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
 class ViewConfig:
     """Which views of a crop the reader tries besides the crop itself (``views``).
 
-    Each view is one more model input; the most confident reading is the answer
-    (``model.safl.most_confident``). Chosen on half of the validation crops and
+    Each view is one more model input; ``model.reading`` reads the further views of a
+    crop only when the crop alone reads less confidently than ``confident_at``, and the
+    most confident reading is the answer. Chosen on half of the validation crops and
     checked on the other half (README, "Reading several views").
     """
 
@@ -113,6 +114,13 @@ class ViewConfig:
     #: Also read the crop contrast-stretched (5 % clipped at each end) and
     #: histogram-equalised: low-contrast, washed-out and unevenly lit photos.
     contrast: bool = True
+    #: A first reading at least this confident is the answer without further views
+    #: (1 reads every view of every crop).
+    confident_at: float = 0.6
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.confident_at <= 1.0:
+            raise ValueError(f"confident_at must be in [0, 1], got {self.confident_at}")
 
     def max_views(self) -> int:
         """Most model inputs one crop can take (a tall crop with every view on)."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -15,6 +14,7 @@ from .charset import BOS_ID, DEFAULT_CHARS, EOS_ID, NUM_SPECIAL, PAD_ID, Charset
 from .decode import TransformerDecoder
 from .encode import SATRNEncoder
 from .preprocess import PreprocessConfig, ViewConfig, collate, to_tensor, views
+from .reading import Recognition, read_views
 from .rectify import TPSRectifier
 
 
@@ -76,40 +76,6 @@ PRESETS: dict[str, SAFLConfig] = {
         preset="base", d_model=512, heads=8, enc_layers=9, dec_layers=3, ffn_mult=4, grid_h=8, locality_ffn=True
     ),
 }
-
-
-@dataclass(frozen=True)
-class Recognition:
-    """One recognised word.
-
-    ``confidence`` is the product of the per-character probabilities *and* the
-    probability of the end-of-word token, so it is the model's probability of the
-    whole string under greedy decoding (an empty string has the EOS probability).
-    """
-
-    text: str
-    confidence: float
-    char_confidences: list[float]
-
-
-def most_confident(readings: Sequence[Recognition]) -> Recognition:
-    """The reading of a crop's views (``model.preprocess.views``) to report: the most
-    confident, the first (upright) one on a tie."""
-    if not readings:
-        raise ValueError("no readings to choose from")
-    return max(readings, key=lambda r: r.confidence)
-
-
-def most_confident_per_crop(readings: Sequence[Recognition], view_counts: Sequence[int]) -> list[Recognition]:
-    """Regroup the readings of consecutive views (``view_counts[i]`` of crop ``i``) and
-    keep each crop's most confident one."""
-    if sum(view_counts) != len(readings):
-        raise ValueError(f"{len(readings)} readings for {sum(view_counts)} views")
-    out, start = [], 0
-    for n in view_counts:
-        out.append(most_confident(readings[start : start + n]))
-        start += n
-    return out
 
 
 class SAFL(nn.Module):
@@ -174,12 +140,11 @@ class SAFL(nn.Module):
         return out
 
     def recognize_images(self, images: list[Image.Image], view_cfg: ViewConfig = ViewConfig()) -> list[Recognition]:
-        """Recognise PIL images, pre-processed here with the shared code path: each is read
-        in the views ``view_cfg`` asks for and the most confident reading kept."""
+        """Recognise PIL images, pre-processed here with the shared code path and read in
+        the views ``view_cfg`` asks for, as the service reads them (``model.reading``)."""
         device = next(self.parameters()).device
         per_image = [views(im, self.config.preprocess, view_cfg) for im in images]
-        batch = collate([to_tensor(v) for vs in per_image for v in vs]).to(device)
-        return most_confident_per_crop(self.recognize(batch), [len(vs) for vs in per_image])
+        return read_views(lambda vs: self.recognize(collate([to_tensor(v) for v in vs]).to(device)), per_image, view_cfg.confident_at)
 
     def num_parameters(self) -> int:
         """Trainable parameter count."""

@@ -17,7 +17,7 @@ from starlette.routing import Route
 
 from model import Recognition
 from model.preprocess import ViewConfig
-from model.safl import most_confident_per_crop
+from model.reading import first_views, further_views, merge, unsure
 
 from .auth import api_key_dependency
 from .batcher import BatcherClosed, CropFailed, QueueFull
@@ -235,28 +235,41 @@ def create_app(settings: Settings | None = None, *, predictor: Predictor | None 
             # Decoded and validated before queueing: a bad image fails alone, and early.
             per_upload = await run_in_threadpool(_decode_all, uploads, runtime.limits, runtime, view_cfg)
             assert runtime.batcher is not None and runtime.predictor is not None
-            remaining = started + timeout - time.monotonic()
-            if remaining <= 0:
+            if time.monotonic() >= started + timeout:
                 raise APIError(504, "deadline_exceeded", "the deadline passed while the images were being decoded")
+
+            async def read(inputs: list[torch.Tensor]) -> list[Recognition]:
+                assert runtime.batcher is not None
+                remaining = started + timeout - time.monotonic()
+                if remaining <= 0:
+                    raise APIError(504, "deadline_exceeded", "the request's deadline passed before its images were recognised")
+                try:
+                    futures = runtime.batcher.submit(inputs, deadline=started + timeout)
+                except QueueFull:
+                    raise APIError(503, "overloaded", "the recognition queue is full; retry later", retry_headers) from None
+                except BatcherClosed:
+                    raise APIError(503, "shutting_down", "the server is shutting down", retry_headers) from None
+                try:
+                    return await _await_results(request, futures, remaining)
+                except CropFailed as exc:
+                    raise APIError(exc.status, exc.code, exc.message, retry_headers if exc.retry else None) from None
+
+            # model.reading.read_views, through the batcher: the crops as they are, then
+            # the further views of those whose reading was unsure.
             try:
-                futures = runtime.batcher.submit([v for views in per_upload for v in views], deadline=started + timeout)
-            except QueueFull:
-                raise APIError(503, "overloaded", "the recognition queue is full; retry later", retry_headers) from None
-            except BatcherClosed:
-                raise APIError(503, "shutting_down", "the server is shutting down", retry_headers) from None
-            try:
-                readings = await _await_results(request, futures, remaining)
-            except CropFailed as exc:
-                raise APIError(exc.status, exc.code, exc.message, retry_headers if exc.retry else None) from None
+                first = await read(first_views(per_upload))
+                unsure_crops = unsure(first, per_upload, view_cfg.confident_at)
+                more = await read(further_views(per_upload, unsure_crops)) if unsure_crops else []
             except _ClientGone:
                 metrics.error("client_disconnected")
                 # Nobody reads this; 499 (nginx's "client closed request") labels the metrics.
                 return error_response(499, "client_disconnected", "the client disconnected before the results were ready")
+        answers = merge(first, per_upload, unsure_crops, more)
         return RecognizeResponse(
             model=runtime.predictor.info.model_id,
             results=[
                 RecognitionResult(filename=u.filename, text=r.text, confidence=r.confidence, char_confidences=r.char_confidences)
-                for u, r in zip(uploads, most_confident_per_crop(readings, [len(v) for v in per_upload]), strict=True)
+                for u, r in zip(uploads, answers, strict=True)
             ],
         )
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 from pydantic import SecretStr, ValidationError
 
-from model.safl import most_confident_per_crop
+from model.reading import Recognition, read_views
 from model.training.cli import add_eval_parser, add_synth_parser, add_train_parser, add_view_flags, view_config
 
 from .app import create_app
@@ -190,12 +190,12 @@ def run_recognize(args: argparse.Namespace) -> int:
             errors.append({"filename": str(path), "code": "unreadable", "message": f"cannot read {path}: {exc.strerror or exc}"})
         except APIError as exc:
             errors.append({"filename": str(path), "code": exc.code, "message": exc.message})
-    flat = [v for views in crops for v in views]
-    readings = []
     size = max(1, args.batch_size)
-    for i in range(0, len(flat), size):
-        readings.extend(predictor.recognize(flat[i : i + size]))
-    results = most_confident_per_crop(readings, [len(v) for v in crops])
+
+    def read(inputs: list[torch.Tensor]) -> list[Recognition]:
+        return [r for i in range(0, len(inputs), size) for r in predictor.recognize(inputs[i : i + size])]
+
+    results = read_views(read, crops, view_config(args).confident_at)
     if args.json:
         doc: dict[str, Any] = {
             "model": predictor.info.model_id,

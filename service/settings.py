@@ -42,6 +42,10 @@ class Settings(BaseSettings):
         default=True,
         description="also read each crop contrast-stretched and histogram-equalised; the most confident reading is the answer (x3 model inputs)",
     )
+    views_confident_at: float = Field(
+        default=ViewConfig().confident_at, ge=0.0, le=1.0,
+        description="read a crop's further views only when the crop alone reads less confidently than this; 1 reads every view",
+    )  # fmt: skip
 
     # --- dynamic batching
     max_batch_size: int = Field(default=32, ge=1, le=1024, description="most crops in one model batch (1 turns batching off)")
@@ -84,7 +88,7 @@ class Settings(BaseSettings):
 
     def view_config(self) -> ViewConfig:
         """The views of each crop the service reads (``model.preprocess.views``)."""
-        return ViewConfig(turn_tall=self.turn_tall, contrast=self.contrast_views)
+        return ViewConfig(turn_tall=self.turn_tall, contrast=self.contrast_views, confident_at=self.views_confident_at)
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

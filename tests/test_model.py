@@ -11,12 +11,11 @@ from conftest import render_word
 from PIL import Image
 from model_support import WORDS, Memorised, memorise
 
-from model import PRESETS, SAFL, Recognition, SAFLConfig
+from model import PRESETS, SAFL, SAFLConfig
 from model.charset import EOS_ID, PAD_ID
 from model.loss import focal_loss, sequence_loss
 from model.preprocess import ViewConfig, collate, preprocess
 from model.rectify import TPSRectifier, fiducial_points
-from model.safl import most_confident, most_confident_per_crop
 
 
 @pytest.fixture(scope="module")
@@ -291,16 +290,6 @@ def test_a_word_written_bottom_to_top_is_read_turned(memorised: Memorised) -> No
     assert [r.text for r in readings] == memorised.words
     upright = model.recognize_images([render_word(w) for w in memorised.words])
     assert [r.confidence for r in readings] == pytest.approx([r.confidence for r in upright], rel=1e-4)
-
-
-def test_most_confident_reading_per_crop() -> None:
-    a, b, c = Recognition("a", 0.2, [0.2]), Recognition("b", 0.9, [0.9]), Recognition("c", 0.2, [0.2])
-    assert most_confident([a, c]) is a  # a tie keeps the first (upright) view
-    assert most_confident_per_crop([a, b, c, c], [3, 1]) == [b, c]
-    with pytest.raises(ValueError, match="4 readings for 3 views"):
-        most_confident_per_crop([a, b, c, c], [2, 1])
-    with pytest.raises(ValueError):
-        most_confident([])
 
 
 def test_confidence_is_the_probability_of_the_whole_string(memorised: Memorised) -> None:

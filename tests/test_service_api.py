@@ -85,18 +85,25 @@ async def test_a_vertical_sign_is_read_turned(memorised_checkpoint: tuple[Path, 
         assert texts[len(words) :] != words
 
 
-@pytest.mark.parametrize("contrast_views", [True, False])
-async def test_a_faded_crop_is_read_contrast_stretched(memorised_checkpoint: tuple[Path, list[str]], contrast_views: bool) -> None:
+@pytest.mark.parametrize(("contrast_views", "confident_at", "reads_words", "inputs_per_crop"), [
+    (True, 1.0, True, 3),  # every view of every crop
+    (True, 0.6, True, 3),  # the default: a faded crop reads unsure, so its contrast views are read too
+    (True, 0.0, False, 1),  # every first reading counts as sure: no further views
+    (False, 1.0, False, 1),
+])  # fmt: skip
+async def test_a_faded_crop_is_read_contrast_stretched(memorised_checkpoint: tuple[Path, list[str]], contrast_views: bool,
+                                                       confident_at: float, reads_words: bool, inputs_per_crop: int) -> None:  # fmt: skip
     checkpoint, words = memorised_checkpoint
     # Grey on grey (levels 120..140): a washed-out photo of each word.
     files = [encode(render_word(w).point(lambda v: 120 + v * 20 // 255)) for w in words]
-    async with running_app(settings_for(checkpoint, contrast_views=contrast_views)) as (app, client):
+    settings = settings_for(checkpoint, contrast_views=contrast_views, views_confident_at=confident_at)
+    async with running_app(settings) as (app, client):
         r = await client.post("/recognize", files=multipart(files))
         text = (await client.get("/metrics")).text
     assert r.status_code == 200, r.text
-    texts = [x["text"] for x in r.json()["results"]]
-    assert (texts == words) is contrast_views
-    assert metric(text, "safl_crops_recognized_total") == len(words) * (3 if contrast_views else 1)
+    answers = r.json()["results"]
+    assert ([x["text"] for x in answers] == words) is reads_words
+    assert metric(text, "safl_crops_recognized_total") == len(words) * inputs_per_crop
 
 
 async def test_probes_info_metrics_docs(tiny_checkpoint: Path) -> None:

@@ -113,12 +113,21 @@ def add_view_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--turn-tall", action=argparse.BooleanOptionalAction, default=default.turn_tall,
                    help="also read a crop taller than wide turned 90° each way (default: %(default)s)")
     p.add_argument("--contrast-views", action=argparse.BooleanOptionalAction, default=default.contrast,
-                   help="also read each crop contrast-stretched and histogram-equalised (default: %(default)s)")  # fmt: skip
+                   help="also read each crop contrast-stretched and histogram-equalised (default: %(default)s)")
+    p.add_argument("--views-confident-at", type=_fraction, default=default.confident_at, metavar="P",
+                   help="read a crop's further views only when it alone reads less confidently than P; 1 reads them all (default: %(default)s)")  # fmt: skip
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text}")
+    return value
 
 
 def view_config(args: argparse.Namespace) -> ViewConfig:
     """The ``ViewConfig`` of parsed ``add_view_flags`` arguments."""
-    return ViewConfig(turn_tall=args.turn_tall, contrast=args.contrast_views)
+    return ViewConfig(turn_tall=args.turn_tall, contrast=args.contrast_views, confident_at=args.views_confident_at)
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -138,7 +147,7 @@ def run_eval(args: argparse.Namespace) -> int:
             sets.append(load_folder_part(d, pcfg, args.part, args.val_fraction, args.split_seed, view_cfg))
         else:
             sets.append(load_any(d, pcfg, view_cfg))
-    results = evaluate(model, sets, args.batch_size, args.worst)
+    results = evaluate(model, sets, args.batch_size, args.worst, view_cfg.confident_at)
     print(to_markdown(results, f"{info.model_id} ({args.part})"))
     if args.json:
         to_json(results, args.json, {"model": info.model_id, "part": args.part, "split_seed": args.split_seed, "val_fraction": args.val_fraction})

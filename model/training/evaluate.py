@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..preprocess import to_tensor
-from ..safl import SAFL, Recognition, most_confident
+from ..preprocess import ViewConfig, to_tensor
+from ..reading import Recognition, read_views
+from ..safl import SAFL
 from .data import ArrayDataset
 
 _NOT_36 = re.compile(r"[^0-9a-z]")
@@ -87,29 +88,29 @@ def _read(model: SAFL, images, batch_size: int, amp_dtype: torch.dtype | None) -
 
 
 def predict(model: SAFL, images, batch_size: int = 128, amp_dtype: torch.dtype | None = None,
-            extra_views: dict[int, np.ndarray] | None = None) -> tuple[list[str], list[float]]:
+            extra_views: dict[int, np.ndarray] | None = None,
+            confident_at: float = ViewConfig().confident_at) -> tuple[list[str], list[float]]:  # fmt: skip
     """Texts and confidences for a uint8 image array, in batches.
 
-    With ``extra_views`` (``ArrayDataset.extra_views``), a sample that has them is read
-    in every view and the most confident reading kept: what the service answers.
+    With ``extra_views`` (``ArrayDataset.extra_views``) the samples are read as the
+    service reads them (``model.reading.read_views``): a sample whose image alone reads
+    less confidently than ``confident_at`` is also read in its further views.
     """
-    readings = _read(model, images, batch_size, amp_dtype)
-    if extra_views:
-        owners = [i for i, v in extra_views.items() for _ in range(len(v))]
-        flat = np.concatenate(list(extra_views.values()))
-        alternatives: dict[int, list[Recognition]] = {}
-        for i, r in zip(owners, _read(model, flat, batch_size, amp_dtype), strict=True):
-            alternatives.setdefault(i, []).append(r)
-        for i, alts in alternatives.items():
-            readings[i] = most_confident([readings[i], *alts])
+    if not extra_views:
+        readings = _read(model, images, batch_size, amp_dtype)
+    else:
+        per_sample = [[images[i], *extra_views.get(i, ())] for i in range(len(images))]
+        readings = read_views(lambda vs: _read(model, np.stack(vs), batch_size, amp_dtype), per_sample, confident_at)
     return [r.text for r in readings], [r.confidence for r in readings]
 
 
-def evaluate(model: SAFL, datasets: list[ArrayDataset], batch_size: int = 128, worst: int = 5) -> list[DatasetResult]:
-    """Metrics per data set, with the ``worst`` most confident mistakes of each."""
+def evaluate(model: SAFL, datasets: list[ArrayDataset], batch_size: int = 128, worst: int = 5,
+             confident_at: float = ViewConfig().confident_at) -> list[DatasetResult]:  # fmt: skip
+    """Metrics per data set, with the ``worst`` most confident mistakes of each; the
+    samples are read in their views (``predict``)."""
     results = []
     for ds in datasets:
-        preds, confs = predict(model, ds.images, batch_size, extra_views=ds.extra_views)
+        preds, confs = predict(model, ds.images, batch_size, extra_views=ds.extra_views, confident_at=confident_at)
         n, acc36, acc_cs, ned = score(preds, ds.labels)
         wrong = [
             Example(i, ds.labels[i], preds[i], round(confs[i], 4))
