@@ -143,7 +143,7 @@ def views(img: Image.Image, cfg: PreprocessConfig, view_cfg: ViewConfig = ViewCo
         out.append(arr)
         if view_cfg.contrast:
             small = Image.fromarray(arr)
-            out += [np.asarray(ImageOps.autocontrast(small, cutoff=5)), np.asarray(ImageOps.equalize(small))]
+            out += [np.array(ImageOps.autocontrast(small, cutoff=5)), np.array(ImageOps.equalize(small))]
     return out
 
 
