@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+
+import pytest
+import yaml
 
 from service.settings import Settings
 
@@ -23,3 +27,19 @@ def test_ci_runs_the_readme_test_command() -> None:
     install_and_serve, install_and_test = [line.split("#")[0].strip() for line in first_block.strip().splitlines()[:2]]
     assert install_and_serve.endswith("safl serve")
     assert install_and_test in (ROOT / ".ci" / "run").read_text()
+
+
+@pytest.mark.parametrize("compose_file", ["docker-compose.yml", "docker-compose.gpu.yml"])
+def test_compose_defaults_are_valid_settings(compose_file: str) -> None:
+    # The SAFL_* defaults the compose files pass (`${VAR:-default}`) must start a server:
+    # an inconsistent pair (e.g. a queue too short for max_files) would crash-loop the container.
+    services = yaml.safe_load((ROOT / compose_file).read_text())["services"]
+    env = {}
+    for service in services.values():
+        for name, value in (service.get("environment") or {}).items():
+            if name.startswith("SAFL_") and value is not None:
+                match = re.fullmatch(r"\$\{\w+:-(.*)\}", str(value))
+                env[name[len("SAFL_"):].lower()] = match.group(1) if match else str(value)
+    env.pop("device", None)  # cuda in the GPU file: checked at load time, not by Settings
+    assert env, f"no SAFL_* settings found in {compose_file}"
+    Settings(**env)
