@@ -11,7 +11,9 @@ Debian fonts.
   a stand-in for the ``wordfreq`` package (whose wheel carries every language);
 - ``real/<set>/``: the real train splits pre-processed to the model input (32×128
   grey lossless WebP, same ``labels.tsv`` order, so the fixed-seed val/fine-tune split is
-  unchanged and re-preprocessing them is the identity);
+  unchanged and re-preprocessing them is the identity). Their shape is gone, so
+  validation there reads the contrast views but never turns a tall crop: re-evaluate a
+  GPU checkpoint here (``safl eval``) before comparing it with the shipped one;
 - ``whl/``: wheels the GPU image lacks (rapidfuzz, for the validation metrics).
 
 ``scripts/gpu_train.sh`` unpacks it on the GPU machine.
