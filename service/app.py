@@ -312,7 +312,7 @@ def create_app(settings: Settings | None = None, *, predictor: Predictor | None 
             charset=cfg.charset,
             max_len=cfg.max_len,
             input=InputInfo(height=cfg.height, width=cfg.width, channels=cfg.channels),
-            views=ViewsInfo(turn_tall=view_cfg.turn_tall, contrast=view_cfg.contrast),
+            views=ViewsInfo(turn_tall=view_cfg.turn_tall, contrast=view_cfg.contrast, confident_at=view_cfg.confident_at),
             device=str(p.device),
             precision=p.precision,
             threads=p.threads or torch.get_num_threads(),

@@ -71,6 +71,7 @@ class ViewsInfo(BaseModel):
 
     turn_tall: bool = Field(description="a crop taller than wide is also read turned 90° each way")
     contrast: bool = Field(description="each crop is also read contrast-stretched and histogram-equalised")
+    confident_at: float = Field(description="a first reading at least this confident is the answer without the further views")
 
 
 class BatchingInfo(BaseModel):

@@ -118,7 +118,7 @@ async def test_probes_info_metrics_docs(tiny_checkpoint: Path) -> None:
         spec = (await client.get("/openapi.json")).json()
     assert info["name"] == "safl-tiny" and len(info["sha256"]) == 64 and info["model"] == f"safl-tiny@{info['sha256'][:12]}"
     assert info["input"] == {"height": 32, "width": 128, "channels": 1}
-    assert info["views"] == {"turn_tall": False, "contrast": False}  # settings_for's ONE_VIEW
+    assert info["views"] == {"turn_tall": False, "contrast": False, "confident_at": 0.6}  # settings_for's ONE_VIEW
     assert info["device"] == "cpu" and info["precision"] == "float32" and info["threads"] == 1
     assert info["batching"] == {"max_batch_size": 4, "max_wait_ms": 3.0, "max_queue": 50, "timeout_ms": 10000.0}
     assert info["charset"] and info["limits"]["formats"] == ["PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF"]
