@@ -92,7 +92,11 @@ def resize(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     The crop is stretched to the fixed size (no aspect-ratio padding), as in most STR
     models: the TPS stage and the training data absorb the distortion.
     """
-    img = canonicalize(img, cfg.channels)
+    return _resize_canonical(canonicalize(img, cfg.channels), cfg)
+
+
+def _resize_canonical(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
+    # The resize step of ``resize`` alone, for an image ``canonicalize`` already gave.
     if img.size != (cfg.width, cfg.height):
         img = img.resize((cfg.width, cfg.height), Image.Resampling.BILINEAR)
     return np.array(img, dtype=np.uint8)
@@ -139,7 +143,7 @@ def views(img: Image.Image, cfg: PreprocessConfig, view_cfg: ViewConfig = ViewCo
         turned += [img.transpose(t) for t in (Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_270)]
     out = []
     for oriented in turned:
-        arr = resize(oriented, cfg)
+        arr = _resize_canonical(oriented, cfg)  # canonicalised once above, not per view
         out.append(arr)
         if view_cfg.contrast:
             small = Image.fromarray(arr)

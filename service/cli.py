@@ -176,6 +176,7 @@ def run_recognize(args: argparse.Namespace) -> int:
     predictor.init_thread()
     treat_bomb_warning_as_error()
     limits = ImageLimits(args.max_file_bytes, args.max_pixels)
+    view_cfg = view_config(args)
     names: list[str] = []
     crops: list[list[torch.Tensor]] = []  # the views of each readable image
     errors: list[dict[str, str]] = []
@@ -184,7 +185,7 @@ def run_recognize(args: argparse.Namespace) -> int:
             if path.stat().st_size > limits.max_file_bytes:  # before reading it into memory
                 raise ImageRejected(413, "file_too_large", f"file {str(path)!r} is over {limits.max_file_bytes} bytes")
             data = path.read_bytes()
-            crops.append(load_crop(data, str(path), limits, predictor.preprocess_config, view_config(args)))
+            crops.append(load_crop(data, str(path), limits, predictor.preprocess_config, view_cfg))
             names.append(str(path))
         except OSError as exc:
             errors.append({"filename": str(path), "code": "unreadable", "message": f"cannot read {path}: {exc.strerror or exc}"})
@@ -195,7 +196,7 @@ def run_recognize(args: argparse.Namespace) -> int:
     def read(inputs: list[torch.Tensor]) -> list[Recognition]:
         return [r for i in range(0, len(inputs), size) for r in predictor.recognize(inputs[i : i + size])]
 
-    results = read_views(read, crops, view_config(args).confident_at)
+    results = read_views(read, crops, view_cfg.confident_at)
     if args.json:
         doc: dict[str, Any] = {
             "model": predictor.info.model_id,

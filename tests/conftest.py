@@ -24,6 +24,14 @@ def render_word(text: str, size: tuple[int, int] = (128, 32), mode: str = "L") -
     return img.convert(mode)
 
 
+def random_words(n: int, seed: int) -> list[str]:
+    """``n`` made-up lowercase words of 2 to 6 letters, the same for the same seed."""
+    import random
+
+    rng = random.Random(seed)
+    return ["".join(rng.choice("abcdefghijklmnop") for _ in range(rng.randint(2, 6))) for _ in range(n)]
+
+
 def write_shards(folder: Path, words: list[str], shard_size: int = 32) -> Path:
     """A shard folder in the ``safl synth`` layout, each word drawn with Pillow's font."""
     import numpy as np

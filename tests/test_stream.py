@@ -14,13 +14,12 @@ import copy
 import dataclasses
 import json
 import multiprocessing as mp
-import random
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import render_word, write_shards
+from conftest import random_words, render_word, write_shards
 
 from model.charset import DEFAULT_CHARS
 from model.preprocess import PreprocessConfig, resize, to_tensor
@@ -132,10 +131,7 @@ N_STEPS = 8
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small shard folder (the ``safl synth`` layout), words drawn with Pillow's font."""
-    folder = tmp_path_factory.mktemp("synth")
-    rng = random.Random(1)
-    words = ["".join(rng.choice("abcdefghijklmnop") for _ in range(rng.randint(2, 6))) for _ in range(32)]
-    return write_shards(folder, words)
+    return write_shards(tmp_path_factory.mktemp("synth"), random_words(32, seed=1))
 
 
 def _cfg(out: Path, shards: Path | None, **overrides) -> TrainConfig:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import itertools
 import json
-import random
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import render_word, write_shards
+from conftest import random_words, render_word, write_shards
 
 from model import load_checkpoint
 from model.training.cli import main as cli_main
@@ -23,11 +22,9 @@ N_STEPS = 16
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small rendered shard folder (the ``safl synth`` layout), words drawn with Pillow's font."""
-    folder = tmp_path_factory.mktemp("synth")
-    rng = random.Random(0)
-    words = ["".join(rng.choice("abcdefghijklmnop") for _ in range(rng.randint(2, 6))) for _ in range(48)]
+    words = random_words(48, seed=0)
     words[5] = "café"  # not in the charset: filtered out at load time
-    return write_shards(folder, words)
+    return write_shards(tmp_path_factory.mktemp("synth"), words)
 
 
 @pytest.fixture(scope="module")
