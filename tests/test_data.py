@@ -18,6 +18,7 @@ from model.preprocess import ViewConfig, resize
 from model.training.data import (
     ArrayDataset,
     augment,
+    degrade,
     encode_labels,
     load_any,
     load_folder,
@@ -290,3 +291,20 @@ def test_augment_is_reproducible_and_bounded() -> None:
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert float(a.min()) >= -1.0 and float(a.max()) <= 1.0
     assert augment(batch, torch.Generator().manual_seed(0), strength=0.0) is batch
+
+
+def test_degrade_is_reproducible_bounded_and_off_by_default() -> None:
+    from model.preprocess import to_tensor
+
+    batch = to_tensor(np.stack([resize(render_word(w), CFG) for w in ("Hello", "world", "42", "ok")] * 8))
+    a = degrade(batch, torch.Generator().manual_seed(0), 1.0)
+    assert torch.equal(a, degrade(batch, torch.Generator().manual_seed(0), 1.0))
+    assert not torch.equal(a, degrade(batch, torch.Generator().manual_seed(1), 1.0))
+    assert a.shape == batch.shape and float(a.min()) >= -1.0 and float(a.max()) <= 1.0
+    changed = (a - batch).abs().flatten(1).amax(1) > 1e-6
+    # A share of the samples is degraded, not all: the clean look stays in training.
+    assert 0 < int(changed.sum()) < len(batch)
+    # Off (the default) it draws nothing, so earlier runs resume with the same batches.
+    gen = torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    assert degrade(batch, gen, 0.0) is batch and torch.equal(gen.get_state(), state)

@@ -236,3 +236,33 @@ def augment(batch: torch.Tensor, gen: torch.Generator, strength: float = 1.0) ->
     bright = (r(b, 1, 1, 1) - 0.5) * 0.3 * strength
     noise = torch.randn(out.shape, generator=gen).to(batch.device) * (r(b, 1, 1, 1) * 0.06 * strength)
     return (out * contrast + bright + noise).clamp_(-1.0, 1.0)
+
+
+def degrade(batch: torch.Tensor, gen: torch.Generator, strength: float) -> torch.Tensor:
+    """Photometric and resolution degradations seen in street photos but rare in the
+    renderer's output, for a share of the samples that grows with ``strength``: low
+    resolution (down- then up-sampled), washed-out contrast, gamma and inverted polarity.
+
+    Draws come from ``gen`` (a fixed number per call), so a resumed run repeats them.
+    """
+    if strength <= 0:
+        return batch
+    b, _, h, w = batch.shape
+    r = lambda *shape: torch.rand(*shape, generator=gen).to(batch.device)  # noqa: E731
+    chosen = lambda p: (r(b, 1, 1, 1) < p * strength).float()  # noqa: E731
+    # One resolution per batch keeps it a single interpolate; which samples get it varies.
+    factor = 1.5 + 2.0 * float(r(1))
+    small = F.interpolate(batch, size=(max(4, round(h / factor)), max(4, round(w / factor))), mode="area")
+    lowres = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+    m = chosen(0.3)
+    out = m * lowres + (1 - m) * batch
+    gamma = torch.exp((r(b, 1, 1, 1) - 0.5) * 1.4)
+    m = chosen(0.2)
+    out = m * (((out + 1) / 2).clamp(0, 1).pow(gamma) * 2 - 1) + (1 - m) * out
+    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    washed = mean + (out - mean) * (0.25 + 0.35 * r(b, 1, 1, 1)) + (r(b, 1, 1, 1) - 0.5) * 0.6
+    m = chosen(0.2)
+    out = m * washed + (1 - m) * out
+    m = chosen(0.1)
+    out = m * -out + (1 - m) * out
+    return out.clamp_(-1.0, 1.0)

@@ -30,7 +30,7 @@ from ..charset import Charset
 from ..loss import sequence_loss
 from ..preprocess import to_tensor
 from ..safl import SAFL, SAFLConfig
-from .data import ArrayDataset, augment, encode_labels, load_any, load_folder_part
+from .data import ArrayDataset, augment, degrade, encode_labels, load_any, load_folder_part
 from .evaluate import evaluate
 from .stream import RenderStream
 
@@ -66,6 +66,7 @@ class TrainConfig:
     clip: float = 1.0
     seed: int = 0
     augment: float = 1.0
+    degrade: float = 0.0  # street-photo degradations (``data.degrade``); 0 leaves a run's draws as before
     threads: int = 2
     amp: str = "auto"  # auto | bf16 | off
     device: str = "auto"
@@ -155,6 +156,7 @@ class BatchSampler:
             labels += [ds.labels[i] for i in idx]
         images = to_tensor(torch.cat([torch.from_numpy(p) for p in parts]).to(self.device))
         images = augment(images, self.gen, self.cfg.augment)
+        images = degrade(images, self.gen, self.cfg.degrade)
         inp, tgt = encode_labels(labels, self.charset)
         return images, inp, tgt
 
