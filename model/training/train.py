@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import load_checkpoint, save_checkpoint
 from ..charset import Charset
+from ..checkpoint import load_checkpoint, save_checkpoint
 from ..loss import sequence_loss
 from ..preprocess import to_tensor
 from ..safl import SAFL, SAFLConfig
@@ -166,6 +166,36 @@ class BatchSampler:
             self.synth.close()
 
 
+@dataclass
+class _Window:
+    """Sums over the steps since the last log line (or over the whole invocation)."""
+
+    loss: float = 0.0
+    data: float = 0.0  # seconds spent getting batches
+    total: float = 0.0  # seconds per step, data included
+    n: int = 0
+
+    def add(self, other: _Window) -> None:
+        self.loss += other.loss
+        self.data += other.data
+        self.total += other.total
+        self.n += other.n
+
+
+@dataclass
+class _LoopState:
+    """What ``Trainer.advance`` carries from one step to the next within one invocation."""
+
+    start: float
+    last_ckpt: float
+    bar: Any  # tqdm
+    window: _Window = field(default_factory=_Window)
+    totals: _Window = field(default_factory=_Window)
+    last_loss: float = float("nan")
+    stopped_by: str = "steps"
+    lockstep: bool = False  # train_lockstep takes the timed checkpoints, for all runs at one step
+
+
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
@@ -234,7 +264,7 @@ class Trainer:
             (self.out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
         if share_data_with is None:
             self.sampler.seek(self.step)
-        self._loop: dict[str, Any] = {}
+        self._loop: _LoopState | None = None
 
     def _build_data(self, cfg: TrainConfig) -> None:
         pcfg = self.model_cfg.preprocess
@@ -364,79 +394,72 @@ class Trainer:
             flush=True,
         )
         now = time.monotonic()
-        self._loop = {
-            "start": now,
-            "last_ckpt": now,
-            "acc": {"loss": 0.0, "data": 0.0, "total": 0.0, "n": 0},
-            "totals": {"data": 0.0, "total": 0.0, "n": 0},
-            "last_loss": float("nan"),
-            "stopped_by": "steps",
-            "bar": tqdm(total=self.end_step(), initial=self.step, unit="step", disable=not (cfg.progress and bar), dynamic_ncols=True),
-        }
+        progress = tqdm(total=self.end_step(), initial=self.step, unit="step", disable=not (cfg.progress and bar), dynamic_ncols=True)
+        self._loop = _LoopState(start=now, last_ckpt=now, bar=progress)
+
+    def _loop_state(self) -> _LoopState:
+        if self._loop is None:
+            raise RuntimeError("begin() must be called before advance() / finish()")
+        return self._loop
 
     def advance(self) -> bool:
         """One step with its logging, validation and checkpointing; True when the run should stop."""
-        cfg, loop = self.cfg, self._loop
+        cfg, loop = self.cfg, self._loop_state()
         if self.step >= self.end_step():
             return True
         loss, data_s, total_s = self.train_step()
-        loop["last_loss"] = loss
-        acc = loop["acc"]
-        acc["loss"] += loss
-        acc["data"] += data_s
-        acc["total"] += total_s
-        acc["n"] += 1
-        bar = loop["bar"]
+        loop.last_loss = loss
+        loop.window.add(_Window(loss, data_s, total_s, 1))
+        bar = loop.bar
         bar.update(1)
         if self.step % cfg.log_every == 0 or self.step == self.end_step():
-            n = acc["n"]
+            w = loop.window
             rec = {
                 "step": self.step,
                 "images": self.step * cfg.batch_size,
-                "loss": round(acc["loss"] / n, 5),
+                "loss": round(w.loss / w.n, 5),
                 "lr": max(self.sched.get_last_lr()),
-                "img_s": round(cfg.batch_size * n / acc["total"], 1),
-                "data_ms": round(1000 * acc["data"] / n, 2),
-                "step_ms": round(1000 * acc["total"] / n, 2),
+                "img_s": round(cfg.batch_size * w.n / w.total, 1),
+                "data_ms": round(1000 * w.data / w.n, 2),
+                "step_ms": round(1000 * w.total / w.n, 2),
                 "train_hours": round(self.train_seconds / 3600, 4),
             }
             self._log(rec)
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", img_s=rec["img_s"], data=f"{100 * acc['data'] / acc['total']:.1f}%")
-            for k in ("data", "total", "n"):
-                loop["totals"][k] += acc[k]
-            loop["acc"] = {"loss": 0.0, "data": 0.0, "total": 0.0, "n": 0}
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", img_s=rec["img_s"], data=f"{100 * w.data / w.total:.1f}%")
+            loop.totals.add(w)
+            loop.window = _Window()
         if cfg.val_every and self.step % cfg.val_every == 0:
             val = self.validate()
             if val:
                 bar.write(f"{self.out.name} step {self.step}: val " + ", ".join(f"{k} {v['acc36']:.3f}" for k, v in val.items() if isinstance(v, dict)))
         now = time.monotonic()
-        if not loop.get("lockstep") and now - loop["last_ckpt"] > cfg.checkpoint_minutes * 60:
+        if not loop.lockstep and now - loop.last_ckpt > cfg.checkpoint_minutes * 60:
             self.save_state()
-            loop["last_ckpt"] = now
-        if cfg.max_minutes is not None and now - loop["start"] > cfg.max_minutes * 60:
-            loop["stopped_by"] = "time budget"
+            loop.last_ckpt = now
+        if cfg.max_minutes is not None and now - loop.start > cfg.max_minutes * 60:
+            loop.stopped_by = "time budget"
             return True
         return self.step >= self.end_step()
 
     def finish(self) -> dict[str, Any]:
         """Save the state and summarise the invocation's speed."""
-        loop = self._loop
-        loop["bar"].close()
+        loop = self._loop_state()
+        loop.bar.close()
         self.save_state()
-        totals = loop["totals"]
-        n = max(totals["n"], 1)
+        totals = loop.totals
+        n = max(totals.n, 1)
         summary = {
             "run": str(self.out),
             "step": self.step,
-            "stopped_by": loop["stopped_by"],
-            "loss": loop["last_loss"],
-            "img_s": round(self.cfg.batch_size * n / totals["total"], 1) if totals["total"] else None,
-            "data_ms": round(1000 * totals["data"] / n, 2),
-            "step_ms": round(1000 * totals["total"] / n, 2),
-            "data_share": round(totals["data"] / totals["total"], 4) if totals["total"] else None,
+            "stopped_by": loop.stopped_by,
+            "loss": loop.last_loss,
+            "img_s": round(self.cfg.batch_size * n / totals.total, 1) if totals.total else None,
+            "data_ms": round(1000 * totals.data / n, 2),
+            "step_ms": round(1000 * totals.total / n, 2),
+            "data_share": round(totals.data / totals.total, 4) if totals.total else None,
         }
         print(
-            f"{self.out.name}: stopped at step {self.step} ({loop['stopped_by']}); {summary['img_s']} img/s; data {summary['data_ms']} ms "
+            f"{self.out.name}: stopped at step {self.step} ({loop.stopped_by}); {summary['img_s']} img/s; data {summary['data_ms']} ms "
             f"of {summary['step_ms']} ms per step ({100 * (summary['data_share'] or 0):.1f} %)",
             flush=True,
         )
@@ -465,7 +488,7 @@ def train_lockstep(trainers: list[Trainer]) -> list[dict[str, Any]]:
             raise TrainingSetupError(f"lockstep runs must resume at the same step, got {sorted(steps)}: resume them separately first")
         for i, t in enumerate(trainers):
             t.begin(bar=i == 0)
-            t._loop["lockstep"] = True  # timed checkpoints are taken below, for all at one step
+            t._loop_state().lockstep = True  # timed checkpoints are taken below, for all at one step
         last_ckpt = time.monotonic()
         while True:
             stops = [t.advance() for t in trainers]
@@ -474,9 +497,9 @@ def train_lockstep(trainers: list[Trainer]) -> list[dict[str, Any]]:
                     t.save_state()
                 last_ckpt = time.monotonic()
             if any(stops):
-                reason = next(t._loop["stopped_by"] for t, stop in zip(trainers, stops) if stop)
+                reason = next(t._loop_state().stopped_by for t, stop in zip(trainers, stops) if stop)
                 for t in trainers:
-                    t._loop["stopped_by"] = reason  # all stop for the reason the first one gave
+                    t._loop_state().stopped_by = reason  # all stop for the reason the first one gave
                 break
         return [t.finish() for t in trainers]
     finally:
