@@ -1,0 +1,74 @@
+"""Grow a trained SAFL into a bigger one that computes the same function (Net2Net-style).
+
+Training a bigger model from scratch costs GPU time this project rarely has. Growing the
+shipped one keeps everything it learned and only adds room to learn more: the new
+encoder and decoder layers are appended with their residual outputs (attention output
+projections, second FFN linear) zeroed, and widened FFNs get new hidden units whose
+outgoing weights are zero. Each added piece starts as the identity on the residual
+stream and learns from there.
+
+    python -m model.training.grow weights/safl.safetensors runs/grown/init.safetensors \
+        --enc-layers 4 --dec-layers 3 --ffn-mult 4
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+
+import torch
+
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..safl import SAFL
+
+#: Parameters whose output feeds the residual stream directly: zero them and a layer adds nothing.
+_RESIDUAL_OUTPUTS = ("attn.out_proj.", "self_attn.out_proj.", "cross_attn.out_proj.", "ffn.net.3.")
+
+
+def grow(model: SAFL, enc_layers: int, dec_layers: int, ffn_mult: int) -> SAFL:
+    """A model with at least as many layers and as wide FFNs as ``model``, with the same outputs."""
+    old = model.config
+    if enc_layers < old.enc_layers or dec_layers < old.dec_layers or ffn_mult < old.ffn_mult:
+        raise ValueError("grow only adds: layers and ffn_mult must be at least the model's own")
+    if old.locality_ffn:
+        raise ValueError("growing a locality-aware FFN (convolutional) is not supported")
+    cfg = replace(old, enc_layers=enc_layers, dec_layers=dec_layers, ffn_mult=ffn_mult)
+    big = SAFL(cfg)
+    src = model.state_dict()
+    with torch.no_grad():
+        for name, param in big.state_dict().items():
+            if name not in src:  # a new layer: start as the identity on the residual stream
+                if any(part in name for part in _RESIDUAL_OUTPUTS):
+                    param.zero_()
+                continue
+            value = src[name]
+            if value.shape == param.shape:
+                param.copy_(value)
+            elif name.endswith("ffn.net.0.weight") or name.endswith("ffn.net.0.bias"):
+                param[: value.shape[0]].copy_(value)  # the old hidden units; new ones keep their init
+            elif name.endswith("ffn.net.3.weight"):
+                param.zero_()
+                param[:, : value.shape[1]].copy_(value)  # new hidden units contribute nothing yet
+            else:
+                raise ValueError(f"cannot grow {name}: {tuple(value.shape)} → {tuple(param.shape)}")
+    return big.eval()
+
+
+def main() -> None:
+    """Command line: grow a checkpoint file into another."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--enc-layers", type=int, required=True)
+    p.add_argument("--dec-layers", type=int, required=True)
+    p.add_argument("--ffn-mult", type=int, required=True)
+    args = p.parse_args()
+    model, info = load_checkpoint(args.src)
+    big = grow(model, args.enc_layers, args.dec_layers, args.ffn_mult)
+    training = dict(info.training or {}, grown_from=info.model_id)
+    out = save_checkpoint(big, args.dst, name=info.name, training=training)
+    print(f"{info.model_id} ({model.num_parameters() / 1e6:.2f} M params) → {out.model_id} ({big.num_parameters() / 1e6:.2f} M params): {args.dst}")
+
+
+if __name__ == "__main__":
+    main()

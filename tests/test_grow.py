@@ -1,0 +1,46 @@
+"""Growing a model keeps what it computes (model.training.grow)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.checkpoint import load_checkpoint, save_checkpoint
+from model.safl import SAFL, SAFLConfig
+from model.training.grow import grow
+
+
+def _trained_looking(cfg: SAFLConfig) -> SAFL:
+    # Random but non-zero everywhere, so a copied-wrong parameter shows in the outputs.
+    torch.manual_seed(0)
+    model = SAFL(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def test_grown_model_computes_the_same_and_saves(tmp_path) -> None:
+    small = _trained_looking(SAFLConfig.from_preset("tiny"))
+    big = grow(small, enc_layers=3, dec_layers=2, ffn_mult=4)
+    assert (big.config.enc_layers, big.config.dec_layers, big.config.ffn_mult) == (3, 2, 4)
+    assert big.num_parameters() > small.num_parameters()
+    images = torch.rand(3, 1, 32, 128) * 2 - 1
+    tokens = torch.randint(3, len(small.charset.chars), (3, 7))
+    with torch.no_grad():
+        assert torch.allclose(small(images, tokens), big(images, tokens), atol=1e-5)
+        assert [r.text for r in small.recognize(images)] == [r.text for r in big.recognize(images)]
+    # The grown model is an ordinary checkpoint: it saves, loads and trains like any other.
+    info = save_checkpoint(big, tmp_path / "grown.safetensors", name="grown")
+    loaded, loaded_info = load_checkpoint(tmp_path / "grown.safetensors")
+    assert loaded_info.config == big.config and loaded_info.sha256 == info.sha256
+    big.train()
+    big(images, tokens).sum().backward()
+    new_layer = big.encoder.layers[-1]
+    assert new_layer.attn.out_proj.weight.grad.abs().sum() > 0  # the zeroed output learns first
+
+
+def test_grow_refuses_to_shrink() -> None:
+    model = SAFL(SAFLConfig.from_preset("tiny"))
+    with pytest.raises(ValueError, match="only adds"):
+        grow(model, enc_layers=0, dec_layers=1, ffn_mult=2)
