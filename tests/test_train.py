@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +127,32 @@ def test_resume_continues_exactly(tmp_path: Path, shards: Path) -> None:
     assert [r["loss"] for r in ls] == [r["loss"] for r in lr_]
     state = torch.load(tmp_path / "split" / "state.pt", weights_only=True)
     assert state["step"] == N_STEPS
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl_c"])
+def test_a_signal_stops_after_the_step_and_the_run_resumes_exactly(tmp_path: Path, shards: Path, signum: int) -> None:
+    straight = Trainer(_cfg(tmp_path / "straight", shards))
+    straight.run()
+
+    stopped = Trainer(_cfg(tmp_path / "stopped", shards))
+    step = stopped.train_step
+
+    def step_then_signal():  # as if `docker stop` (SIGTERM) or Ctrl-C came mid-step
+        out = step()
+        if stopped.step == 5:
+            os.kill(os.getpid(), signum)
+        return out
+
+    stopped.train_step = step_then_signal
+    handlers = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+    summary = stopped.run()
+    assert summary["stopped_by"] == "interrupted" and summary["step"] == 5
+    # The run's handlers are gone after it: the process's own are back.
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+    resumed = Trainer(_cfg(tmp_path / "stopped", shards), resume=True)
+    assert resumed.step == 5 and resumed.run()["step"] == N_STEPS
+    for k, v in straight.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
 
 
 def test_resume_keeps_the_saved_config(tmp_path: Path, shards: Path) -> None:

@@ -32,7 +32,8 @@ def grow(model: SAFL, enc_layers: int, dec_layers: int, ffn_mult: int) -> SAFL:
         raise ValueError("grow only adds: layers and ffn_mult must be at least the model's own")
     if old.locality_ffn:
         raise ValueError("growing a locality-aware FFN (convolutional) is not supported")
-    cfg = replace(old, enc_layers=enc_layers, dec_layers=dec_layers, ffn_mult=ffn_mult)
+    grown = old.preset if old.preset.endswith("-grown") else f"{old.preset}-grown"
+    cfg = replace(old, preset=grown, enc_layers=enc_layers, dec_layers=dec_layers, ffn_mult=ffn_mult)
     big = SAFL(cfg)
     src = model.state_dict()
     with torch.no_grad():
@@ -66,7 +67,7 @@ def main() -> None:
     model, info = load_checkpoint(args.src)
     big = grow(model, args.enc_layers, args.dec_layers, args.ffn_mult)
     training = dict(info.training or {}, grown_from=info.model_id)
-    out = save_checkpoint(big, args.dst, name=info.name, training=training)
+    out = save_checkpoint(big, args.dst, name=f"safl-{big.config.preset}", training=training)
     print(f"{info.model_id} ({model.num_parameters() / 1e6:.2f} M params) → {out.model_id} ({big.num_parameters() / 1e6:.2f} M params): {args.dst}")
 
 

@@ -10,7 +10,9 @@ A run lives in one folder (``--out``)::
     log.jsonl           one JSON object per log interval and per validation
 
 ``--resume`` continues exactly where the state left off: the same batches, the same
-augmentation draws, the same learning-rate schedule.
+augmentation draws, the same learning-rate schedule. Ctrl-C or SIGTERM (``docker stop``,
+a machine shutting down) stops a run after its current step and saves the state first;
+a second Ctrl-C aborts at once.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -194,6 +199,32 @@ class _LoopState:
     last_loss: float = float("nan")
     stopped_by: str = "steps"
     lockstep: bool = False  # train_lockstep takes the timed checkpoints, for all runs at one step
+
+
+class _GracefulStop:
+    """While active, the first SIGINT or SIGTERM only asks the loop to stop after the
+    current step, so the saved state matches a step boundary and resumes exactly; a
+    second SIGINT interrupts at once. Outside the main thread it installs nothing."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _GracefulStop:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving the state (Ctrl-C again aborts at once)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
@@ -468,10 +499,13 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         """Train until ``total_steps``, ``stop_at_step`` or ``max_minutes``; returns a summary."""
         try:
-            self.begin()
-            while not self.advance():
-                pass
-            return self.finish()
+            with _GracefulStop() as stop:
+                self.begin()
+                while not self.advance():
+                    if stop.requested:
+                        self._loop_state().stopped_by = "interrupted"
+                        break
+                return self.finish()
         finally:
             self.sampler.close()
 
@@ -486,22 +520,23 @@ def train_lockstep(trainers: list[Trainer]) -> list[dict[str, Any]]:
         steps = {t.step for t in trainers}
         if len(steps) != 1:  # refused inside the try: a render stream's workers are stopped too
             raise TrainingSetupError(f"lockstep runs must resume at the same step, got {sorted(steps)}: resume them separately first")
-        for i, t in enumerate(trainers):
-            t.begin(bar=i == 0)
-            t._loop_state().lockstep = True  # timed checkpoints are taken below, for all at one step
-        last_ckpt = time.monotonic()
-        while True:
-            stops = [t.advance() for t in trainers]
-            if time.monotonic() - last_ckpt > trainers[0].cfg.checkpoint_minutes * 60:
-                for t in trainers:
-                    t.save_state()
-                last_ckpt = time.monotonic()
-            if any(stops):
-                reason = next(t._loop_state().stopped_by for t, stop in zip(trainers, stops) if stop)
-                for t in trainers:
-                    t._loop_state().stopped_by = reason  # all stop for the reason the first one gave
-                break
-        return [t.finish() for t in trainers]
+        with _GracefulStop() as stop:
+            for i, t in enumerate(trainers):
+                t.begin(bar=i == 0)
+                t._loop_state().lockstep = True  # timed checkpoints are taken below, for all at one step
+            last_ckpt = time.monotonic()
+            while True:
+                stops = [t.advance() for t in trainers]
+                if time.monotonic() - last_ckpt > trainers[0].cfg.checkpoint_minutes * 60:
+                    for t in trainers:
+                        t.save_state()
+                    last_ckpt = time.monotonic()
+                if any(stops) or stop.requested:
+                    reason = next((t._loop_state().stopped_by for t, s in zip(trainers, stops) if s), "interrupted")
+                    for t in trainers:
+                        t._loop_state().stopped_by = reason  # all stop for the reason the first one gave
+                    break
+            return [t.finish() for t in trainers]
     finally:
         trainers[0].sampler.close()
 
