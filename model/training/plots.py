@@ -103,6 +103,32 @@ def plot_curves(runs: list[Path], out: Path) -> Path:
     return out
 
 
+def plot_continuations(runs: list[Path], metrics: Path, out: Path, since_step: dict[str, int] | None = None) -> Path:
+    """Mean validation accuracy of runs that continued from the shipped checkpoint, against
+    the images each trained, with the shipped model's own mean (``weights/metrics.json``)
+    as the line to beat: whether more CPU training moves the model.
+
+    ``since_step`` drops a run's validations before a step (e.g. ones read another way).
+    """
+    shipped = json.loads(metrics.read_text())
+    baseline = 100 * sum(d["acc36"] for d in shipped["datasets"]) / len(shipped["datasets"])
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for run in runs:
+        _, val = read_log(run)
+        val = [r for r in val if r["step"] >= (since_step or {}).get(run.name, 0)]
+        if val:
+            ax.plot([r["images"] / 1e3 for r in val], [100 * r["val"]["mean_acc36"] for r in val], "o-", lw=1.5, label=run.name)
+    ax.axhline(baseline, color="black", ls="--", lw=1, label=f"shipped {shipped['model']}: {baseline:.2f} %")
+    ax.set(xlabel="images trained since the shipped checkpoint (thousands)", ylabel="mean word accuracy, 36-char (%)",
+           title="CPU continuations of the shipped model (validation, default views)")  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def focal_vs_ce_table(focal: Path, ce: Path) -> str:
     """Markdown table of validation accuracy at every step both runs were validated."""
     _, vf = read_log(focal)
@@ -169,12 +195,22 @@ def plot_label_skew(label_files: list[Path], out: Path, real_tsvs: list[Path] = 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", type=Path, nargs="+", required=True, help="run folders; with two (focal, ce) also the comparison")
+    p.add_argument("--runs", type=Path, nargs="+", default=[], help="run folders; with two (focal, ce) also the comparison")
     p.add_argument("--synth", type=Path, help="shard folder whose labels to plot")
     p.add_argument("--real", type=Path, nargs="*", default=[], help="labels.tsv folders to compare the skew with")
     p.add_argument("--out", type=Path, default=Path("docs"))
+    p.add_argument("--continuations", type=Path, nargs="*", default=[], help="runs continued from the shipped checkpoint: docs/cpu_continuations.png")
+    p.add_argument("--metrics", type=Path, default=Path("weights/metrics.json"), help="the shipped model's validation (the line to beat)")
+    p.add_argument("--since", nargs="*", default=[], metavar="RUN=STEP", help="drop a continuation's validations before STEP")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.continuations:
+        since = {k: int(v) for k, v in (item.split("=", 1) for item in args.since)}
+        print(plot_continuations(args.continuations, args.metrics, args.out / "cpu_continuations.png", since))
+        if not args.runs:
+            return 0
+    if not args.runs:
+        p.error("give --runs and/or --continuations")
     print(plot_curves(args.runs[:1], args.out / "training_curves.png"))
     (args.out / "validation_log.md").write_text("".join(f"### {_label(r)}\n\n{validation_table(r)}\n" for r in args.runs))
     if len(args.runs) == 2:
