@@ -69,6 +69,13 @@ def _label(run: Path) -> str:
     return f"{run.name} ({'focal γ=' + str(cfg['gamma']) if cfg['loss'] == 'focal' else 'CE'})"
 
 
+def _save(fig: plt.Figure, out: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def plot_curves(runs: list[Path], out: Path) -> Path:
     """Loss and validation accuracy (36-char, per set and mean) against images seen."""
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(13, 4.5))
@@ -97,10 +104,7 @@ def plot_curves(runs: list[Path], out: Path) -> Path:
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def plot_continuations(runs: list[Path], metrics: Path, out: Path, since_step: dict[str, int] | None = None) -> Path:
@@ -123,10 +127,7 @@ def plot_continuations(runs: list[Path], metrics: Path, out: Path, since_step: d
            title="CPU continuations of the shipped model (validation, default views)")  # fmt: skip
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def focal_vs_ce_table(focal: Path, ce: Path) -> str:
@@ -187,10 +188,7 @@ def plot_label_skew(label_files: list[Path], out: Path, real_tsvs: list[Path] = 
     ax_c.set_xticklabels([c for c, _ in top], fontsize=5)
     ax_c.set_yscale("log")
     ax_c.set(title="Character frequency in synthetic labels", ylabel="count")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def main(argv: list[str] | None = None) -> int:
