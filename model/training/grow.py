@@ -21,8 +21,9 @@ import torch
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..safl import SAFL
 
-#: Parameters whose output feeds the residual stream directly: zero them and a layer adds nothing.
-_RESIDUAL_OUTPUTS = ("attn.out_proj.", "self_attn.out_proj.", "cross_attn.out_proj.", "ffn.net.3.")
+#: Parameters whose output feeds the residual stream directly: zero them and a layer adds
+#: nothing. ``attn.out_proj.`` also matches the decoder's ``self_attn`` and ``cross_attn``.
+_RESIDUAL_OUTPUTS = ("attn.out_proj.", "ffn.net.3.")
 
 
 def grow(model: SAFL, enc_layers: int, dec_layers: int, ffn_mult: int) -> SAFL:

@@ -201,14 +201,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metrics", type=Path, default=Path("weights/metrics.json"), help="the shipped model's validation (the line to beat)")
     p.add_argument("--since", nargs="*", default=[], metavar="RUN=STEP", help="drop a continuation's validations before STEP")
     args = p.parse_args(argv)
+    if not args.runs and not args.continuations:
+        p.error("give --runs and/or --continuations")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.continuations:
         since = {k: int(v) for k, v in (item.split("=", 1) for item in args.since)}
         print(plot_continuations(args.continuations, args.metrics, args.out / "cpu_continuations.png", since))
-        if not args.runs:
-            return 0
     if not args.runs:
-        p.error("give --runs and/or --continuations")
+        return 0
     print(plot_curves(args.runs[:1], args.out / "training_curves.png"))
     (args.out / "validation_log.md").write_text("".join(f"### {_label(r)}\n\n{validation_table(r)}\n" for r in args.runs))
     if len(args.runs) == 2:
