@@ -37,7 +37,7 @@ thread budget (``--threads``, default 2). The engines run one after the other pe
 so they share whatever else the machine is doing.
 
 ``--part val`` (the default) keeps the fixed-seed validation part of each folder, the same
-split training uses (``model.training.data.split_indices(n, 0.3, seed=0)`` over the
+split training uses (``model.training.split``: contiguous blocks, no label on both sides, over the
 ``labels.tsv`` order), so safl is scored on crops it never trained on.
 """
 
@@ -56,7 +56,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -70,12 +70,12 @@ from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from model import CheckpointError, load_checkpoint  # noqa: E402
-from model.training.data import read_labels_tsv, split_indices  # noqa: E402
+from model.training.data import read_labels_tsv  # noqa: E402
+from model.training.split import DEFAULT_SPLIT, split_indices  # noqa: E402
 from model.training.evaluate import score  # noqa: E402
 
 DEFAULT_WEIGHTS = REPO / "weights" / "safl.safetensors"
 PEERS = ("safl", "tesseract", "rapidocr")
-VAL_FRACTION, SPLIT_SEED = 0.3, 0  # the training split (model/training/cli.py defaults)
 
 Progress = Callable[[int], None]
 
@@ -104,7 +104,7 @@ def load_folder(path: Path, part: str = "val", limit: int | None = None, name: s
     if part == "all":
         idx = list(range(len(pairs)))
     elif part in ("val", "train"):
-        val, train = split_indices(len(pairs), VAL_FRACTION, SPLIT_SEED)
+        val, train = split_indices([t for _, t in pairs], DEFAULT_SPLIT)
         idx = val if part == "val" else train
     else:
         raise ValueError(f"unknown part {part!r}: expected val, train or all")
@@ -719,7 +719,7 @@ def main(argv: list[str] | None = None) -> int:
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "argv": sys.argv[1:] if argv is None else list(argv),
         "part": args.part,
-        "split": {"val_fraction": VAL_FRACTION, "seed": SPLIT_SEED} if args.part != "all" else None,
+        "split": asdict(DEFAULT_SPLIT) if args.part != "all" else None,
         "limit": args.limit,
         "threads": args.threads,
         "batch_sizes": batch_sizes,

@@ -4,7 +4,7 @@ of a colour crop help a model trained on grey ones?
     python scripts/colour_views_trial.py [--weights weights/safl.safetensors] \
         [--readings runs/colour_views_readings.json] [--json docs/colour_views_trial.json]
 
-Reads every validation crop (30 %, split seed 0) in the default views plus ten
+Reads every validation crop (the project split, `model.training.split`) in the default views plus ten
 decolourisations (principal colour components, single channels, opponent channels,
 saturation, max/min channel), each stretched to the full range, and keeps every reading
 (``--readings``, reused if present). Then, as for the default views: greedy selection of
@@ -22,7 +22,8 @@ from PIL import Image, ImageOps
 
 from model.checkpoint import load_checkpoint
 from model.preprocess import PreprocessConfig, canonicalize, views
-from model.training.data import read_labels_tsv, split_indices
+from model.training.data import read_labels_tsv
+from model.training.split import split_indices
 from model.training.evaluate import _read, normalize_36
 
 SETS = ("iiit5k", "svt", "ic15")
@@ -75,7 +76,7 @@ def read_all(weights: str, data: Path) -> dict:
     out = {}
     for name in SETS:
         pairs = read_labels_tsv(data / name)
-        val, _ = split_indices(len(pairs), 0.3, 0)
+        val, _ = split_indices([t for _, t in pairs])
         crops = [crop_views(data / name / pairs[i][0], cfg) for i in val]
         keys = [(c, k) for c, vs in enumerate(crops) for k in vs]
         readings = _read(model, np.stack([crops[c][k] for c, k in keys]), 256, None)

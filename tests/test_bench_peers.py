@@ -13,7 +13,7 @@ import pytest
 from conftest import render_word
 
 from model import load_checkpoint
-from model.training.data import split_indices
+from model.training.split import split_indices
 from model.training.evaluate import score
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
@@ -65,7 +65,7 @@ def test_safl_reads_through_the_service_path(peers, folder: Path, tiny_checkpoin
 
 
 def test_val_part_is_the_training_split(peers, folder: Path) -> None:
-    val, train = split_indices(len(WORDS), 0.3, 0)
+    val, train = split_indices(WORDS)
     assert peers.load_folder(folder, part="val").labels == [WORDS[i] for i in val]
     assert peers.load_folder(folder, part="train").labels == [WORDS[i] for i in train]
     assert peers.load_folder(folder, part="val", limit=1).labels == [WORDS[val[0]]]

@@ -15,6 +15,7 @@ from PIL import Image
 from model import Charset, PreprocessConfig
 from model.charset import BOS_ID, EOS_ID, PAD_ID
 from model.preprocess import ViewConfig, resize
+from model.training.split import SplitConfig, split_indices
 from model.training.data import (
     ArrayDataset,
     augment,
@@ -26,7 +27,6 @@ from model.training.data import (
     load_lmdb,
     load_shards,
     read_labels_tsv,
-    split_indices,
 )
 
 CFG = PreprocessConfig()
@@ -112,8 +112,9 @@ def test_empty_folder(tmp_path: Path) -> None:
 def test_folder_split_is_deterministic_and_disjoint(tmp_path: Path) -> None:
     labels = [f"w{i}" for i in range(20)]
     _make_folder(tmp_path / "f", labels)
-    val = load_folder_part(tmp_path / "f", CFG, "val", 0.3, seed=0)
-    train = load_folder_part(tmp_path / "f", CFG, "train", 0.3, seed=0)
+    split = SplitConfig(0.3, seed=0, block=2)
+    val = load_folder_part(tmp_path / "f", CFG, "val", split)
+    train = load_folder_part(tmp_path / "f", CFG, "train", split)
     everything = load_folder_part(tmp_path / "f", CFG, "all")
     assert len(val) == 6 and len(train) == 14
     assert set(val.labels).isdisjoint(train.labels)
@@ -123,9 +124,9 @@ def test_folder_split_is_deterministic_and_disjoint(tmp_path: Path) -> None:
     for ds in (val, train):
         for img, lab in zip(ds.images, ds.labels):
             assert np.array_equal(img, everything.images[labels.index(lab)])
-    again = load_folder_part(tmp_path / "f", CFG, "val", 0.3, seed=0)
+    again = load_folder_part(tmp_path / "f", CFG, "val", split)
     assert again.labels == val.labels
-    other = load_folder_part(tmp_path / "f", CFG, "val", 0.3, seed=1)
+    other = load_folder_part(tmp_path / "f", CFG, "val", SplitConfig(0.3, seed=1, block=2))
     assert other.labels != val.labels
     with pytest.raises(ValueError, match="unknown part"):
         load_folder_part(tmp_path / "f", CFG, "test")
@@ -154,7 +155,7 @@ def test_tall_crops_carry_their_turned_views_through_split_and_filter(tmp_path: 
     assert {i: len(v) for i, v in default.extra_views.items()} == {i: 8 if i in tall else 2 for i in range(20)}
     assert load_folder(folder, CFG, view_cfg=None).extra_views == {}
     for part in ("val", "train"):
-        ds = load_folder_part(folder, CFG, part, 0.3, seed=0, view_cfg=turn_only).filtered(Charset(), 25)
+        ds = load_folder_part(folder, CFG, part, SplitConfig(block=3), view_cfg=turn_only).filtered(Charset(), 25)
         for k, (img, lab) in enumerate(zip(ds.images, ds.labels)):
             i = next(i for i in range(20) if np.array_equal(everything.images[i], img))
             assert lab == labels[i]
@@ -164,12 +165,28 @@ def test_tall_crops_carry_their_turned_views_through_split_and_filter(tmp_path: 
                 assert k not in ds.extra_views
 
 
-def test_split_indices() -> None:
-    val, train = split_indices(100, 0.3, 7)
-    assert len(val) == 30 and len(train) == 70
-    assert sorted(val + train) == list(range(100))
-    assert (val, train) == split_indices(100, 0.3, 7)
-    assert split_indices(0, 0.3, 0) == ([], [])
+def test_split_keeps_blocks_and_labels_apart() -> None:
+    # 10 scenes of 10 crops; "SALE" recurs in every other scene, in either case.
+    labels = [("SALE" if i % 4 else "sale") if j == 0 and i % 2 == 0 else f"s{i}w{j}" for i in range(10) for j in range(10)]
+    cfg = SplitConfig(0.3, seed=7, block=10)
+    val, train = split_indices(labels, cfg)
+    assert (val, train) == split_indices(labels, cfg)  # deterministic
+    val_blocks = {i // 10 for i in val}
+    assert len(val_blocks) == 3 and len(val) == 30  # whole blocks, 30 % of them
+    assert val_blocks.isdisjoint(i // 10 for i in train)
+    val_words = {labels[i].casefold() for i in val}
+    assert val_words.isdisjoint(labels[i].casefold() for i in train)
+    left_out = set(range(100)) - set(val) - set(train)
+    if "sale" in val_words:  # every other SALE crop is left out of the fine-tune part
+        assert left_out == {i for i in range(100) if i // 10 not in val_blocks and labels[i].casefold() == "sale"}
+    else:
+        assert not left_out
+    assert split_indices([], cfg) == ([], [])
+    assert split_indices(labels, SplitConfig(0.3, seed=8, block=10))[0] != val
+    with pytest.raises(ValueError, match="block"):
+        SplitConfig(block=0)
+    with pytest.raises(ValueError, match="val_fraction"):
+        SplitConfig(val_fraction=1.5)
 
 
 # -- filtering ------------------------------------------------------------------------------------

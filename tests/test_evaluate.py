@@ -195,7 +195,7 @@ def test_safl_eval_cli_validation_part(checkpoint: Path, folder: Path, capsys: p
     rc = cli_main(["eval", "--weights", str(checkpoint), "--data", str(folder), "--part", "val", "--threads", "1", "--worst", "0"])
     assert rc == 0
     out = capsys.readouterr().out
-    val = load_folder_part(folder, PreprocessConfig(), "val")  # 30 % of 7 samples, fixed seed
+    val = load_folder_part(folder, PreprocessConfig(), "val")  # blocks of 1 crop in a 7-crop folder: 2 of the 7
     assert len(val) == 2
     assert "| handmade-val | " in out and "(val)" in out
     assert "Most confident mistakes" not in out

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import fields, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 from ..preprocess import ViewConfig
+from .split import DEFAULT_SPLIT, SplitConfig
 from .train import TrainConfig
 
 
@@ -96,14 +97,27 @@ def add_eval_parser(sub: argparse._SubParsersAction, default_weights: Path | Non
     p.add_argument("--weights", type=Path, default=default_weights, required=default_weights is None, help="checkpoint (.safetensors)")
     p.add_argument("--data", type=Path, nargs="+", required=True, metavar="DIR", help="labels.tsv folders, shard folders or LMDBs")
     p.add_argument("--part", choices=("all", "val", "train"), default="all", help="which part of a labels.tsv folder (fixed-seed split)")
-    p.add_argument("--val-fraction", type=float, default=0.3)
-    p.add_argument("--split-seed", type=int, default=0)
+    add_split_flags(p)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
     p.add_argument("--worst", type=int, default=5, help="most confident mistakes to list per data set")
     add_view_flags(p)
     p.set_defaults(func=run_eval)
+
+
+def add_split_flags(p: argparse.ArgumentParser) -> None:
+    """``--val-fraction``, ``--split-seed``, ``--split-block``: the ``SplitConfig`` of a
+    labelled folder's validation / fine-tune parts (``split_config(args)``)."""
+    d = DEFAULT_SPLIT
+    p.add_argument("--val-fraction", type=_fraction, default=d.val_fraction, help="share of the blocks in the validation part (default: %(default)s)")
+    p.add_argument("--split-seed", type=int, default=d.seed, help="seed of the block draw (default: %(default)s)")
+    p.add_argument("--split-block", type=int, default=d.block, help="crops per contiguous block of the split, in source order (default: %(default)s)")
+
+
+def split_config(args: argparse.Namespace) -> SplitConfig:
+    """The ``SplitConfig`` of parsed ``add_split_flags`` arguments."""
+    return SplitConfig(args.val_fraction, args.split_seed, args.split_block)
 
 
 def add_view_flags(p: argparse.ArgumentParser) -> None:
@@ -144,13 +158,13 @@ def run_eval(args: argparse.Namespace) -> int:
     sets = []
     for d in args.data:
         if (d / "labels.tsv").is_file() and args.part != "all":
-            sets.append(load_folder_part(d, pcfg, args.part, args.val_fraction, args.split_seed, view_cfg))
+            sets.append(load_folder_part(d, pcfg, args.part, split_config(args), view_cfg))
         else:
             sets.append(load_any(d, pcfg, view_cfg))
     results = evaluate(model, sets, args.batch_size, args.worst, view_cfg.confident_at)
     print(to_markdown(results, f"{info.model_id} ({args.part})"))
     if args.json:
-        to_json(results, args.json, {"model": info.model_id, "part": args.part, "split_seed": args.split_seed, "val_fraction": args.val_fraction})
+        to_json(results, args.json, {"model": info.model_id, "part": args.part, "split": asdict(split_config(args))})
     return 0
 
 

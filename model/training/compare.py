@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import load_checkpoint
+from .cli import add_split_flags, split_config
 from .data import load_folder_part
+from .split import DEFAULT_SPLIT, SplitConfig
 from .evaluate import normalize_36, predict
 
 
@@ -35,13 +37,13 @@ def paired_bootstrap(a: list[bool], b: list[bool], rounds: int = 2000, seed: int
     return diffs[int(0.025 * rounds)], diffs[int(0.975 * rounds) - 1]
 
 
-def compare(path_a: Path, path_b: Path, folders: list[Path], val_fraction: float = 0.3, seed: int = 0) -> list[dict]:
+def compare(path_a: Path, path_b: Path, folders: list[Path], split: SplitConfig = DEFAULT_SPLIT) -> list[dict]:
     """Per-set paired comparison rows."""
     model_a, info_a = load_checkpoint(path_a)
     model_b, _ = load_checkpoint(path_b)
     rows = []
     for folder in folders:
-        ds = load_folder_part(folder, info_a.config.preprocess, "val", val_fraction, seed)
+        ds = load_folder_part(folder, info_a.config.preprocess, "val", split)
         scored = ds.subset([i for i, lab in enumerate(ds.labels) if normalize_36(lab)])
         pa, _ = predict(model_a, scored.images, extra_views=scored.extra_views)
         pb, _ = predict(model_b, scored.images, extra_views=scored.extra_views)
@@ -77,9 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--names", nargs=2, default=["focal", "CE"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path)
+    add_split_flags(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows = compare(args.a, args.b, args.val)
+    rows = compare(args.a, args.b, args.val, split_config(args))
     print(to_markdown(rows, *args.names))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")

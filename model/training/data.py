@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from PIL import Image
 
 from ..charset import BOS_ID, EOS_ID, PAD_ID, Charset
 from ..preprocess import PreprocessConfig, ViewConfig, resize, views
+from .split import DEFAULT_SPLIT, SplitConfig, split_indices
 
 
 @dataclass
@@ -104,29 +104,24 @@ def _from_views(name: str, per_image: list[list[np.ndarray]], labels: list[str],
     return ArrayDataset(name, np.stack([v[0] for v in per_image]), labels, extra)
 
 
-def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Deterministic ``(validation, fine-tune)`` index split of ``n`` samples."""
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    k = int(round(n * val_fraction))
-    return sorted(order[:k]), sorted(order[k:])
-
-
-def load_folder_part(folder: str | Path, cfg: PreprocessConfig, part: str, val_fraction: float = 0.3, seed: int = 0,
+def load_folder_part(folder: str | Path, cfg: PreprocessConfig, part: str, split: SplitConfig = DEFAULT_SPLIT,
                      view_cfg: ViewConfig | None = ViewConfig()) -> ArrayDataset:
     """``part`` = ``"val"`` / ``"train"`` (the fine-tune part) / ``"all"`` of a labelled folder.
 
-    The split is fixed by ``seed`` so the validation part is never trained on.
+    The split (``model.training.split``) keeps scenes and words apart, so the validation
+    part is never trained on, not even as another crop of the same word.
+
+    Raises ``ValueError`` for an unknown ``part``, ``FileNotFoundError`` without ``labels.tsv``.
     """
+    if part not in ("val", "train", "all"):
+        raise ValueError(f"unknown part {part!r}: expected val, train or all")
     ds = load_folder(folder, cfg, view_cfg=view_cfg)
     if part == "all":
         return ds
-    val, train = split_indices(len(ds), val_fraction, seed)
+    val, train = split_indices(ds.labels, split)
     if part == "val":
         return ds.subset(val, f"{ds.name}-val")
-    if part == "train":
-        return ds.subset(train, f"{ds.name}-train")
-    raise ValueError(f"unknown part {part!r}: expected val, train or all")
+    return ds.subset(train, f"{ds.name}-train")
 
 
 def load_shards(folder: str | Path, limit: int | None = None) -> ArrayDataset:

@@ -11,21 +11,24 @@ accuracy is higher, and ``weights/metrics.json`` records the numbers for the mod
 from __future__ import annotations
 
 import argparse
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .cli import add_split_flags, split_config
 from .data import load_folder_part
+from .split import SplitConfig
 from .evaluate import evaluate, to_json, to_markdown
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[2] / "weights" / "safl.safetensors"
 
 
-def mean_acc(path: Path, folders: list[Path], val_fraction: float, seed: int) -> tuple[float, list, dict]:
+def mean_acc(path: Path, folders: list[Path], split: SplitConfig) -> tuple[float, list, dict]:
     """Mean 36-char accuracy over the validation parts, the per-set results and the training metadata."""
     model, info = load_checkpoint(path)
-    sets = [load_folder_part(f, info.config.preprocess, "val", val_fraction, seed) for f in folders]
+    sets = [load_folder_part(f, info.config.preprocess, "val", split) for f in folders]
     results = evaluate(model, sets, worst=3)
     return sum(r.acc36 for r in results) / len(results), results, {"model": info.model_id, **info.training}
 
@@ -35,16 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("candidate", type=Path)
     p.add_argument("--val", type=Path, nargs="+", required=True)
     p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
-    p.add_argument("--val-fraction", type=float, default=0.3)
-    p.add_argument("--split-seed", type=int, default=0)
+    add_split_flags(p)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    split = split_config(args)
 
-    cand, cand_results, cand_meta = mean_acc(args.candidate, args.val, args.val_fraction, args.split_seed)
+    cand, cand_results, cand_meta = mean_acc(args.candidate, args.val, split)
     print(to_markdown(cand_results, f"candidate {cand_meta['model']}"))
     try:
-        cur, _, cur_meta = mean_acc(args.weights, args.val, args.val_fraction, args.split_seed)
+        cur, _, cur_meta = mean_acc(args.weights, args.val, split)
         print(f"shipped {cur_meta['model']}: mean acc36 {100 * cur:.2f} %")
     except CheckpointError as exc:
         cur = -1.0
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     model, info = load_checkpoint(args.candidate)
     shipped = save_checkpoint(model, args.weights, name=info.name, training=info.training)
     cand_meta["model"] = shipped.model_id
-    to_json(cand_results, args.weights.parent / "metrics.json", {"model": cand_meta["model"], "split": {"part": "val", "val_fraction": args.val_fraction, "seed": args.split_seed}, "training": cand_meta})
+    to_json(cand_results, args.weights.parent / "metrics.json", {"model": cand_meta["model"], "split": {"part": "val", **asdict(split)}, "training": cand_meta})
     print(f"shipped {shipped.model_id} → {args.weights} (sha256 {shipped.sha256})")
     return 0
 

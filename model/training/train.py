@@ -37,6 +37,7 @@ from ..preprocess import to_tensor
 from ..safl import SAFL, SAFLConfig
 from .data import ArrayDataset, augment, degrade, encode_labels, load_any, load_folder_part
 from .evaluate import evaluate
+from .split import DEFAULT_SPLIT, SplitConfig
 from .stream import RenderStream
 
 #: Fields that may change when a run is resumed (they do not change what is learnt).
@@ -57,8 +58,9 @@ class TrainConfig:
     real: list[str] = field(default_factory=list)  # labelled folders: their fine-tune part is trained on
     real_ratio: float = 0.0  # share of each batch drawn from `real`
     val: list[str] = field(default_factory=list)  # labelled folders: their validation part is reported
-    val_fraction: float = 0.3
-    split_seed: int = 0
+    val_fraction: float = DEFAULT_SPLIT.val_fraction  # the split of --real / --val folders (model.training.split)
+    split_seed: int = DEFAULT_SPLIT.seed
+    split_block: int = DEFAULT_SPLIT.block
     loss: str = "focal"
     gamma: float = 2.0
     batch_size: int = 64
@@ -81,6 +83,11 @@ class TrainConfig:
     log_every: int = 50
     stop_at_step: int | None = None
     progress: bool = True
+
+    @property
+    def split(self) -> SplitConfig:
+        """The validation / fine-tune split of the ``real`` and ``val`` folders."""
+        return SplitConfig(self.val_fraction, self.split_seed, self.split_block)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
@@ -310,11 +317,11 @@ class Trainer:
             synth = _concat(synth_sets, "synth", pcfg)
             n_synth = len(synth)
         real_sets = [
-            load_folder_part(p, pcfg, "train", cfg.val_fraction, cfg.split_seed, view_cfg=None).filtered(self.charset, self.model_cfg.max_len)
+            load_folder_part(p, pcfg, "train", cfg.split, view_cfg=None).filtered(self.charset, self.model_cfg.max_len)
             for p in cfg.real
         ]
         real = _concat(real_sets, "real", pcfg) if real_sets else None
-        self.val_sets = [load_folder_part(p, pcfg, "val", cfg.val_fraction, cfg.split_seed) for p in cfg.val]
+        self.val_sets = [load_folder_part(p, pcfg, "val", cfg.split) for p in cfg.val]
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.sampler = BatchSampler(synth, real, cfg, self.charset, self.gen, self.device)
         self.n_train = (n_synth, len(real) if real is not None else 0)
