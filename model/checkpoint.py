@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from .safl import SAFL, SAFLConfig
 
 FORMAT = "safl-checkpoint"
-FORMAT_VERSION = 2  # 2: TPS points are bounded offsets (config field tps_max_offset)
+FORMAT_VERSION = 3  # 2: TPS points are bounded offsets (tps_max_offset); 3: monotone TPS points (tps_monotone)
 
 
 class CheckpointError(ValueError):
@@ -129,6 +129,8 @@ def read_info(path: str | os.PathLike[str], verify: bool = True) -> CheckpointIn
     raw_config = meta.get("config")
     if version == 1 and isinstance(raw_config, dict):
         raw_config = {"tps_max_offset": 0.0, **raw_config}  # format 1 predicted absolute TPS points
+    if isinstance(version, int) and version <= 2 and isinstance(raw_config, dict):
+        raw_config = {"tps_monotone": False, **raw_config}  # before format 3 the points could fold
     try:
         config = SAFLConfig.from_dict(raw_config)
     except (KeyError, TypeError, ValueError) as exc:
@@ -157,6 +159,7 @@ def _check_embedded_config(info: CheckpointInfo) -> None:
     stored = json.loads(embedded)
     if "tps_max_offset" not in stored:
         stored["tps_max_offset"] = 0.0  # written before the field existed (format 1)
+    stored.setdefault("tps_monotone", False)  # written before the field existed (format 2)
     if stored != info.config.to_dict():
         raise CheckpointError(
             f"the sidecar of {info.weights_path.name} does not match the config stored in the weights "

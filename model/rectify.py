@@ -7,6 +7,14 @@ offsets from the target points, squashed by ``tanh`` to at most ``max_offset``
 (normalised units): unbounded points drifted outside the image in CPU training and
 the grid then sampled only border padding (accuracy fell from 31 % to 4 % within
 1,000 steps). The last layer starts at zero, so the module starts as the identity.
+
+Bounded offsets were not enough: the GPU-trained head (``monotone=False``) learned one
+nearly fixed warp whose top-edge points fold back on each other, which cut the first
+letter off and smeared the right quarter of every crop. With ``monotone=True`` (the
+default for new models) each edge's points are parameterised so they cannot fold: a
+centre shift and a span (bounded zoom) place the edge, a softmax splits the span into
+positive gaps between consecutive points, and only the y coordinates are free offsets.
+At zero output this is exactly the identity.
 """
 
 from __future__ import annotations
@@ -64,10 +72,36 @@ class TPSGridGenerator(nn.Module):
         return grid.view(points.shape[0], self.out_h, self.out_w, 2)
 
 
+#: Bounds of the monotone parameterisation (normalised units): an edge's centre moves by at
+#: most MAX_SHIFT, its span is 2 * exp(±MAX_LOG_ZOOM) (about 0.7x to 1.4x the width).
+MAX_SHIFT = 0.3
+MAX_LOG_ZOOM = 0.35
+
+
+def monotone_points(raw: torch.Tensor, num_points: int, max_offset: float) -> torch.Tensor:
+    """Fiducial points that cannot fold, from the localisation head's ``[B, 2 * (F + 1)]`` output.
+
+    Per edge (top, then bottom; ``K = F / 2`` points each) the raw values are a centre
+    shift, a log-span, ``K - 1`` gap logits and ``K`` y offsets. Returns ``[B, F, 2]``
+    (x, y) in normalised coordinates, x strictly increasing along each edge; all zeros
+    give ``fiducial_points(F)``.
+    """
+    k = num_points // 2
+    raw = raw.view(-1, 2, 2 * k + 1)
+    centre = MAX_SHIFT * torch.tanh(raw[..., :1])
+    span = 2.0 * torch.exp(MAX_LOG_ZOOM * torch.tanh(raw[..., 1:2]))
+    gaps = torch.softmax(raw[..., 2 : k + 1], dim=-1)
+    x = centre - span / 2 + span * torch.cat([torch.zeros_like(gaps[..., :1]), torch.cumsum(gaps, dim=-1)], dim=-1)
+    edge_y = torch.tensor([-1.0, 1.0], dtype=raw.dtype, device=raw.device).view(1, 2, 1)
+    y = edge_y + max_offset * torch.tanh(raw[..., k + 1 :])
+    return torch.stack([x, y], dim=-1).reshape(-1, num_points, 2)
+
+
 class TPSRectifier(nn.Module):
     """Localisation CNN + TPS grid + bilinear sampling; output has the input's size."""
 
-    def __init__(self, in_channels: int, height: int, width: int, num_points: int = 20, max_offset: float = 0.75) -> None:
+    def __init__(self, in_channels: int, height: int, width: int, num_points: int = 20, max_offset: float = 0.75,
+                 monotone: bool = True) -> None:
         super().__init__()
 
         def block(cin: int, cout: int) -> list[nn.Module]:
@@ -83,10 +117,10 @@ class TPSRectifier(nn.Module):
             nn.Linear(128, 64),
             nn.ReLU(inplace=True),
         )
-        self.fc = nn.Linear(64, num_points * 2)
+        self.fc = nn.Linear(64, 2 * (num_points + 1) if monotone else num_points * 2)
         nn.init.zeros_(self.fc.weight)
         nn.init.zeros_(self.fc.bias)
-        if max_offset <= 0:
+        if max_offset <= 0 and not monotone:
             # Legacy (checkpoint format 1): the layer predicts absolute, unbounded points.
             with torch.no_grad():
                 self.fc.bias.copy_(fiducial_points(num_points).reshape(-1))
@@ -94,11 +128,15 @@ class TPSRectifier(nn.Module):
         self.grid = TPSGridGenerator(num_points, height, width)
         self.num_points = num_points
         self.max_offset = max_offset
+        self.monotone = monotone
 
     def points(self, x: torch.Tensor) -> torch.Tensor:
         """Predicted fiducial points ``[B, F, 2]`` for a batch."""
         small = F.interpolate(x, size=(x.shape[-2] // 2, x.shape[-1] // 2), mode="bilinear", align_corners=False)
-        raw = self.fc(self.loc_net(small)).view(-1, self.num_points, 2).float()
+        raw = self.fc(self.loc_net(small)).float()
+        if self.monotone:
+            return monotone_points(raw, self.num_points, self.max_offset)
+        raw = raw.view(-1, self.num_points, 2)
         if self.max_offset <= 0:
             return raw
         return self.base_points + self.max_offset * torch.tanh(raw)

@@ -38,6 +38,7 @@ class SAFLConfig:
     use_tps: bool = True
     tps_points: int = 20
     tps_max_offset: float = 0.75  # bound on fiducial-point offsets; 0 = legacy unbounded points
+    tps_monotone: bool = True  # points that cannot fold (model.rectify.monotone_points); False before format 3
     dropout: float = 0.0
 
     @property
@@ -87,7 +88,7 @@ class SAFL(nn.Module):
         config.preprocess  # noqa: B018 - validates the input geometry (channels 1 or 3, at least 8x8) up front
         self.charset = Charset(config.charset)
         c = config
-        self.rectifier = TPSRectifier(c.channels, c.height, c.width, c.tps_points, c.tps_max_offset) if c.use_tps else None
+        self.rectifier = TPSRectifier(c.channels, c.height, c.width, c.tps_points, c.tps_max_offset, c.tps_monotone) if c.use_tps else None
         self.encoder = SATRNEncoder(
             c.channels, c.height, c.width, c.d_model, c.heads, c.enc_layers, c.d_model * c.ffn_mult, c.grid_h, c.locality_ffn, c.dropout
         )

@@ -229,14 +229,38 @@ def test_format_1_checkpoint_loads_with_unbounded_tps(tmp_path: Path) -> None:
     from dataclasses import replace
 
     torch.manual_seed(0)
-    legacy = SAFL(replace(SAFLConfig.from_preset("tiny"), tps_max_offset=0.0)).eval()
+    legacy = SAFL(replace(SAFLConfig.from_preset("tiny"), tps_max_offset=0.0, tps_monotone=False)).eval()
     path = tmp_path / "old.safetensors"
     save_checkpoint(legacy, path)
     meta = json.loads(path.with_suffix(".json").read_text())
     meta["format_version"] = 1
-    del meta["config"]["tps_max_offset"]
+    del meta["config"]["tps_max_offset"], meta["config"]["tps_monotone"]
     path.with_suffix(".json").write_text(json.dumps(meta))
     loaded, info = load_checkpoint(path)
-    assert info.config.tps_max_offset == 0.0
+    assert info.config.tps_max_offset == 0.0 and not info.config.tps_monotone
     x = torch.randn(2, 1, 32, 128)
     torch.testing.assert_close(loaded.encode(x), legacy.encode(x))
+
+
+def test_format_2_checkpoint_loads_with_foldable_tps_points(tmp_path: Path) -> None:
+    """Format 2 (the shipped safl-small@a659eaef27c4) predates monotone TPS points: it loads
+    with its bounded-offset head, both from the sidecar and from the config in the weights."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    old = SAFL(replace(SAFLConfig.from_preset("tiny"), tps_monotone=False)).eval()
+    path = tmp_path / "v2.safetensors"
+    save_checkpoint(old, path)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    meta["format_version"] = 2
+    del meta["config"]["tps_monotone"]
+    config = dict(meta["config"])
+    save_file(load_file(str(path)), str(path), metadata={"format": "safl-checkpoint", "config": json.dumps(config, sort_keys=True)})
+    meta["sha256"] = file_sha256(path)
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    loaded, info = load_checkpoint(path)
+    assert not info.config.tps_monotone and loaded.rectifier.fc.out_features == 40
+    x = torch.randn(2, 1, 32, 128)
+    torch.testing.assert_close(loaded.encode(x), old.encode(x))

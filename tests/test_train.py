@@ -233,11 +233,11 @@ def test_reset_tps_keeps_the_rest_and_makes_the_rectifier_the_identity() -> None
     from model.training.train import _with_identity_tps
 
     torch.manual_seed(0)
-    old = SAFL(replace(SAFLConfig.from_preset("tiny"), tps_max_offset=0.0))
+    old = SAFL(replace(SAFLConfig.from_preset("tiny"), tps_max_offset=0.0, tps_monotone=False))
     with torch.no_grad():
         old.rectifier.fc.weight.normal_(0, 1.0)  # a drifted, unbounded TPS head
     fresh = _with_identity_tps(old)
-    assert fresh.config.tps_max_offset > 0
+    assert fresh.config.tps_max_offset > 0 and fresh.config.tps_monotone
     x = torch.randn(2, 1, 32, 128)
     torch.testing.assert_close(fresh.rectifier(x), x, atol=1e-3, rtol=0)
     torch.testing.assert_close(fresh.decoder.head.weight, old.decoder.head.weight)

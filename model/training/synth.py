@@ -35,7 +35,7 @@ from ..preprocess import PreprocessConfig, resize
 from .fonts import FontFace, by_family, discover_fonts
 from .words import Lexicon, TextSampler
 
-RENDERER_VERSION = 1
+RENDERER_VERSION = 2  # 2: tight crops more often, weak contrast, long tokens (words.TextMix.long_token)
 BACKGROUND_DIRS = (Path("/usr/share/backgrounds"), Path("/usr/share/images/desktop-base"), Path("/usr/share/wallpapers"))
 
 
@@ -63,6 +63,8 @@ class SynthConfig:
     p_lowres: float = 0.2
     p_noise: float = 0.3
     p_jpeg: float = 0.2
+    p_tight: float = 0.4  # margins within a few % of the text height (cut at the ink)
+    p_low_contrast: float = 0.15  # text only 20-60 grey levels from its background
 
     @property
     def preprocess(self) -> PreprocessConfig:
@@ -188,9 +190,12 @@ class Renderer:
         else:
             left, top, right, bottom = probe.textbbox((0, 0), text, font=font, stroke_width=stroke)
         tw, th = max(1, right - left), max(1, bottom - top)
-        # Tight to loose crops; a slightly negative margin clips the glyph edges as real detectors do.
-        ml, mr = (int(th * rng.uniform(-0.03, 0.6)) for _ in range(2))
-        mt, mb = (int(th * rng.uniform(-0.05, 0.45)) for _ in range(2))
+        # Tight to loose crops; a slightly negative margin clips the glyph edges as real
+        # detectors do. Crops cut at the ink are drawn often on purpose: the model read 75 %
+        # of clean words cropped tight against 92 % with a 40 % margin.
+        tight = rng.random() < c.p_tight
+        ml, mr = (int(th * (rng.uniform(-0.05, 0.08) if tight else rng.uniform(0.0, 0.6))) for _ in range(2))
+        mt, mb = (int(th * (rng.uniform(-0.06, 0.06) if tight else rng.uniform(-0.05, 0.45))) for _ in range(2))
         curve = rng.random() < c.p_curve
         amp = int(th * rng.uniform(0.15, 0.6)) if curve else 0
         w, h = tw + ml + mr, th + mt + mb + 2 * amp
@@ -207,7 +212,7 @@ class Renderer:
         bg_level = rng.randint(0, 255)
         bg = self._background((w, h), bg_level, rng)
         bg_mean = int(np.asarray(bg).mean())
-        fg_level = self._contrasting(bg_mean, rng)
+        fg_level = self._contrasting(bg_mean, rng, (20, 60) if rng.random() < c.p_low_contrast else (60, 200))
         if rng.random() < c.p_shadow:
             shadow = Image.new("L", (w, h), 0)
             d = max(1, size_px // 15)
@@ -240,8 +245,8 @@ class Renderer:
             x += font.getlength(ch) + spacing
 
     @staticmethod
-    def _contrasting(level: int, rng: random.Random) -> int:
-        gap = rng.randint(60, 200)
+    def _contrasting(level: int, rng: random.Random, gaps: tuple[int, int] = (60, 200)) -> int:
+        gap = rng.randint(*gaps)
         options = [v for v in (level - gap, level + gap) if 0 <= v <= 255]
         if not options:
             return 0 if level > 127 else 255

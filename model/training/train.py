@@ -51,7 +51,7 @@ class TrainConfig:
     out: str = "runs/small-focal"
     preset: str = "small"
     init: str | None = None  # checkpoint to start from (fine-tuning), else random init
-    reset_tps: bool = False  # with `init`: re-initialise the TPS head as the identity (bounded offsets)
+    reset_tps: bool = False  # with `init`: re-initialise the TPS head as the identity (bounded, monotone points)
     synth: list[str] = field(default_factory=list)  # shard folders / LMDBs / labels.tsv folders
     stream_workers: int = 0  # >0: render synthetic crops on the fly in this many processes instead of --synth
     stream_seed: int = 1  # renderer seed of the stream (seed 0 is the pre-rendered data/synth set)
@@ -549,10 +549,10 @@ def train_lockstep(trainers: list[Trainer]) -> list[dict[str, Any]]:
 
 
 def _with_identity_tps(model: SAFL) -> SAFL:
-    """The same network with a fresh, identity-initialised, bounded TPS head (other weights kept)."""
+    """The same network with a fresh, identity-initialised, bounded, monotone TPS head (other weights kept)."""
     from dataclasses import replace
 
-    cfg = replace(model.config, tps_max_offset=SAFLConfig.tps_max_offset)
+    cfg = replace(model.config, tps_max_offset=SAFLConfig.tps_max_offset, tps_monotone=SAFLConfig.tps_monotone)
     fresh = SAFL(cfg)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("rectifier.fc.")}
     fresh.load_state_dict(state, strict=False)
