@@ -7,7 +7,7 @@ per line) and prints a markdown table; ``--json``, ``--markdown`` and ``--plot``
         --data ../shared/data/train/iiit5k ../shared/data/train/svt ../shared/data/train/ic15 \\
         --json bench/results/peers.json --markdown bench/results/peers.md --plot bench/results/peers.png
 
-Engines (``--peers``, default all three; one that is not installed is skipped with a message):
+Engines (``--peers``, default all four; one that is not installed is skipped with a message):
 
 - ``safl``: the checkpoint through the service's code path: image bytes → PIL decode →
   ``SAFL.recognize_images`` (``model.preprocess.views``: a crop taller than wide is also read
@@ -23,6 +23,8 @@ Engines (``--peers``, default all three; one that is not installed is skipped wi
   onnxruntime ``intra_op_num_threads=--threads``, ``inter_op_num_threads=1``, OpenCV
   ``setNumThreads(--threads)``; batch sizes above 1 call its recogniser
   (``engine.text_rec``) on lists of crops decoded and pre-sized the same way.
+- ``rapidocr3``: the current ``rapidocr`` 3.x package (PP-OCRv6 small recogniser, in its
+  wheel), recognition alone, one crop per call: what a user installs today.
 
 Metric: ``model.training.evaluate.score``: 36-char accuracy (lowercase alphanumerics, other
 characters removed; labels empty after that are not scored), case-sensitive accuracy
@@ -75,7 +77,7 @@ from model.training.split import DEFAULT_SPLIT, split_indices  # noqa: E402
 from model.training.evaluate import score  # noqa: E402
 
 DEFAULT_WEIGHTS = REPO / "weights" / "safl.safetensors"
-PEERS = ("safl", "tesseract", "rapidocr")
+PEERS = ("safl", "tesseract", "rapidocr", "rapidocr3")
 
 Progress = Callable[[int], None]
 
@@ -342,6 +344,52 @@ class RapidOCRPeer(Peer):
         if not all(hasattr(self.engine, a) for a in ("preprocess", "load_img", "text_rec")):
             sizes = [1]
         return [Variant("default", b, self._runner(b)) for b in sizes]
+
+
+class RapidOCR3Peer(Peer):
+    """The current ``rapidocr`` 3.x package (PP-OCRv6 small recogniser, shipped in its wheel):
+    what a user installs today. Recognition alone, the crop as is, one crop per call."""
+
+    name = "rapidocr3"
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+
+    def load(self) -> None:
+        try:
+            import cv2
+            from rapidocr import RapidOCR
+        except ImportError as exc:
+            raise PeerUnavailable(f"rapidocr 3.x is not installed ({exc}); pip install -r bench/requirements.txt") from None
+        cv2.setNumThreads(self.threads)
+        self.engine = RapidOCR(params={
+            "Global.log_level": "error",
+            "EngineConfig.onnxruntime.intra_op_num_threads": self.threads,
+            "EngineConfig.onnxruntime.inter_op_num_threads": 1,
+        })
+        from importlib.metadata import version
+
+        self.version = version("rapidocr")
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "engine": f"rapidocr {self.version}",
+            "model": "PP-OCRv6_rec_small.onnx (the package default)",
+            "threads": f"onnxruntime intra_op_num_threads={self.threads}, inter_op_num_threads=1; cv2.setNumThreads({self.threads})",
+            "call": "RapidOCR()(bytes, use_det=False, use_cls=False, use_rec=True).txts[0]",
+        }
+
+    def _run(self, crops: list[bytes], progress: Progress) -> list[str]:
+        texts = []
+        for c in crops:
+            out = self.engine(c, use_det=False, use_cls=False, use_rec=True)
+            txts = getattr(out, "txts", None) or ("",)
+            texts.append(txts[0])
+            progress(1)
+        return texts
+
+    def variants(self) -> list[Variant]:
+        return [Variant("default", 1, self._run)]
 
 
 # ------------------------------------------------------------------------------------ run
@@ -652,6 +700,8 @@ def build_peers(names: list[str], weights: Path, batch_sizes: list[int], threads
             out.append(TesseractPeer(threads))
         elif n == "rapidocr":
             out.append(RapidOCRPeer(batch_sizes, threads))
+        elif n == "rapidocr3":
+            out.append(RapidOCR3Peer(threads))
     return out
 
 
@@ -660,7 +710,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help=f"safl checkpoint (default: {DEFAULT_WEIGHTS.relative_to(REPO)})")
     p.add_argument("--data", type=Path, nargs="+", required=True, help="labelled folders (labels.tsv: file<TAB>text per line)")
     p.add_argument("--part", choices=["val", "train", "all"], default="val",
-                   help="val (default): the fixed-seed validation part training never sees (0.3, seed 0); all: every crop")  # fmt: skip
+                   help="val (default): the validation part training never sees (model.training.split); all: every crop")  # fmt: skip
     p.add_argument("--limit", type=int, help="at most N crops per folder (the first N of the part)")
     p.add_argument("--peers", nargs="+", choices=PEERS, default=list(PEERS), help="engines to run (default: all)")
     p.add_argument(

@@ -74,6 +74,7 @@ def test_val_part_is_the_training_split(peers, folder: Path) -> None:
 def test_cli_report_skips_missing_peers(peers, folder: Path, tiny_checkpoint: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)  # no tesseract on PATH
     monkeypatch.setitem(sys.modules, "rapidocr_onnxruntime", None)  # import fails
+    monkeypatch.setitem(sys.modules, "rapidocr", None)
     out_json, out_md, out_tsv = tmp_path / "peers.json", tmp_path / "peers.md", tmp_path / "predictions.tsv"
     rc = peers.main(["--weights", str(tiny_checkpoint), "--data", str(folder), "--part", "all", "--batch-sizes", "2", "--threads", "1",
                      "--json", str(out_json), "--markdown", str(out_md), "--predictions", str(out_tsv), "--no-progress"])  # fmt: skip
@@ -82,14 +83,15 @@ def test_cli_report_skips_missing_peers(peers, folder: Path, tiny_checkpoint: Pa
     assert "tesseract: skipped" in err and "apt-get install tesseract-ocr" in err
     assert "rapidocr: skipped" in err and "bench/requirements.txt" in err
     report = json.loads(out_json.read_text())
-    assert set(report["skipped"]) == {"tesseract", "rapidocr"}
+    assert "rapidocr3: skipped" in err
+    assert set(report["skipped"]) == {"tesseract", "rapidocr", "rapidocr3"}
     assert report["batch_sizes"] == [1, 2]  # batch 1 always runs
     s = report["summary"]["safl"]
     assert s["batch1"]["batch_size"] == 1 and s["best_batch_size"] in (1, 2)
     assert report["datasets"][0]["crops"] == len(WORDS)
     assert report["goals"]["evaluated"] is False
     md = out_md.read_text()
-    assert "| dataset | n | safl | tesseract | rapidocr |" in md
+    assert "| dataset | n | safl | tesseract | rapidocr | rapidocr3 |" in md
     assert "**tesseract**: skipped" in md
     rows = [line.split("\t") for line in out_tsv.read_text(encoding="utf-8").splitlines()]
     assert rows[0] == ["dataset", "file", "label", "safl"]
@@ -139,6 +141,17 @@ def test_rapidocr_reads_rendered_words(peers, folder: Path) -> None:
     assert batched.run(data.crops, lambda k: None) == texts
     assert sum(t.lower() == w.lower() for t, w in zip(texts, data.labels)) >= 2
     assert "intra_op_num_threads=1" in rapid.info()["threads"]
+
+
+def test_rapidocr3_reads_rendered_words(peers, folder: Path) -> None:
+    pytest.importorskip("rapidocr")
+    data = peers.load_folder(folder, part="all", limit=4)
+    rapid = peers.RapidOCR3Peer(threads=1)
+    rapid.load()
+    (single,) = rapid.variants()
+    texts = single.run(data.crops, lambda k: None)
+    assert sum(t.lower() == w.lower() for t, w in zip(texts, data.labels)) >= 2
+    assert rapid.info()["engine"].startswith("rapidocr 3.")
 
 
 def test_missing_weights_is_an_error_not_a_skip(peers, folder: Path, tmp_path: Path, capsys) -> None:

@@ -41,7 +41,16 @@ DEBIAN_FONT_PACKAGES = (
 
 FONT_DIRS = (Path("/usr/share/fonts"), Path("/usr/local/share/fonts"), Path.home() / ".fonts")
 REQUIRED = set(string.ascii_letters + string.digits)
-_SKIP_WORDS = ("emoji", "symbol", "dingbat", "math", "music", "braille", "color")
+_SKIP_WORDS = ("emoji", "symbol", "dingbat", "math", "music", "braille", "color", "keyboard")
+
+#: Families the renderer never trains on: the clean-text benchmark (``bench/clean_text.py``)
+#: reads words in these, so it measures fonts the model has not seen. Metric clones go
+#: together (Liberation 2 = Arimo / Tinos / Cousine; Carlito is derived from Lato).
+HELD_OUT_FAMILIES = frozenset({
+    "Liberation Sans", "Liberation Sans Narrow", "Liberation Serif", "Liberation Mono", "Arimo", "Tinos", "Cousine",
+    "Lato", "Carlito", "Vollkorn", "PT Sans", "PT Sans Caption", "PT Sans Narrow", "PT Serif", "PT Serif Caption", "PT Mono",
+})
+FAMILY_SETS = ("train", "held_out", "all")
 
 
 @dataclass(frozen=True)
@@ -62,17 +71,27 @@ def _inspect(path: Path, wanted: str) -> FontFace | None:
             family = font["name"].getBestFamilyName() or path.stem
     except Exception:  # noqa: BLE001 - a broken font file is skipped, not fatal
         return None
+    if any(w in family.lower() for w in _SKIP_WORDS):
+        return None  # e.g. "Linux Biolinum Keyboard O": keycaps, not letters
     chars = frozenset(c for c in wanted if ord(c) in cmap)
     if not REQUIRED <= chars:
         return None
     return FontFace(str(path), family, chars)
 
 
-def discover_fonts(wanted: str, dirs: tuple[Path, ...] = FONT_DIRS, cache: Path | None = None) -> list[FontFace]:
-    """All usable fonts under ``dirs``, sorted by path (deterministic across runs)."""
+def discover_fonts(wanted: str, dirs: tuple[Path, ...] = FONT_DIRS, cache: Path | None = None, families: str = "train") -> list[FontFace]:
+    """Usable fonts under ``dirs``, sorted by path (deterministic across runs).
+
+    ``families``: ``"train"`` (default: all but ``HELD_OUT_FAMILIES``), ``"held_out"`` (only
+    those) or ``"all"``. The ``cache`` file lists every usable face. Raises ``ValueError``
+    for another ``families``.
+    """
+    if families not in FAMILY_SETS:
+        raise ValueError(f"families must be one of {FAMILY_SETS}, got {families!r}")
     if cache is not None and cache.is_file():
         data = json.loads(cache.read_text())
-        return [FontFace(d["path"], d["family"], frozenset(d["chars"])) for d in data if Path(d["path"]).is_file()]
+        cached = [FontFace(d["path"], d["family"], frozenset(d["chars"])) for d in data if Path(d["path"]).is_file()]
+        return _of_families(cached, families)
     paths = sorted({p for d in dirs if d.is_dir() for p in d.rglob("*") if p.suffix.lower() in (".ttf", ".otf")})
     faces = []
     for p in paths:
@@ -84,6 +103,7 @@ def discover_fonts(wanted: str, dirs: tuple[Path, ...] = FONT_DIRS, cache: Path 
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps([{"path": f.path, "family": f.family, "chars": "".join(sorted(f.chars))} for f in faces]))
+    faces = _of_families(faces, families)
     if not faces:
         warnings.warn(
             "no system fonts found: the renderer falls back to Pillow's built-in font. Install Debian's fonts with "
@@ -91,6 +111,12 @@ def discover_fonts(wanted: str, dirs: tuple[Path, ...] = FONT_DIRS, cache: Path 
             stacklevel=2,
         )
     return faces
+
+
+def _of_families(faces: list[FontFace], families: str) -> list[FontFace]:
+    if families == "all":
+        return faces
+    return [f for f in faces if (f.family in HELD_OUT_FAMILIES) == (families == "held_out")]
 
 
 def by_family(faces: list[FontFace]) -> list[list[FontFace]]:
@@ -107,5 +133,10 @@ if __name__ == "__main__":
     else:
         from model.charset import DEFAULT_CHARS
 
-        found = discover_fonts(DEFAULT_CHARS)
-        print(f"{len(found)} font files in {len(by_family(found))} families")
+        found = discover_fonts(DEFAULT_CHARS, families="all")
+        held = discover_fonts(DEFAULT_CHARS, families="held_out")
+        print(f"{len(found)} font files in {len(by_family(found))} families "
+              f"({len(by_family(held))} families held out of training for bench/clean_text.py)")
+        if len(by_family(found)) < 20:
+            print("few fonts: synthetic data in few families generalises poorly. Install Debian's font packages with\n"
+                  "  apt-get install --no-install-recommends $(python -m model.training.fonts --packages)")
