@@ -31,14 +31,15 @@ class Memorised:
     matched_at: int | None = None
 
 
-def memorise(words: list[str] = WORDS, max_steps: int = 300, lr: float = 3e-3, seed: int = 0, check_every: int = 10) -> Memorised:
+def memorise(words: list[str] = WORDS, max_steps: int = 300, lr: float = 3e-3, seed: int = 0, check_every: int = 10,
+             use_tps: bool = True) -> Memorised:
     """Train ``tiny`` on one fixed batch of rendered ``words`` (no augmentation).
 
     Stops ``check_every`` steps after greedy decoding first reproduces every label, so
     the returned model is solidly past the point where it reads the batch correctly.
     """
     torch.manual_seed(seed)
-    model = SAFL(SAFLConfig.from_preset("tiny")).train()
+    model = SAFL(SAFLConfig.from_preset("tiny", use_tps=use_tps)).train()
     images = collate([preprocess(render_word(w), model.config.preprocess) for w in words])
     inp, tgt = encode_labels(words, model.charset)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)

@@ -325,3 +325,25 @@ def test_degrade_is_reproducible_bounded_and_off_by_default() -> None:
     gen = torch.Generator().manual_seed(0)
     state = gen.get_state()
     assert degrade(batch, gen, 0.0) is batch and torch.equal(gen.get_state(), state)
+
+
+def test_unseen_validation_crops_were_in_neither_legacy_part_nor_label() -> None:
+    from model.training.split import legacy_split_indices, unseen_val_indices
+
+    labels = [f"w{i % 37}" for i in range(200)]  # recurring words
+    unseen = unseen_val_indices(labels)
+    val, _ = split_indices(labels)
+    legacy_val, legacy_train = legacy_split_indices(len(labels))
+    assert set(unseen) <= set(val) & set(legacy_val)
+    assert {labels[i] for i in unseen}.isdisjoint(labels[i] for i in legacy_train)
+    distinct = [f"u{i}" for i in range(200)]  # no shared words: every val crop the legacy val also held
+    assert unseen_val_indices(distinct) == sorted(set(split_indices(distinct)[0]) & set(legacy_split_indices(200)[0]))
+
+
+def test_val_unseen_part_loads(tmp_path: Path) -> None:
+    labels = [f"w{i}" for i in range(40)]
+    _make_folder(tmp_path / "f", labels)
+    part = load_folder_part(tmp_path / "f", CFG, "val-unseen")
+    assert part.name == "f-val-unseen" and 0 < len(part) < len(load_folder_part(tmp_path / "f", CFG, "val"))
+    with pytest.raises(ValueError, match="val-unseen"):
+        load_folder_part(tmp_path / "f", CFG, "test")

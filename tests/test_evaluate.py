@@ -126,7 +126,8 @@ def test_evaluate_on_a_handmade_folder(memorised: Memorised, folder: Path) -> No
     assert none.worst == [] and none.acc36 == pytest.approx(want.acc36)
 
 
-def test_evaluation_reads_a_tall_crop_as_the_service_does(memorised: Memorised, tmp_path: Path) -> None:
+def test_evaluation_reads_a_tall_crop_as_the_service_does(tmp_path: Path) -> None:
+    memorised = memorise(use_tps=False)  # as test_model.memorised_without_tps
     # Vertical signs: the words written bottom to top in crops taller than wide.
     for i, word in enumerate(memorised.words):
         render_word(word).transpose(Image.Transpose.ROTATE_90).save(tmp_path / f"{i}.png")

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import math
-
 import copy
+import math
 
 import pytest
 import torch
@@ -24,6 +23,14 @@ from model.rectify import TPSRectifier, fiducial_points
 def memorised() -> Memorised:
     """The tiny preset trained on six rendered words until it reads them (a few seconds)."""
     return memorise()
+
+
+@pytest.fixture(scope="module")
+def memorised_without_tps() -> Memorised:
+    """``memorised`` without a rectifier, for the tests of reading a crop in several views: a
+    toy model's rectifier, fit to six crops, reads any unseen crop as one of them with ~0.6
+    confidence, where a real model reads a sideways crop unsure."""
+    return memorise(use_tps=False)
 
 
 @pytest.fixture(scope="module")
@@ -283,22 +290,16 @@ def test_recognize_images_uses_the_shared_preprocessing(memorised: Memorised) ->
     assert texts == memorised.words
 
 
-def test_a_word_written_bottom_to_top_is_read_turned(memorised: Memorised) -> None:
+def test_a_word_written_bottom_to_top_is_read_turned(memorised_without_tps: Memorised) -> None:
+    memorised = memorised_without_tps  # see the fixture
     model = memorised.model
     tall = [render_word(w).transpose(Image.Transpose.ROTATE_90) for w in memorised.words]
     # Read as it stands, the sideways crop is not the word: the turn is what reads it.
-    as_is = model.recognize_images(tall, ViewConfig(turn_tall=False))
-    assert [r.text for r in as_is] != memorised.words
-    # Every view read (confident_at=1, no contrast views): the answer is the most confident of
-    # the crop as it is and the crop turned back upright or upside down. A toy model's
-    # confidence on a sideways crop is arbitrary, so only more words come out right.
-    cfg = ViewConfig(contrast=False, confident_at=1.0)
-    readings = model.recognize_images(tall, cfg)
-    upright = model.recognize_images([render_word(w) for w in memorised.words], ViewConfig(turn_tall=False))
-    upside_down = model.recognize_images([im.transpose(Image.Transpose.ROTATE_90) for im in tall], ViewConfig(turn_tall=False))
-    for got, first, *turned in zip(readings, as_is, upright, upside_down):
-        assert got.text in {first.text, *(r.text for r in turned)} and got.confidence >= first.confidence - 1e-6
-    assert sum(r.text == w for r, w in zip(readings, memorised.words)) > sum(r.text == w for r, w in zip(as_is, memorised.words))
+    assert [r.text for r in model.recognize_images(tall, ViewConfig(turn_tall=False))] != memorised.words
+    readings = model.recognize_images(tall)
+    assert [r.text for r in readings] == memorised.words
+    upright = model.recognize_images([render_word(w) for w in memorised.words])
+    assert [r.confidence for r in readings] == pytest.approx([r.confidence for r in upright], rel=1e-4)
 
 
 def test_confidence_is_the_probability_of_the_whole_string(memorised: Memorised) -> None:

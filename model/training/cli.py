@@ -12,6 +12,7 @@ from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 from ..preprocess import ViewConfig
+from .data import PARTS
 from .split import DEFAULT_SPLIT, SplitConfig
 from .train import TrainConfig
 
@@ -96,7 +97,9 @@ def add_eval_parser(sub: argparse._SubParsersAction, default_weights: Path | Non
     p = sub.add_parser("eval", help="word accuracy of a checkpoint on labelled folders", description="Evaluate a checkpoint (STR 36-char protocol and case-sensitive).")
     p.add_argument("--weights", type=Path, default=default_weights, required=default_weights is None, help="checkpoint (.safetensors)")
     p.add_argument("--data", type=Path, nargs="+", required=True, metavar="DIR", help="labels.tsv folders, shard folders or LMDBs")
-    p.add_argument("--part", choices=("all", "val", "train"), default="all", help="which part of a labels.tsv folder (fixed-seed split)")
+    p.add_argument("--part", choices=PARTS, default="all",
+                   help="which part of a labels.tsv folder (model.training.split); val-unseen: the validation crops no model "
+                        "warm-started from safl-small@a659eaef27c4 trained on")
     add_split_flags(p)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)

@@ -37,13 +37,13 @@ def paired_bootstrap(a: list[bool], b: list[bool], rounds: int = 2000, seed: int
     return diffs[int(0.025 * rounds)], diffs[int(0.975 * rounds) - 1]
 
 
-def compare(path_a: Path, path_b: Path, folders: list[Path], split: SplitConfig = DEFAULT_SPLIT) -> list[dict]:
+def compare(path_a: Path, path_b: Path, folders: list[Path], split: SplitConfig = DEFAULT_SPLIT, part: str = "val") -> list[dict]:
     """Per-set paired comparison rows."""
     model_a, info_a = load_checkpoint(path_a)
     model_b, _ = load_checkpoint(path_b)
     rows = []
     for folder in folders:
-        ds = load_folder_part(folder, info_a.config.preprocess, "val", split)
+        ds = load_folder_part(folder, info_a.config.preprocess, part, split)
         scored = ds.subset([i for i, lab in enumerate(ds.labels) if normalize_36(lab)])
         pa, _ = predict(model_a, scored.images, extra_views=scored.extra_views)
         pb, _ = predict(model_b, scored.images, extra_views=scored.extra_views)
@@ -79,10 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--names", nargs=2, default=["focal", "CE"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path)
+    p.add_argument("--part", choices=("val", "val-unseen"), default="val", help="val-unseen: against a model of the legacy lineage")
     add_split_flags(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows = compare(args.a, args.b, args.val, split_config(args))
+    rows = compare(args.a, args.b, args.val, split_config(args), args.part)
     print(to_markdown(rows, *args.names))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")

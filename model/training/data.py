@@ -20,7 +20,9 @@ from PIL import Image
 
 from ..charset import BOS_ID, EOS_ID, PAD_ID, Charset
 from ..preprocess import PreprocessConfig, ViewConfig, resize, views
-from .split import DEFAULT_SPLIT, SplitConfig, split_indices
+from .split import DEFAULT_SPLIT, SplitConfig, split_indices, unseen_val_indices
+
+PARTS = ("val", "train", "all", "val-unseen")
 
 
 @dataclass
@@ -106,18 +108,22 @@ def _from_views(name: str, per_image: list[list[np.ndarray]], labels: list[str],
 
 def load_folder_part(folder: str | Path, cfg: PreprocessConfig, part: str, split: SplitConfig = DEFAULT_SPLIT,
                      view_cfg: ViewConfig | None = ViewConfig()) -> ArrayDataset:
-    """``part`` = ``"val"`` / ``"train"`` (the fine-tune part) / ``"all"`` of a labelled folder.
+    """``part`` (one of ``PARTS``) of a labelled folder: ``"val"``, ``"train"`` (the fine-tune
+    part), ``"all"``, or ``"val-unseen"`` (the validation crops no model of the legacy
+    lineage trained on, ``model.training.split.unseen_val_indices``).
 
     The split (``model.training.split``) keeps scenes and words apart, so the validation
     part is never trained on, not even as another crop of the same word.
 
     Raises ``ValueError`` for an unknown ``part``, ``FileNotFoundError`` without ``labels.tsv``.
     """
-    if part not in ("val", "train", "all"):
-        raise ValueError(f"unknown part {part!r}: expected val, train or all")
+    if part not in PARTS:
+        raise ValueError(f"unknown part {part!r}: expected one of {', '.join(PARTS)}")
     ds = load_folder(folder, cfg, view_cfg=view_cfg)
     if part == "all":
         return ds
+    if part == "val-unseen":
+        return ds.subset(unseen_val_indices(ds.labels, split), f"{ds.name}-val-unseen")
     val, train = split_indices(ds.labels, split)
     if part == "val":
         return ds.subset(val, f"{ds.name}-val")

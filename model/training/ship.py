@@ -25,10 +25,10 @@ from .evaluate import evaluate, to_json, to_markdown
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[2] / "weights" / "safl.safetensors"
 
 
-def mean_acc(path: Path, folders: list[Path], split: SplitConfig) -> tuple[float, list, dict]:
+def mean_acc(path: Path, folders: list[Path], split: SplitConfig, part: str = "val") -> tuple[float, list, dict]:
     """Mean 36-char accuracy over the validation parts, the per-set results and the training metadata."""
     model, info = load_checkpoint(path)
-    sets = [load_folder_part(f, info.config.preprocess, "val", split) for f in folders]
+    sets = [load_folder_part(f, info.config.preprocess, part, split) for f in folders]
     results = evaluate(model, sets, worst=3)
     return sum(r.acc36 for r in results) / len(results), results, {"model": info.model_id, **info.training}
 
@@ -38,16 +38,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("candidate", type=Path)
     p.add_argument("--val", type=Path, nargs="+", required=True)
     p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
+    p.add_argument("--part", choices=("val", "val-unseen"), default="val",
+                   help="val-unseen while the shipped model is of the legacy lineage (it trained on most of val)")
     add_split_flags(p)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     split = split_config(args)
 
-    cand, cand_results, cand_meta = mean_acc(args.candidate, args.val, split)
+    cand, cand_results, cand_meta = mean_acc(args.candidate, args.val, split, args.part)
     print(to_markdown(cand_results, f"candidate {cand_meta['model']}"))
     try:
-        cur, _, cur_meta = mean_acc(args.weights, args.val, split)
+        cur, _, cur_meta = mean_acc(args.weights, args.val, split, args.part)
         print(f"shipped {cur_meta['model']}: mean acc36 {100 * cur:.2f} %")
     except CheckpointError as exc:
         cur = -1.0
@@ -60,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     model, info = load_checkpoint(args.candidate)
     shipped = save_checkpoint(model, args.weights, name=info.name, training=info.training)
     cand_meta["model"] = shipped.model_id
-    to_json(cand_results, args.weights.parent / "metrics.json", {"model": cand_meta["model"], "split": {"part": "val", **asdict(split)}, "training": cand_meta})
+    to_json(cand_results, args.weights.parent / "metrics.json", {"model": cand_meta["model"], "split": {"part": args.part, **asdict(split)}, "training": cand_meta})
     print(f"shipped {shipped.model_id} → {args.weights} (sha256 {shipped.sha256})")
     return 0
 

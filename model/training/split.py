@@ -64,3 +64,27 @@ def split_indices(labels: Sequence[str], cfg: SplitConfig = DEFAULT_SPLIT) -> tu
     val_labels = {labels[i].casefold() for i in val}
     train = [i for i in range(n) if i // block not in val_blocks and labels[i].casefold() not in val_labels]
     return val, train
+
+
+def legacy_split_indices(n: int, val_fraction: float = 0.3, seed: int = 0) -> tuple[list[int], list[int]]:
+    """``(validation, fine-tune)`` of the crop-level shuffle used until 2026-11-30.
+
+    Every checkpoint up to ``safl-small@a659eaef27c4``, and every model warm-started from
+    one, fine-tuned on its fine-tune part. Kept only to find the crops such a model never
+    saw (``unseen_val_indices``); never split with it.
+    """
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    k = int(round(n * val_fraction))
+    return sorted(order[:k]), sorted(order[k:])
+
+
+def unseen_val_indices(labels: Sequence[str], cfg: SplitConfig = DEFAULT_SPLIT) -> list[int]:
+    """The validation crops (``split_indices``) that the legacy fine-tune part held neither as a
+    crop nor as a label: the only fair ground to compare a model of the legacy lineage with
+    one trained on the current split (part ``"val-unseen"``)."""
+    val, _ = split_indices(labels, cfg)
+    legacy_val, legacy_train = legacy_split_indices(len(labels))
+    seen_labels = {labels[i].casefold() for i in legacy_train}
+    legacy_val_set = set(legacy_val)
+    return [i for i in val if i in legacy_val_set and labels[i].casefold() not in seen_labels]
