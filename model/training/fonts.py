@@ -12,6 +12,7 @@ a package with many weights of one face does not crowd out the others.
 
 from __future__ import annotations
 
+import functools
 import json
 import string
 import sys
@@ -92,14 +93,7 @@ def discover_fonts(wanted: str, dirs: tuple[Path, ...] = FONT_DIRS, cache: Path 
         data = json.loads(cache.read_text())
         cached = [FontFace(d["path"], d["family"], frozenset(d["chars"])) for d in data if Path(d["path"]).is_file()]
         return _of_families(cached, families)
-    paths = sorted({p for d in dirs if d.is_dir() for p in d.rglob("*") if p.suffix.lower() in (".ttf", ".otf")})
-    faces = []
-    for p in paths:
-        if any(w in p.name.lower() for w in _SKIP_WORDS):
-            continue
-        face = _inspect(p, wanted)
-        if face is not None:
-            faces.append(face)
+    faces = list(_scan(wanted, tuple(dirs)))
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps([{"path": f.path, "family": f.family, "chars": "".join(sorted(f.chars))} for f in faces]))
@@ -111,6 +105,20 @@ def discover_fonts(wanted: str, dirs: tuple[Path, ...] = FONT_DIRS, cache: Path 
             stacklevel=2,
         )
     return faces
+
+
+@functools.lru_cache(maxsize=4)
+def _scan(wanted: str, dirs: tuple[Path, ...]) -> tuple[FontFace, ...]:
+    # Reading every font's cmap takes ~40 s with a few hundred families installed: once per process.
+    paths = sorted({p for d in dirs if d.is_dir() for p in d.rglob("*") if p.suffix.lower() in (".ttf", ".otf")})
+    faces = []
+    for p in paths:
+        if any(w in p.name.lower() for w in _SKIP_WORDS):
+            continue
+        face = _inspect(p, wanted)
+        if face is not None:
+            faces.append(face)
+    return tuple(faces)
 
 
 def _of_families(faces: list[FontFace], families: str) -> list[FontFace]:

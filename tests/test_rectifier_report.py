@@ -1,0 +1,36 @@
+"""model.training.rectifier_report on real renders: an identity rectifier reports no warp."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from model.charset import DEFAULT_CHARS
+from model.training import rectifier_report
+from model.training.fonts import discover_fonts
+
+
+@pytest.fixture(scope="module")
+def crops():
+    if not discover_fonts(DEFAULT_CHARS, families="all"):
+        pytest.skip("no fonts installed")
+    return rectifier_report.render_words(6)
+
+
+def test_kinds_hold_the_same_words(crops) -> None:
+    assert set(crops) == set(rectifier_report.KINDS) and all(len(v) == 6 for v in crops.values())
+    assert all(im.mode == "L" and im.width > im.height for im in crops["straight"])
+
+
+def test_an_identity_rectifier_reports_no_warp(crops, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    # The untrained tiny model's rectifier starts as the identity (zeroed last layer).
+    report, outputs = rectifier_report.analyse(tiny_checkpoint, crops)
+    for kind, v in report["kinds"].items():
+        assert v["offset"] < 1e-5 and v["spread"] < 1e-5 and v["outside"] == 0.0
+        assert outputs[kind].shape == (6, 32, 128)
+    assert report["kinds"]["curved"]["bend_response"] < 1e-5
+    out = tmp_path / "r.json"
+    assert rectifier_report.main([str(tiny_checkpoint), "--n", "3", "--json", str(out)]) == 0
+    assert set(json.loads(out.read_text())["models"]) == {"safl-tiny@" + report["model"].split("@")[1]}
