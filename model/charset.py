@@ -60,6 +60,26 @@ class Charset:
             return None
         return text
 
+    def drop_reasons(self, labels: list[str], max_len: int) -> str:
+        """Why ``filter_label`` leaves labels out, counted: e.g. ``"3 with characters outside
+        the charset ('é', '€'), 1 longer than 25"``; ``""`` when none is left out."""
+        outside: dict[str, None] = {}
+        counts = {"outside": 0, "long": 0, "empty": 0}
+        for lab in labels:
+            text = lab.replace(" ", "")
+            if not text:
+                counts["empty"] += 1
+            elif any(c not in self._index for c in text):
+                counts["outside"] += 1
+                outside.update(dict.fromkeys(c for c in text if c not in self._index))
+            elif len(text) > max_len:
+                counts["long"] += 1
+        shown = ", ".join(repr(c) for c in list(outside)[:8]) + (", …" if len(outside) > 8 else "")
+        parts = [f"{counts['outside']} with characters outside the charset ({shown})" if counts["outside"] else "",
+                 f"{counts['long']} longer than {max_len}" if counts["long"] else "",
+                 f"{counts['empty']} empty" if counts["empty"] else ""]
+        return ", ".join(p for p in parts if p)
+
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` (no BOS/EOS); raises ``KeyError`` on an unknown char."""
         try:

@@ -219,9 +219,37 @@ def run_recognize(args: argparse.Namespace) -> int:
 # --- entry point
 
 
+#: Modules of the ``train`` extra each training command needs; checked before any work starts.
+TRAIN_EXTRA_MODULES = {
+    "synth": ("fontTools", "wordfreq", "lmdb"),
+    "train": ("fontTools", "wordfreq", "lmdb", "rapidfuzz"),
+    "eval": ("rapidfuzz", "lmdb"),
+}
+
+
+def _missing_train_extra(command: str) -> str | None:
+    import importlib.util
+
+    missing = [m for m in TRAIN_EXTRA_MODULES.get(command, ()) if importlib.util.find_spec(m) is None]
+    if not missing:
+        return None
+    return (f"safl {command}: needs the training extra ({', '.join(missing)} not installed): "
+            "pip install 'safl[train]' (in a clone: pip install -e '.[train]')")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"safl {version('safl')}"
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "safl (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``safl`` argument parser with all subcommands."""
     parser = argparse.ArgumentParser(prog="safl", description="SAFL scene-text recognition: serve, recognise, make data, train, evaluate.")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_serve_parser(sub)
     add_recognize_parser(sub)
@@ -234,4 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """The ``safl`` console script (also ``python -m service``)."""
     args = build_parser().parse_args(argv)
+    problem = _missing_train_extra(args.command)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     return int(args.func(args) or 0)

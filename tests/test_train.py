@@ -241,3 +241,42 @@ def test_reset_tps_keeps_the_rest_and_makes_the_rectifier_the_identity() -> None
     x = torch.randn(2, 1, 32, 128)
     torch.testing.assert_close(fresh.rectifier(x), x, atol=1e-3, rtol=0)
     torch.testing.assert_close(fresh.decoder.head.weight, old.decoder.head.weight)
+
+
+def test_resume_refuses_a_flag_that_contradicts_the_saved_run(tmp_path: Path, shards: Path) -> None:
+    out = tmp_path / "focal"
+    base = ["train", "--out", str(out), "--preset", "tiny", "--synth", str(shards), "--batch-size", "4", "--threads", "1",
+            "--no-progress", "--val-every", "0", "--amp", "off", "--warmup-steps", "1"]
+    assert cli_main([*base, "--total-steps", "1"]) == 0
+    with pytest.raises(SystemExit) as exc:
+        cli_main([*base, "--total-steps", "2", "--resume", "--loss", "ce", "--gamma", "0"])
+    assert isinstance(exc.value.code, str)
+    assert "--loss ce (saved: focal)" in exc.value.code and "--gamma 0.0 (saved: 2.0)" in exc.value.code
+    assert "--total-steps" not in exc.value.code  # a runtime field may change
+    # Flags equal to the saved run's are fine; --override-saved makes the given ones win.
+    assert cli_main([*base, "--total-steps", "2", "--resume", "--loss", "focal"]) == 0
+    assert cli_main([*base, "--total-steps", "3", "--resume", "--loss", "ce", "--override-saved"]) == 0
+    assert json.loads((out / "config.json").read_text())["loss"] == "ce"
+    assert load_checkpoint(out / "last.safetensors")[1].training["loss"] == "ce"
+
+
+def test_a_short_run_with_val_ends_with_a_validation(tmp_path: Path, shards: Path, real_folder: Path, capsys) -> None:
+    # Validation every 1,000 steps never came in a 3-step run, which then left no best.safetensors.
+    out = tmp_path / "short"
+    Trainer(_cfg(out, shards, total_steps=3, warmup_steps=10, val=[str(real_folder)], val_every=1000)).run()
+    assert [r["step"] for r in _log(out) if "val" in r] == [3]
+    assert (out / "best.safetensors").is_file()
+    printed = capsys.readouterr().out
+    assert "warning: --warmup-steps 10 is not below --total-steps 3" in printed
+
+
+def test_labels_left_out_of_training_are_reported(tmp_path: Path, shards: Path, capsys) -> None:
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    words = [f"w{i}" for i in range(17)] + ["Café", "€5", "x" * 30]
+    for i, w in enumerate(words):
+        render_word("word", (90, 30)).save(folder / f"{i}.png")
+    (folder / "labels.tsv").write_text("".join(f"{i}.png\t{w}\n" for i, w in enumerate(words)))
+    Trainer(_cfg(tmp_path / "run", shards, total_steps=1, real=[str(folder)], real_ratio=0.5))
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("mixed-train:"))
+    assert "labels left out of training" in line and "outside the charset" in line

@@ -36,27 +36,72 @@ def run_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Help for every ``safl train`` flag (``TrainConfig`` field → text); the default is appended.
+TRAIN_HELP = {
+    "out": "run folder: config.json, log.jsonl, state.pt, last/best.safetensors",
+    "preset": "model size for a new model: tiny (tests), small (CPU), base (GPU)",
+    "init": "checkpoint to start from (fine-tuning or a warm restart)",
+    "reset_tps": "with --init: re-initialise the rectifier's last layer as the identity (monotone points)",
+    "synth": "synthetic data: shard folders (safl synth), LMDBs or labels.tsv folders",
+    "stream_workers": "render synthetic crops on the fly in this many processes instead of --synth",
+    "stream_seed": "renderer seed of the stream (seed 0 is the default `safl synth` set)",
+    "real": "labels.tsv folders of real crops: their fine-tune part is trained on (model.training.split)",
+    "real_ratio": "share of each batch drawn from --real",
+    "val": "labels.tsv folders: their validation part is reported and picks best.safetensors",
+    "val_fraction": "share of the contiguous blocks that form the validation part",
+    "split_seed": "seed of the validation block draw",
+    "split_block": "crops per contiguous block of the split (a scene's crops stay on one side)",
+    "loss": "focal (the paper) or ce (cross entropy)",
+    "gamma": "focal loss exponent; 0 is cross entropy",
+    "batch_size": "crops per step (64 gives the most updates per CPU-second)",
+    "lr": "peak learning rate (AdamW)",
+    "tps_lr_scale": "the rectifier's learning rate as a multiple of --lr",
+    "weight_decay": "AdamW weight decay (not on biases, norms or positions)",
+    "warmup_steps": "linear warm-up steps before the cosine decay",
+    "total_steps": "length of the schedule; the run stops there",
+    "min_lr_ratio": "the cosine ends at this fraction of --lr",
+    "clip": "gradient-norm clipping",
+    "seed": "seed of initialisation, batch draws and augmentation",
+    "augment": "strength of the geometric and photometric augmentation, 0 to switch it off",
+    "degrade": "share of each batch given street-photo degradations (low resolution, washed out, gamma, inverted)",
+    "threads": "PyTorch threads (use all cores of an otherwise idle machine)",
+    "amp": "auto (bf16 where the CPU or GPU has it), bf16 or off",
+    "device": "auto, cpu or cuda",
+    "max_minutes": "stop (and save) after this many minutes",
+    "checkpoint_minutes": "save the resumable state this often",
+    "val_every": "validate every N steps (and always at the end of a run)",
+    "log_every": "write a log.jsonl line every N steps",
+    "stop_at_step": "stop (and save) at this step without changing the schedule",
+    "progress": "",
+}
+
+
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train or fine-tune a model (resumable)", description="Train SAFL; see model/training/train.py.")
     defaults = TrainConfig()
+    # SUPPRESS: only the flags given on the command line appear in the namespace, so
+    # `--resume` can tell a contradicting flag from a default (run_train).
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         value = getattr(defaults, f.name)
+        text = f"{TRAIN_HELP[f.name]} (default: {value})"
         if f.name == "progress":
-            p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+            p.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS, help="no progress bar")
         elif isinstance(value, list):
-            p.add_argument(flag, nargs="+", default=[], metavar="DIR")
+            p.add_argument(flag, nargs="+", default=argparse.SUPPRESS, metavar="DIR", help=TRAIN_HELP[f.name])
         elif isinstance(value, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
         elif f.name in ("max_minutes",):
-            p.add_argument(flag, type=float, default=value)
+            p.add_argument(flag, type=float, default=argparse.SUPPRESS, help=text)
         elif f.name in ("stop_at_step",):
-            p.add_argument(flag, type=int, default=value)
+            p.add_argument(flag, type=int, default=argparse.SUPPRESS, help=text)
         elif f.name in ("init",):
-            p.add_argument(flag, default=value, help="checkpoint to start from (fine-tuning)")
+            p.add_argument(flag, default=argparse.SUPPRESS, help=TRAIN_HELP[f.name])
         else:
-            p.add_argument(flag, type=type(value), default=value, help=f"(default: {value})")
+            p.add_argument(flag, type=type(value), default=argparse.SUPPRESS, help=text)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its state.pt (a missing state starts afresh)")
+    p.add_argument("--override-saved", action="store_true",
+                   help="with --resume: the run-defining flags given win over the saved run's (refused without it)")
     twin = p.add_argument_group("lockstep twin", "a second run trained on the very same batches, differing only in loss and/or init")
     twin.add_argument("--twin-out", help="the twin's run folder (enables the twin)")
     twin.add_argument("--twin-loss", choices=("focal", "ce"), help="the twin's loss (default: the same as --loss)")
@@ -66,11 +111,21 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .train import train
+    from .train import resume_conflicts, train
 
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    cfg = replace(TrainConfig(), **given)
     if cfg.loss not in ("focal", "ce"):
         raise SystemExit("--loss must be focal or ce")
+    if cfg.gamma < 0:
+        raise SystemExit(f"safl train: --gamma must be at least 0, got {cfg.gamma}")
+    if args.resume:
+        conflicts = resume_conflicts(cfg.out, given)
+        if conflicts and not args.override_saved:
+            raise SystemExit(f"safl train: --resume keeps the saved run's settings, but {'; '.join(conflicts)}: "
+                             "drop the flag, or add --override-saved to change the run")
+        if conflicts:
+            _override_saved(Path(cfg.out), given)
     twin = None
     if args.twin_out:
         if Path(args.twin_out).resolve() == Path(cfg.out).resolve():
@@ -91,6 +146,14 @@ def run_train(args: argparse.Namespace) -> int:
         raise SystemExit(f"safl train: {exc}") from None
     print(json.dumps(summary))
     return 0
+
+
+def _override_saved(out: Path, given: dict) -> None:
+    # --override-saved: the given run-defining flags go into the saved config, which --resume reads.
+    path = out / "config.json"
+    saved = json.loads(path.read_text())
+    saved.update(given)
+    path.write_text(json.dumps(saved, indent=2) + "\n")
 
 
 def add_eval_parser(sub: argparse._SubParsersAction, default_weights: Path | None) -> None:
@@ -154,16 +217,22 @@ def run_eval(args: argparse.Namespace) -> int:
     from .data import load_any, load_folder_part
     from .evaluate import evaluate, to_json, to_markdown
 
+    from ..checkpoint import CheckpointError
+
     torch.set_num_threads(args.threads)
-    model, info = load_checkpoint(args.weights)
-    pcfg = info.config.preprocess
     view_cfg = view_config(args)
     sets = []
-    for d in args.data:
-        if (d / "labels.tsv").is_file() and args.part != "all":
-            sets.append(load_folder_part(d, pcfg, args.part, split_config(args), view_cfg))
-        else:
-            sets.append(load_any(d, pcfg, view_cfg))
+    try:
+        model, info = load_checkpoint(args.weights)
+        pcfg = info.config.preprocess
+        for d in args.data:
+            if (d / "labels.tsv").is_file() and args.part != "all":
+                sets.append(load_folder_part(d, pcfg, args.part, split_config(args), view_cfg))
+            else:
+                sets.append(load_any(d, pcfg, view_cfg))
+    except (CheckpointError, OSError, ValueError) as exc:
+        # A missing or broken checkpoint, a labels.tsv line without a tab, a missing image file.
+        raise SystemExit(f"safl eval: {exc}") from None
     results = evaluate(model, sets, args.batch_size, args.worst, view_cfg.confident_at)
     print(to_markdown(results, f"{info.model_id} ({args.part})"))
     if args.json:

@@ -72,7 +72,8 @@ def read_labels_tsv(folder: Path) -> list[tuple[str, str]]:
             continue
         name, sep, text = line.partition("\t")
         if not sep:
-            raise ValueError(f"{path}:{n}: expected 'file<TAB>text'")
+            hint = next((f" (found a {name}: the separator is a tab)" for ch, name in ((",", "comma"), (";", "semicolon"), (" ", "space")) if ch in line), "")
+            raise ValueError(f"{path}:{n}: expected 'file<TAB>text'{hint}")
         pairs.append((name, text))
     return pairs
 
@@ -85,7 +86,13 @@ def load_folder(folder: str | Path, cfg: PreprocessConfig, name: str | None = No
     """
     folder = Path(folder)
     pairs = read_labels_tsv(folder)
-    per_image = [_load_views(folder / f, cfg, view_cfg) for f, _ in pairs]
+    per_image = []
+    for n, (f, _) in enumerate(pairs, 1):
+        try:
+            per_image.append(_load_views(folder / f, cfg, view_cfg))
+        except FileNotFoundError:
+            header = " (a header line? labels.tsv has none)" if n == 1 else ""
+            raise FileNotFoundError(f"{folder / 'labels.tsv'}:{n} names {f!r}, which is not in {folder}{header}") from None
     return _from_views(name or folder.name, per_image, [t for _, t in pairs], cfg)
 
 

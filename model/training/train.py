@@ -316,10 +316,14 @@ class Trainer:
             synth_sets = [load_any(p, pcfg).filtered(self.charset, self.model_cfg.max_len) for p in cfg.synth]
             synth = _concat(synth_sets, "synth", pcfg)
             n_synth = len(synth)
-        real_sets = [
-            load_folder_part(p, pcfg, "train", cfg.split, view_cfg=None).filtered(self.charset, self.model_cfg.max_len)
-            for p in cfg.real
-        ]
+        real_sets = []
+        for p in cfg.real:
+            part = load_folder_part(p, pcfg, "train", cfg.split, view_cfg=None)
+            kept = part.filtered(self.charset, self.model_cfg.max_len)
+            if len(kept) < len(part):
+                print(f"{part.name}: {len(part) - len(kept)} of {len(part)} labels left out of training "
+                      f"({self.charset.drop_reasons(part.labels, self.model_cfg.max_len)})", flush=True)
+            real_sets.append(kept)
         real = _concat(real_sets, "real", pcfg) if real_sets else None
         self.val_sets = [load_folder_part(p, pcfg, "val", cfg.split) for p in cfg.val]
         self.gen = torch.Generator().manual_seed(cfg.seed)
@@ -431,6 +435,9 @@ class Trainer:
             f"{'resumed at' if self.resumed else 'starting at'} step {self.step} → {self.out}",
             flush=True,
         )
+        if cfg.warmup_steps >= cfg.total_steps:
+            print(f"warning: --warmup-steps {cfg.warmup_steps} is not below --total-steps {cfg.total_steps}: "
+                  "the learning rate never reaches its peak", flush=True)
         now = time.monotonic()
         progress = tqdm(total=self.end_step(), initial=self.step, unit="step", disable=not (cfg.progress and bar), dynamic_ncols=True)
         self._loop = _LoopState(start=now, last_ckpt=now, bar=progress)
@@ -480,9 +487,13 @@ class Trainer:
         return self.step >= self.end_step()
 
     def finish(self) -> dict[str, Any]:
-        """Save the state and summarise the invocation's speed."""
+        """Validate where the last validation was not at this step (so every run with ``--val``
+        leaves a ``best.safetensors``), save the state and summarise the invocation's speed."""
         loop = self._loop_state()
         loop.bar.close()
+        if self.val_sets and self.step > 0 and not (self.cfg.val_every and self.step % self.cfg.val_every == 0):
+            val = self.validate()
+            print(f"{self.out.name} step {self.step}: val " + ", ".join(f"{k} {v['acc36']:.3f}" for k, v in val.items() if isinstance(v, dict)), flush=True)
         self.save_state()
         totals = loop.totals
         n = max(totals.n, 1)
@@ -568,6 +579,21 @@ def _concat(sets: list[ArrayDataset], name: str, pcfg) -> ArrayDataset:
     if len(sets) == 1:
         return sets[0]
     return ArrayDataset(name, np.concatenate([s.images for s in sets]), [lab for s in sets for lab in s.labels])
+
+
+def resume_conflicts(out: str | Path, given: dict[str, Any]) -> list[str]:
+    """The run-defining flags in ``given`` (name → value, as typed) that contradict the run
+    saved in ``out`` (``config.json``), as ``"--loss ce (saved: focal)"``; ``[]`` when there is
+    no saved run. A resumed run keeps its saved values, so such a flag would be ignored."""
+    path = Path(out) / "config.json"
+    if not path.is_file():
+        return []
+    saved = TrainConfig.from_dict(json.loads(path.read_text()))
+    return [
+        f"--{k.replace('_', '-')} {v} (saved: {getattr(saved, k)})"
+        for k, v in given.items()
+        if k not in RUNTIME_FIELDS and k != "out" and v != getattr(saved, k)
+    ]
 
 
 def train(cfg: TrainConfig, resume: bool = False, twin: TrainConfig | None = None) -> dict[str, Any]:
