@@ -64,6 +64,17 @@ def test_client_disconnect_drops_its_pending_crops(tiny_checkpoint: Path) -> Non
     assert metric(text, "safl_request_duration_seconds_count", route="/recognize", status="499") == 1
 
 
+def test_head_probes_answer_like_get_without_a_body(tiny_checkpoint: Path) -> None:
+    # HEAD-probing monitors and `wget --spider` got 405 and marked a healthy instance down.
+    app = create_app(settings_for(tiny_checkpoint, max_batch_size=1))
+    with serve_in_thread(app) as url:
+        for path in ("/healthz", "/readyz", "/metrics"):
+            get, head = httpx.get(url + path), httpx.head(url + path)
+            assert head.status_code == get.status_code == 200, path
+            assert head.content == b"" and head.headers["content-type"] == get.headers["content-type"]
+        assert httpx.head(url + "/recognize").status_code == 405
+
+
 @pytest.mark.slow
 def test_python_m_service_serve_exits_0_on_sigterm(tiny_checkpoint: Path) -> None:
     port = free_port()
