@@ -75,7 +75,9 @@ class TransformerDecoder(nn.Module):
         """Greedy decoding; returns token ids and their probabilities, both ``[B, L]``.
 
         Stops as soon as every sequence has produced EOS. Positions after a sequence's
-        EOS hold PAD with probability 1. ``use_cache=False`` recomputes the whole prefix
+        EOS hold PAD with probability 1. A sequence still running after ``max_len``
+        characters is ended there with the probability the model gives EOS at that step
+        (not 1), so its confidence shows the forced stop. ``use_cache=False`` recomputes the whole prefix
         at every step (reference path for tests).
         """
         max_len = min(max_len or self.max_len, self.max_len)
@@ -93,9 +95,15 @@ class TransformerDecoder(nn.Module):
             logits = logits.float()
             logits[:, PAD_ID] = float("-inf")
             logits[:, BOS_ID] = float("-inf")
-            if t == max_len:  # out of room: the sequence must end here
-                logits[:, EOS_ID + 1 :] = float("-inf")
-            p, nxt = logits.softmax(-1).max(-1)
+            dist = logits.softmax(-1)
+            if t == max_len:
+                # Out of room: the sequence must end here. The end token keeps the probability
+                # the model gives it, so a reading cut off at max_len reads unsure instead of
+                # getting an end-of-word term of 1.
+                nxt = torch.full((b,), EOS_ID, dtype=torch.long, device=memory.device)
+                p = dist[:, EOS_ID]
+            else:
+                p, nxt = dist.max(-1)
             nxt = nxt.masked_fill(done, PAD_ID)
             p = p.masked_fill(done, 1.0)
             ids.append(nxt)

@@ -70,3 +70,16 @@ def memorised_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
     path = tmp_path_factory.mktemp("memorised") / "memorised.safetensors"
     save_checkpoint(m.model, path, name="safl-memorised")
     return path, m.words
+
+
+@pytest.fixture(scope="session")
+def memorised_checkpoint_without_tps(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """``memorised_checkpoint`` without a rectifier, for the tests of turning tall crops: a toy
+    rectifier fit to six upright crops reads a sideways crop as one of them with ~0.6
+    confidence, where a real model reads it unsure (then the turned views decide)."""
+    from model_support import memorise
+
+    m = memorise(use_tps=False)
+    path = tmp_path_factory.mktemp("memorised-no-tps") / "memorised.safetensors"
+    save_checkpoint(m.model, path, name="safl-memorised")
+    return path, m.words

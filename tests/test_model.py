@@ -256,6 +256,9 @@ def test_kv_cache_matches_full_recompute_to_max_len(never_ends: SAFL) -> None:
     torch.testing.assert_close(p_c, p_n, atol=1e-5, rtol=1e-4)
     recs = never_ends.recognize(x)
     assert all(len(r.text) == max_len for r in recs)
+    # The forced end keeps the model's (here ~0) probability of ending: the reading is unsure.
+    assert (p_c[:, -1] < 1e-3).all()
+    assert all(r.confidence < 1e-3 for r in recs)
 
 
 def test_greedy_max_len_argument(never_ends: SAFL) -> None:

@@ -70,8 +70,8 @@ async def test_json_base64_equals_multipart(tiny_checkpoint: Path, tiny_model: S
 
 
 @pytest.mark.parametrize("turn_tall", [True, False])
-async def test_a_vertical_sign_is_read_turned(memorised_checkpoint: tuple[Path, list[str]], turn_tall: bool) -> None:
-    checkpoint, words = memorised_checkpoint
+async def test_a_vertical_sign_is_read_turned(memorised_checkpoint_without_tps: tuple[Path, list[str]], turn_tall: bool) -> None:
+    checkpoint, words = memorised_checkpoint_without_tps
     # Each word once as it is and once written bottom to top, in a crop taller than wide.
     files = [encode(render_word(w)) for w in words] + [encode(render_word(w).transpose(Image.Transpose.ROTATE_90)) for w in words]
     async with running_app(settings_for(checkpoint, max_batch_size=4, turn_tall=turn_tall)) as (app, client):

@@ -38,8 +38,8 @@ def test_recognize_prints_file_text_confidence(tiny_checkpoint: Path, tiny_model
         assert float(conf) == pytest.approx(ref.confidence, rel=1e-4, abs=1e-30)
 
 
-def test_recognize_turns_tall_crops_unless_told_not_to(memorised_checkpoint: tuple[Path, list[str]], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    checkpoint, words = memorised_checkpoint
+def test_recognize_turns_tall_crops_unless_told_not_to(memorised_checkpoint_without_tps: tuple[Path, list[str]], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    checkpoint, words = memorised_checkpoint_without_tps
     paths = []
     for i, w in enumerate(words):
         paths.append(tmp_path / f"{i}.png")
