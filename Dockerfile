@@ -2,7 +2,7 @@
 #
 #   docker build -t safl .                                   # CPU torch from download.pytorch.org/whl/cpu
 #   docker build -t safl:cuda \
-#       --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130 .   # CUDA torch (see docker-compose.gpu.yml)
+#       --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .   # CUDA torch (see docker-compose.gpu.yml)
 #
 # Offline / mirror-only machines: put the torch wheel into ./wheels first; it is then installed
 # from there instead of from TORCH_INDEX_URL (its dependencies still come from the normal index):
@@ -24,9 +24,9 @@ RUN chmod -R u=rwX,go=rX /weights
 FROM python:3.11-slim AS build
 
 # Index with the torch build to install when ./wheels holds no torch wheel:
-#   https://download.pytorch.org/whl/cpu (default), or a CUDA one: .../whl/cu126, .../whl/cu128, .../whl/cu130
+#   https://download.pytorch.org/whl/cpu (default), or a CUDA one: .../whl/cu128 (the project's CUDA variant; cu126, cu130 ... for other drivers)
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-# Must satisfy pyproject.toml's pin (2.13.0+cpu and 2.13.0+cu130 both satisfy ==2.13.0).
+# Must satisfy pyproject.toml's pin (2.13.0+cpu and 2.13.0+cu128 both satisfy ==2.13.0).
 ARG TORCH_VERSION=2.13.0
 # 1: delete torch's C++ headers and C++ test binaries (~180 MB; only needed for C++
 # extensions and torch.compile's C++ backend, which the service does not use).
@@ -44,7 +44,7 @@ RUN python -m venv /opt/venv
 # that the COPY always has a source.
 COPY pyproject.toml wheel[s] /wheels/
 # A wheel in ./wheels is used only when it is the build TORCH_INDEX_URL asks for: with the
-# default .../whl/cpu that is torch-2.13.0+cpu-*.whl, with .../whl/cu130 torch-2.13.0+cu130-*.whl.
+# default .../whl/cpu that is torch-2.13.0+cpu-*.whl, with .../whl/cu128 torch-2.13.0+cu128-*.whl.
 RUN set -eux; \
     index="${TORCH_INDEX_URL%/}"; variant="${index##*/}"; \
     wheel="$(ls /wheels/torch-"${TORCH_VERSION}+${variant}"-*.whl 2>/dev/null | head -n 1 || true)"; \
