@@ -38,9 +38,10 @@ loading, and one untimed warm-up call per engine and batch size. Every engine ge
 thread budget (``--threads``, default 2). The engines run one after the other per folder,
 so they share whatever else the machine is doing.
 
-``--part val`` (the default) keeps the fixed-seed validation part of each folder, the same
-split training uses (``model.training.split``: contiguous blocks, no label on both sides, over the
-``labels.tsv`` order), so safl is scored on crops it never trained on.
+``--part val-unseen`` (the default) keeps the validation crops of each folder that no model of
+the shipped lineage trained on (``model.training.split.unseen_val_indices``); ``--part val``
+the whole validation part of the split training uses (contiguous blocks, no word on both
+sides), fair for models trained on that split only.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ from tqdm import tqdm  # noqa: E402
 
 from model import CheckpointError, load_checkpoint  # noqa: E402
 from model.training.data import read_labels_tsv  # noqa: E402
-from model.training.split import DEFAULT_SPLIT, split_indices  # noqa: E402
+from model.training.split import DEFAULT_SPLIT, FAIR_PART, split_indices, unseen_val_indices  # noqa: E402
 from model.training.evaluate import score  # noqa: E402
 
 DEFAULT_WEIGHTS = REPO / "weights" / "safl.safetensors"
@@ -100,7 +101,7 @@ class Folder:
     crops: list[bytes]
 
 
-def load_folder(path: Path, part: str = "val", limit: int | None = None, name: str | None = None) -> Folder:
+def load_folder(path: Path, part: str = FAIR_PART, limit: int | None = None, name: str | None = None) -> Folder:
     """``part`` (``val`` / ``train`` / ``all``) of a ``labels.tsv`` folder, the first ``limit`` crops of it."""
     pairs = read_labels_tsv(path)
     if part == "all":
@@ -108,8 +109,10 @@ def load_folder(path: Path, part: str = "val", limit: int | None = None, name: s
     elif part in ("val", "train"):
         val, train = split_indices([t for _, t in pairs], DEFAULT_SPLIT)
         idx = val if part == "val" else train
+    elif part == "val-unseen":
+        idx = unseen_val_indices([t for _, t in pairs], DEFAULT_SPLIT)
     else:
-        raise ValueError(f"unknown part {part!r}: expected val, train or all")
+        raise ValueError(f"unknown part {part!r}: expected val, val-unseen, train or all")
     if limit is not None:
         idx = idx[:limit]
     files = [pairs[i][0] for i in idx]
@@ -709,8 +712,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help=f"safl checkpoint (default: {DEFAULT_WEIGHTS.relative_to(REPO)})")
     p.add_argument("--data", type=Path, nargs="+", required=True, help="labelled folders (labels.tsv: file<TAB>text per line)")
-    p.add_argument("--part", choices=["val", "train", "all"], default="val",
-                   help="val (default): the validation part training never sees (model.training.split); all: every crop")  # fmt: skip
+    p.add_argument("--part", choices=["val-unseen", "val", "train", "all"], default=FAIR_PART,
+                   help="val-unseen (default): the validation crops no model of the shipped lineage trained on; val: the "
+                        "validation part (model.training.split); all: every crop")
     p.add_argument("--limit", type=int, help="at most N crops per folder (the first N of the part)")
     p.add_argument("--peers", nargs="+", choices=PEERS, default=list(PEERS), help="engines to run (default: all)")
     p.add_argument(

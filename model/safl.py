@@ -37,7 +37,7 @@ class SAFLConfig:
     locality_ffn: bool = False
     use_tps: bool = True
     tps_points: int = 20
-    tps_max_offset: float = 0.75  # bound on fiducial-point offsets; 0 = legacy unbounded points
+    tps_max_offset: float = 0.75  # bound on fiducial-point (y, or all with tps_monotone=False) offsets; 0 with tps_monotone=False = legacy unbounded points
     tps_monotone: bool = True  # points that cannot fold (model.rectify.monotone_points); False before format 3
     dropout: float = 0.0
 

@@ -223,7 +223,7 @@ def run_recognize(args: argparse.Namespace) -> int:
 TRAIN_EXTRA_MODULES = {
     "synth": ("fontTools", "wordfreq", "lmdb"),
     "train": ("fontTools", "wordfreq", "lmdb", "rapidfuzz"),
-    "eval": ("rapidfuzz", "lmdb"),
+    "eval": ("rapidfuzz",),
 }
 
 

@@ -13,7 +13,7 @@ import pytest
 from conftest import render_word
 
 from model import load_checkpoint
-from model.training.split import split_indices
+from model.training.split import split_indices, unseen_val_indices
 from model.training.evaluate import score
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
@@ -69,6 +69,8 @@ def test_val_part_is_the_training_split(peers, folder: Path) -> None:
     assert peers.load_folder(folder, part="val").labels == [WORDS[i] for i in val]
     assert peers.load_folder(folder, part="train").labels == [WORDS[i] for i in train]
     assert peers.load_folder(folder, part="val", limit=1).labels == [WORDS[val[0]]]
+    unseen = unseen_val_indices(WORDS)
+    assert peers.load_folder(folder).labels == [WORDS[i] for i in unseen]  # the default part
 
 
 def test_cli_report_skips_missing_peers(peers, folder: Path, tiny_checkpoint: Path, tmp_path: Path, monkeypatch, capsys) -> None:

@@ -176,11 +176,21 @@ def test_split_keeps_blocks_and_labels_apart() -> None:
     assert val_blocks.isdisjoint(i // 10 for i in train)
     val_words = {labels[i].casefold() for i in val}
     assert val_words.isdisjoint(labels[i].casefold() for i in train)
-    left_out = set(range(100)) - set(val) - set(train)
-    if "sale" in val_words:  # every other SALE crop is left out of the fine-tune part
-        assert left_out == {i for i in range(100) if i // 10 not in val_blocks and labels[i].casefold() == "sale"}
-    else:
-        assert not left_out
+    branches = set()
+    for seed in range(10):  # both cases: SALE among the validation words or not
+        val, train = split_indices(labels, SplitConfig(0.3, seed=seed, block=10))
+        blocks = {i // 10 for i in val}
+        left_out = set(range(100)) - set(val) - set(train)
+        in_val = "sale" in {labels[i].casefold() for i in val}
+        branches.add(in_val)
+        # With SALE in validation every other SALE crop is left out of the fine-tune part.
+        assert left_out == ({i for i in range(100) if i // 10 not in blocks and labels[i].casefold() == "sale"} if in_val else set())
+    assert branches == {True, False}
+    # Words match as scored: "SALE," in validation keeps "sale" out of the fine-tune part.
+    words = ["SALE,", *(f"x{i}" for i in range(9)), *["sale"] * 10]
+    for seed in range(5):
+        v, t = split_indices(words, SplitConfig(0.5, seed=seed, block=10))
+        assert not ({words[i] for i in v} & {"SALE,", "sale"} and {words[i] for i in t} & {"SALE,", "sale"})
     assert split_indices([], cfg) == ([], [])
     assert split_indices(labels, SplitConfig(0.3, seed=8, block=10))[0] != val
     with pytest.raises(ValueError, match="block"):

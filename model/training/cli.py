@@ -97,6 +97,10 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
             p.add_argument(flag, type=int, default=argparse.SUPPRESS, help=text)
         elif f.name in ("init",):
             p.add_argument(flag, default=argparse.SUPPRESS, help=TRAIN_HELP[f.name])
+        elif f.name in ("val_fraction", "real_ratio", "degrade"):
+            p.add_argument(flag, type=_fraction, default=argparse.SUPPRESS, help=text)
+        elif f.name in ("split_block", "batch_size", "total_steps"):
+            p.add_argument(flag, type=_positive_int, default=argparse.SUPPRESS, help=text)
         else:
             p.add_argument(flag, type=type(value), default=argparse.SUPPRESS, help=text)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its state.pt (a missing state starts afresh)")
@@ -178,7 +182,7 @@ def add_split_flags(p: argparse.ArgumentParser) -> None:
     d = DEFAULT_SPLIT
     p.add_argument("--val-fraction", type=_fraction, default=d.val_fraction, help="share of the blocks in the validation part (default: %(default)s)")
     p.add_argument("--split-seed", type=int, default=d.seed, help="seed of the block draw (default: %(default)s)")
-    p.add_argument("--split-block", type=int, default=d.block, help="crops per contiguous block of the split, in source order (default: %(default)s)")
+    p.add_argument("--split-block", type=_positive_int, default=d.block, help="crops per contiguous block of the split, in source order (default: %(default)s)")
 
 
 def split_config(args: argparse.Namespace) -> SplitConfig:
@@ -202,6 +206,13 @@ def _fraction(text: str) -> float:
     value = float(text)
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text}")
     return value
 
 

@@ -21,7 +21,7 @@ import torch
 from ..checkpoint import load_checkpoint
 from .cli import add_split_flags, split_config
 from .data import load_folder_part
-from .split import DEFAULT_SPLIT, SplitConfig
+from .split import DEFAULT_SPLIT, FAIR_PART, SplitConfig
 from .evaluate import normalize_36, predict
 
 
@@ -37,7 +37,7 @@ def paired_bootstrap(a: list[bool], b: list[bool], rounds: int = 2000, seed: int
     return diffs[int(0.025 * rounds)], diffs[int(0.975 * rounds) - 1]
 
 
-def compare(path_a: Path, path_b: Path, folders: list[Path], split: SplitConfig = DEFAULT_SPLIT, part: str = "val") -> list[dict]:
+def compare(path_a: Path, path_b: Path, folders: list[Path], split: SplitConfig = DEFAULT_SPLIT, part: str = FAIR_PART) -> list[dict]:
     """Per-set paired comparison rows."""
     model_a, info_a = load_checkpoint(path_a)
     model_b, _ = load_checkpoint(path_b)
@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--names", nargs=2, default=["focal", "CE"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path)
-    p.add_argument("--part", choices=("val", "val-unseen"), default="val", help="val-unseen: against a model of the legacy lineage")
+    p.add_argument("--part", choices=("val", "val-unseen"), default=FAIR_PART,
+                   help="val-unseen (default while the shipped model is of the legacy lineage, which trained on most of val) or val")
     add_split_flags(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -11,7 +11,6 @@ case-sensitively.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,18 +21,9 @@ from ..preprocess import ViewConfig, to_tensor
 from ..reading import Recognition, read_views
 from ..safl import SAFL
 from .data import ArrayDataset
+from .protocol import normalize_36, normalize_cs
 
-_NOT_36 = re.compile(r"[^0-9a-z]")
-
-
-def normalize_36(text: str) -> str:
-    """Lowercase, alphanumerics only: the STR benchmark protocol."""
-    return _NOT_36.sub("", text.lower())
-
-
-def normalize_cs(text: str) -> str:
-    """Case-sensitive comparison form: whitespace removed, everything else kept."""
-    return "".join(text.split())
+__all__ = ["normalize_36", "normalize_cs", "evaluate", "predict", "score"]
 
 
 @dataclass

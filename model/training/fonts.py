@@ -91,7 +91,8 @@ def discover_fonts(wanted: str, dirs: tuple[Path, ...] = FONT_DIRS, cache: Path 
         raise ValueError(f"families must be one of {FAMILY_SETS}, got {families!r}")
     if cache is not None and cache.is_file():
         data = json.loads(cache.read_text())
-        cached = [FontFace(d["path"], d["family"], frozenset(d["chars"])) for d in data if Path(d["path"]).is_file()]
+        cached = [FontFace(d["path"], d["family"], frozenset(d["chars"])) for d in data
+                  if Path(d["path"]).is_file() and not any(w in d["family"].lower() for w in _SKIP_WORDS)]
         return _of_families(cached, families)
     faces = list(_scan(wanted, tuple(dirs)))
     if cache is not None:

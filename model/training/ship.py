@@ -19,13 +19,13 @@ import torch
 from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .cli import add_split_flags, split_config
 from .data import load_folder_part
-from .split import SplitConfig
+from .split import FAIR_PART, SplitConfig
 from .evaluate import evaluate, to_json, to_markdown
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[2] / "weights" / "safl.safetensors"
 
 
-def mean_acc(path: Path, folders: list[Path], split: SplitConfig, part: str = "val") -> tuple[float, list, dict]:
+def mean_acc(path: Path, folders: list[Path], split: SplitConfig, part: str = FAIR_PART) -> tuple[float, list, dict]:
     """Mean 36-char accuracy over the validation parts, the per-set results and the training metadata."""
     model, info = load_checkpoint(path)
     sets = [load_folder_part(f, info.config.preprocess, part, split) for f in folders]
@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("candidate", type=Path)
     p.add_argument("--val", type=Path, nargs="+", required=True)
     p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
-    p.add_argument("--part", choices=("val", "val-unseen"), default="val",
-                   help="val-unseen while the shipped model is of the legacy lineage (it trained on most of val)")
+    p.add_argument("--part", choices=("val", "val-unseen"), default=FAIR_PART,
+                   help="val-unseen (default while the shipped model is of the legacy lineage, which trained on most of val) or val")
     add_split_flags(p)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)

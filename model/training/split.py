@@ -10,8 +10,8 @@ So the split is made of
    so that there are at least ten blocks) (a scene's crops stay on one
    side): a seeded draw of whole blocks forms the validation part, ``val_fraction`` of
    the blocks;
-2. **no shared label**: a crop whose label (case-folded) occurs in the validation part is
-   left out of the fine-tune part. Validation keeps every crop of its blocks, so it stays
+2. **no shared word**: a crop whose word (``word_key``: as scored, so ``SALE,`` is
+   ``sale``) occurs in the validation part is left out of the fine-tune part. Validation keeps every crop of its blocks, so it stays
    a sample of the folder's own distribution, common words included.
 """
 
@@ -20,6 +20,8 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from .protocol import normalize_36
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,15 @@ class SplitConfig:
 
 DEFAULT_SPLIT = SplitConfig()
 MIN_BLOCKS = 10
+#: The part to compare checkpoints on while the shipped model is of the legacy lineage (it
+#: fine-tuned on most of today's validation part): ship, compare and bench/peers default to it.
+FAIR_PART = "val-unseen"
+
+
+def word_key(label: str) -> str:
+    """The form in which two labels count as the same word: as scored (``normalize_36``:
+    ``SALE,`` and ``sale`` are one word), or case-folded when nothing of it is scored."""
+    return normalize_36(label) or label.casefold()
 
 
 def block_size(n: int, cfg: SplitConfig = DEFAULT_SPLIT) -> int:
@@ -50,9 +61,9 @@ def block_size(n: int, cfg: SplitConfig = DEFAULT_SPLIT) -> int:
 def split_indices(labels: Sequence[str], cfg: SplitConfig = DEFAULT_SPLIT) -> tuple[list[int], list[int]]:
     """``(validation, fine-tune)`` indices of the crops with these ``labels``, in source order.
 
-    Deterministic for a given ``cfg``. The two parts never share a crop, a block or a
-    case-folded label; crops left out of both are fine-tune crops whose label is also a
-    validation label.
+    Deterministic for a given ``cfg``. The two parts never share a crop, a block or a word
+    (``word_key``); crops left out of both are fine-tune crops whose word is also a
+    validation word.
     """
     n = len(labels)
     block = block_size(n, cfg)
@@ -61,8 +72,8 @@ def split_indices(labels: Sequence[str], cfg: SplitConfig = DEFAULT_SPLIT) -> tu
     random.Random(cfg.seed).shuffle(order)
     val_blocks = set(order[: int(round(n_blocks * cfg.val_fraction))])
     val = [i for i in range(n) if i // block in val_blocks]
-    val_labels = {labels[i].casefold() for i in val}
-    train = [i for i in range(n) if i // block not in val_blocks and labels[i].casefold() not in val_labels]
+    val_words = {word_key(labels[i]) for i in val}
+    train = [i for i in range(n) if i // block not in val_blocks and word_key(labels[i]) not in val_words]
     return val, train
 
 
@@ -85,6 +96,6 @@ def unseen_val_indices(labels: Sequence[str], cfg: SplitConfig = DEFAULT_SPLIT) 
     one trained on the current split (part ``"val-unseen"``)."""
     val, _ = split_indices(labels, cfg)
     legacy_val, legacy_train = legacy_split_indices(len(labels))
-    seen_labels = {labels[i].casefold() for i in legacy_train}
+    seen_words = {word_key(labels[i]) for i in legacy_train}
     legacy_val_set = set(legacy_val)
-    return [i for i in val if i in legacy_val_set and labels[i].casefold() not in seen_labels]
+    return [i for i in val if i in legacy_val_set and word_key(labels[i]) not in seen_words]

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from ..charset import Charset
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import load_checkpoint, read_info, save_checkpoint
 from ..loss import sequence_loss
 from ..preprocess import to_tensor
 from ..safl import SAFL, SAFLConfig
@@ -41,7 +41,8 @@ from .split import DEFAULT_SPLIT, SplitConfig
 from .stream import RenderStream
 
 #: Fields that may change when a run is resumed (they do not change what is learnt).
-RUNTIME_FIELDS = {"max_minutes", "threads", "checkpoint_minutes", "val_every", "log_every", "stop_at_step", "progress", "total_steps"}
+RUNTIME_FIELDS = {"max_minutes", "threads", "checkpoint_minutes", "val_every", "log_every", "stop_at_step", "progress", "total_steps",
+                  "device", "amp"}
 
 
 @dataclass
@@ -262,7 +263,13 @@ class Trainer:
         self.amp_dtype = torch.bfloat16 if use_amp else None
 
         torch.manual_seed(cfg.seed)
-        if cfg.init:
+        last = self.out / "last.safetensors"
+        if self.resumed and last.is_file():
+            # The architecture the saved state was trained with (a preset's defaults may have
+            # changed since, e.g. monotone TPS points in format 3).
+            self.model_cfg = read_info(last, verify=False).config
+            model = SAFL(self.model_cfg)
+        elif cfg.init:
             model, info = load_checkpoint(cfg.init)
             self.model_cfg = info.config
             if cfg.reset_tps:
@@ -491,7 +498,8 @@ class Trainer:
         leaves a ``best.safetensors``), save the state and summarise the invocation's speed."""
         loop = self._loop_state()
         loop.bar.close()
-        if self.val_sets and self.step > 0 and not (self.cfg.val_every and self.step % self.cfg.val_every == 0):
+        # Not after Ctrl-C / SIGTERM: the state is saved at once (a container stop gives seconds).
+        if self.val_sets and self.step > 0 and loop.stopped_by != "interrupted" and not (self.cfg.val_every and self.step % self.cfg.val_every == 0):
             val = self.validate()
             print(f"{self.out.name} step {self.step}: val " + ", ".join(f"{k} {v['acc36']:.3f}" for k, v in val.items() if isinstance(v, dict)), flush=True)
         self.save_state()
@@ -586,13 +594,20 @@ def resume_conflicts(out: str | Path, given: dict[str, Any]) -> list[str]:
     saved in ``out`` (``config.json``), as ``"--loss ce (saved: focal)"``; ``[]`` when there is
     no saved run. A resumed run keeps its saved values, so such a flag would be ignored."""
     path = Path(out) / "config.json"
-    if not path.is_file():
-        return []
+    if not path.is_file() or not (Path(out) / "state.pt").is_file():
+        return []  # nothing to resume: the run starts afresh with the flags given
     saved = TrainConfig.from_dict(json.loads(path.read_text()))
+
+    def same(a: Any, b: Any) -> bool:
+        if a == b:
+            return True
+        paths = lambda v: [Path(x).resolve() for x in v] if isinstance(v, list) else [Path(v).resolve()]  # noqa: E731
+        return isinstance(a, (str, list)) and isinstance(b, (str, list)) and type(a) is type(b) and paths(a) == paths(b)
+
     return [
         f"--{k.replace('_', '-')} {v} (saved: {getattr(saved, k)})"
         for k, v in given.items()
-        if k not in RUNTIME_FIELDS and k != "out" and v != getattr(saved, k)
+        if k not in RUNTIME_FIELDS and k != "out" and not same(v, getattr(saved, k))
     ]
 
 

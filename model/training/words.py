@@ -147,6 +147,14 @@ class TextSampler:
         return "(" + w + ")"
 
     def _long_token(self, rng: random.Random) -> str:
+        # Drawn until it is 13 to max_len characters long: the kind exists for that length.
+        for _ in range(20):
+            text = self._long_token_draw(rng)
+            if 13 <= len(text) <= self.max_len:
+                return text
+        return text
+
+    def _long_token_draw(self, rng: random.Random) -> str:
         word = lambda: self.lexicon.by_frequency(rng) if rng.random() < 0.6 else self.lexicon.uniform(rng)  # noqa: E731
         r = rng.random()
         if r < 0.25:
