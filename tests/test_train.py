@@ -280,3 +280,13 @@ def test_labels_left_out_of_training_are_reported(tmp_path: Path, shards: Path, 
     Trainer(_cfg(tmp_path / "run", shards, total_steps=1, real=[str(folder)], real_ratio=0.5))
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("mixed-train:"))
     assert "labels left out of training" in line and "outside the charset" in line
+
+
+def test_resume_without_flags_keeps_the_saved_schedule(tmp_path: Path, shards: Path) -> None:
+    # A bare --resume once fell back to the default --total-steps (100000): the lr never decayed.
+    out = tmp_path / "bare"
+    base = ["train", "--out", str(out), "--preset", "tiny", "--synth", str(shards), "--batch-size", "4", "--threads", "1",
+            "--no-progress", "--val-every", "0", "--amp", "off", "--warmup-steps", "1", "--total-steps", "3"]
+    assert cli_main([*base, "--stop-at-step", "1"]) == 0
+    assert cli_main(["train", "--out", str(out), "--resume", "--no-progress"]) == 0  # the stop step was for one invocation
+    assert load_checkpoint(out / "last.safetensors")[1].training["step"] == 3

@@ -118,7 +118,14 @@ def run_train(args: argparse.Namespace) -> int:
     from .train import resume_conflicts, train
 
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
-    cfg = replace(TrainConfig(), **given)
+    saved = Path(given.get("out", TrainConfig.out)) / "config.json"
+    # On --resume, a flag not given keeps the saved run's value, runtime ones too (a resumed
+    # run once fell back to the default --total-steps 100000 and never decayed its lr).
+    base = TrainConfig()
+    if args.resume and saved.is_file():
+        # ... but a time budget or a stop step belongs to one invocation only.
+        base = replace(TrainConfig.from_dict(json.loads(saved.read_text())), max_minutes=None, stop_at_step=None)
+    cfg = replace(base, **given)
     if cfg.loss not in ("focal", "ce"):
         raise SystemExit("--loss must be focal or ce")
     if cfg.gamma < 0:
