@@ -45,6 +45,11 @@ SEED = 20261130  # not a renderer seed: training data is rendered with small see
 TARGET_PER_MARGIN, TARGET_LONG = 0.97, 0.95
 
 
+def bucket_of(text: str) -> str:
+    """The length bucket of a text, e.g. ``"13-25"``."""
+    return next(f"{lo}-{hi}" for lo, hi in BUCKETS if lo <= len(text) <= hi)
+
+
 @dataclass(frozen=True)
 class Sample:
     """One text as rendered: its label, font and polarity (the margins are applied per crop)."""
@@ -55,7 +60,7 @@ class Sample:
 
     @property
     def bucket(self) -> str:
-        return next(f"{lo}-{hi}" for lo, hi in BUCKETS if lo <= len(self.text) <= hi)
+        return bucket_of(self.text)
 
 
 def draw_texts(per_bucket: int, seed: int = SEED, faces: list[FontFace] | None = None) -> list[Sample]:
@@ -75,7 +80,7 @@ def draw_texts(per_bucket: int, seed: int = SEED, faces: list[FontFace] | None =
     out: list[Sample] = []
     while any(want.values()):
         text = sampler.sample(rng)
-        bucket = next(f"{lo}-{hi}" for lo, hi in BUCKETS if lo <= len(text) <= hi)
+        bucket = bucket_of(text)
         if not want[bucket]:
             continue
         fitting = [f for f in rng.choice(families) if set(text) <= f.chars]

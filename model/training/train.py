@@ -405,6 +405,9 @@ class Trainer:
             save_checkpoint(self.model, self.out / "best.safetensors", name=f"safl-{self.model_cfg.preset}", training=self.training_meta(val))
         return val
 
+    def _val_line(self, val: dict[str, Any]) -> str:
+        return f"{self.out.name} step {self.step}: val " + ", ".join(f"{k} {v['acc36']:.3f}" for k, v in val.items() if isinstance(v, dict))
+
     def train_step(self) -> tuple[float, float, float]:
         """One optimisation step; returns (loss, data seconds, total seconds)."""
         t0 = time.perf_counter()
@@ -483,7 +486,7 @@ class Trainer:
         if cfg.val_every and self.step % cfg.val_every == 0:
             val = self.validate()
             if val:
-                bar.write(f"{self.out.name} step {self.step}: val " + ", ".join(f"{k} {v['acc36']:.3f}" for k, v in val.items() if isinstance(v, dict)))
+                bar.write(self._val_line(val))
         now = time.monotonic()
         if not loop.lockstep and now - loop.last_ckpt > cfg.checkpoint_minutes * 60:
             self.save_state()
@@ -501,7 +504,7 @@ class Trainer:
         # Not after Ctrl-C / SIGTERM: the state is saved at once (a container stop gives seconds).
         if self.val_sets and self.step > 0 and loop.stopped_by != "interrupted" and not (self.cfg.val_every and self.step % self.cfg.val_every == 0):
             val = self.validate()
-            print(f"{self.out.name} step {self.step}: val " + ", ".join(f"{k} {v['acc36']:.3f}" for k, v in val.items() if isinstance(v, dict)), flush=True)
+            print(self._val_line(val), flush=True)
         self.save_state()
         totals = loop.totals
         n = max(totals.n, 1)
