@@ -56,21 +56,24 @@ RUN set -eux; \
     if [ "$TORCH_SLIM" = 1 ]; then \
         t=/opt/venv/lib/python3.11/site-packages/torch; \
         rm -rf "$t/include" "$t/test" "$t"/bin/test_* "$t"/bin/*Test; \
-    fi; \
-    python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+    fi
 
-# The other runtime dependencies, read from pyproject.toml (no train/dev extras).
+# The other runtime dependencies, read from pyproject.toml (no train/dev extras). torch is first
+# imported here, once numpy is installed: imported before, it warns "Failed to initialize NumPy"
+# (torch.from_numpy fails the build should torch and numpy not work together).
 COPY pyproject.toml /src/pyproject.toml
 RUN set -eux; \
     python -c "import tomllib; print('\n'.join(tomllib.load(open('/src/pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt; \
-    pip install -r /tmp/requirements.txt
+    pip install -r /tmp/requirements.txt; \
+    python -c "import numpy, torch; torch.from_numpy(numpy.zeros(1)); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'numpy', numpy.__version__)"
 
-# The package itself (model, model.training, service) as a wheel.
+# The package itself (model, model.training, service, and the weights as safl_weights) as a wheel.
 COPY model /src/model
 COPY service /src/service
+COPY --from=weights /weights /src/weights
 RUN pip wheel --no-deps --wheel-dir /dist /src
 
-# --- final image: Python + the venv + the weights; no compilers, no pip cache, no wheels.
+# --- final image: Python + the venv (the weights inside, in safl_weights); no compilers, no pip cache, no wheels.
 FROM python:3.11-slim
 
 ENV PYTHONUNBUFFERED=1 \
@@ -79,8 +82,7 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore \
     VIRTUAL_ENV=/opt/venv \
-    PATH=/opt/venv/bin:$PATH \
-    SAFL_WEIGHTS=/app/weights/safl.safetensors
+    PATH=/opt/venv/bin:$PATH
 
 # Dependencies (cached until pyproject.toml or the torch build changes), then the small safl
 # wheel on top, so a code change rebuilds only a few hundred kB.
@@ -93,15 +95,16 @@ RUN set -eux; \
     useradd --system --uid 10001 --user-group --create-home --home-dir /home/safl safl
 
 WORKDIR /app
-COPY --from=weights /weights /app/weights
 USER safl
 
 EXPOSE 8000
 
-# Liveness only (the process answers); /readyz says whether it takes traffic. Sends the API key
-# when one is configured, in case SAFL_AUTH_HEALTH=true.
+# Readiness, not just liveness: "healthy" once /readyz is 200 (weights loaded and warmed up), so
+# `docker compose up --wait` returns when the service takes traffic; the check fails again while
+# it drains on SIGTERM (`docker inspect` shows the status and reason, e.g. 503 ... "warming up").
+# Sends the API key when one is configured, in case SAFL_AUTH_HEALTH=true.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import os, sys, urllib.request as u; k = os.environ.get('SAFL_API_KEY'); r = u.Request('http://127.0.0.1:8000/healthz', headers={'X-API-Key': k} if k else {}); sys.exit(0 if u.urlopen(r, timeout=4).status == 200 else 1)"]
+    CMD ["python", "-c", "import os, sys, http.client as h; k = os.environ.get('SAFL_API_KEY'); c = h.HTTPConnection('127.0.0.1', 8000, timeout=4); c.request('GET', '/readyz', headers={'X-API-Key': k} if k else {}); r = c.getresponse(); print(r.status, r.read(300).decode(errors='replace')); sys.exit(r.status != 200)"]
 
 # Exec form: `safl` is PID 1 and receives SIGTERM itself; it stops taking work, drains the
 # admitted requests (up to SAFL_DRAIN_TIMEOUT_S, default 30 s) and exits 0.

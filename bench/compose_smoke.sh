@@ -6,7 +6,7 @@
 #  1. makes sure a Docker engine answers (runs ../shared/tools/container-env.sh if it does not);
 #  2. makes sure ./wheels holds the CPU torch wheel when the host can provide one
 #     (pip download --no-deps -d wheels 'torch==2.13.0+cpu'), else the image installs torch
-#     from TORCH_INDEX_URL;
+#     from TORCH_INDEX_URL; a wheel (or wheels/ folder) it downloads is removed on exit;
 #  3. docker compose up -d --build --wait;
 #  4. POSTs a rendered word image to /recognize and prints the JSON;
 #  5. sends some traffic, then checks in Prometheus that the safl target is up, that the
@@ -27,6 +27,9 @@ export COMPOSE_PROJECT_NAME=$PROJECT
 TMP=$(mktemp -d)
 failures=0
 started=0
+WHEELS=$PWD/wheels
+wheels_created=0       # 1: this run made wheels/ (removed on exit)
+downloaded_wheel=""    # the torch wheel this run put into an existing wheels/ (removed on exit)
 
 pass() { echo "PASS: $*"; }
 fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
@@ -48,6 +51,11 @@ cleanup() {
         fi
     fi
     rm -rf "$TMP"
+    if [ "$wheels_created" = 1 ]; then
+        rm -rf "$WHEELS"
+    elif [ -n "$downloaded_wheel" ]; then
+        rm -f "$downloaded_wheel"
+    fi
     echo
     if [ "$status" = 0 ] && [ "$failures" = 0 ]; then
         echo "SMOKE TEST: PASS"
@@ -170,10 +178,14 @@ docker compose version >/dev/null 2>&1 || die "the docker compose v2 plugin is m
 step "2. torch wheel for the image"
 if ls wheels/torch-*.whl >/dev/null 2>&1; then
     pass "wheels/ has $(basename "$(ls wheels/torch-*.whl | head -n 1)")"
-elif pip download --no-deps -q -d wheels 'torch==2.13.0+cpu' >/dev/null 2>&1; then
-    pass "downloaded $(basename "$(ls wheels/torch-*.whl | head -n 1)") into wheels/"
 else
-    echo "note: no local torch wheel; the image installs torch from TORCH_INDEX_URL"
+    [ -d wheels ] || wheels_created=1
+    if pip download --no-deps -q -d wheels 'torch==2.13.0+cpu' >/dev/null 2>&1 \
+            && downloaded_wheel=$(ls "$WHEELS"/torch-*.whl 2>/dev/null | head -n 1) && [ -n "$downloaded_wheel" ]; then
+        pass "downloaded $(basename "$downloaded_wheel") into wheels/ (removed on exit)"
+    else
+        echo "note: no local torch wheel; the image installs torch from TORCH_INDEX_URL"
+    fi
 fi
 [ -f weights/safl.safetensors ] && [ -f weights/safl.json ] \
     && pass "weights/safl.safetensors (+ .json sidecar) present" \

@@ -39,9 +39,9 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from model import SAFL, Recognition, SAFLConfig, load_checkpoint
-from model.charset import EOS_ID
-from model.preprocess import collate, preprocess
+from model import SAFL, Recognition, SAFLConfig, load_checkpoint  # noqa: E402  (after the sys.path line above)
+from model.charset import EOS_ID  # noqa: E402
+from model.preprocess import collate, preprocess  # noqa: E402
 
 WORDS = ["hello", "World", "street", "CAFE", "exit", "open24", "Parking", "sale!", "Station", "42", "NO", "Coffee"]
 
@@ -99,7 +99,7 @@ def recognize(model: SAFL, x: torch.Tensor, amp: torch.dtype | None, max_chars: 
         ctx = torch.autocast(x.device.type, dtype=amp) if amp is not None else torch.autocast(x.device.type, enabled=False)
         with ctx:
             ids, probs = model.decoder.greedy(model.encode(x), max_len=max_chars)
-    return model.to_recognitions(ids, probs)
+    return model.charset.decode_batch(ids, probs)
 
 
 def measure(variant: str, model: SAFL, batch: int, repeats: int, amp: torch.dtype | None, max_chars: int | None = None) -> Row:

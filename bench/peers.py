@@ -74,8 +74,8 @@ from tqdm import tqdm  # noqa: E402
 
 from model import CheckpointError, load_checkpoint  # noqa: E402
 from model.training.data import read_labels_tsv  # noqa: E402
-from model.training.split import DEFAULT_SPLIT, FAIR_PART, split_indices, unseen_val_indices  # noqa: E402
-from model.training.evaluate import score  # noqa: E402
+from model.training.evaluate import as_json_dict, score  # noqa: E402
+from model.training.split import DEFAULT_SPLIT, FAIR_PART, part_indices  # noqa: E402
 
 DEFAULT_WEIGHTS = REPO / "weights" / "safl.safetensors"
 PEERS = ("safl", "tesseract", "rapidocr", "rapidocr3")
@@ -101,18 +101,14 @@ class Folder:
     crops: list[bytes]
 
 
-def load_folder(path: Path, part: str = FAIR_PART, limit: int | None = None, name: str | None = None) -> Folder:
-    """``part`` (``val`` / ``train`` / ``all``) of a ``labels.tsv`` folder, the first ``limit`` crops of it."""
+def load_encoded_folder(path: Path, part: str = FAIR_PART, limit: int | None = None, name: str | None = None) -> Folder:
+    """``part`` (``model.training.split.part_indices``) of a ``labels.tsv`` folder, the first
+    ``limit`` crops of it, as the files' encoded bytes: every peer decodes them itself
+    (``model.training.data.load_folder`` gives pre-processed arrays instead). Raises
+    ``ValueError`` for an unknown ``part`` or a malformed ``labels.tsv``,
+    ``FileNotFoundError`` without ``labels.tsv`` or for a file it names that is missing."""
     pairs = read_labels_tsv(path)
-    if part == "all":
-        idx = list(range(len(pairs)))
-    elif part in ("val", "train"):
-        val, train = split_indices([t for _, t in pairs], DEFAULT_SPLIT)
-        idx = val if part == "val" else train
-    elif part == "val-unseen":
-        idx = unseen_val_indices([t for _, t in pairs], DEFAULT_SPLIT)
-    else:
-        raise ValueError(f"unknown part {part!r}: expected val, val-unseen, train or all")
+    idx = part_indices([t for _, t in pairs], part)
     if limit is not None:
         idx = idx[:limit]
     files = [pairs[i][0] for i in idx]
@@ -153,8 +149,10 @@ class Peer:
         """Release what ``load`` started."""
 
 
-def _decode(data: bytes) -> Image.Image:
-    # As the service: PIL opens the bytes and decodes them fully; model.preprocess does the rest.
+def decode_image(data: bytes) -> Image.Image:
+    """The image of an encoded file, fully decoded; raises PIL's ``UnidentifiedImageError``
+    for bytes it cannot read. As the service: PIL opens and decodes, ``model.preprocess``
+    does the rest."""
     img = Image.open(io.BytesIO(data))
     img.load()
     return img
@@ -194,7 +192,7 @@ class SaflPeer(Peer):
             texts: list[str] = []
             for i in range(0, len(crops), batch_size):
                 chunk = crops[i : i + batch_size]
-                texts += [r.text for r in self.model.recognize_images([_decode(c) for c in chunk])]
+                texts += [r.text for r in self.model.recognize_images([decode_image(c) for c in chunk])]
                 progress(len(chunk))
             return texts
 
@@ -404,7 +402,7 @@ class Metrics:
     crops: int
     acc36: float
     acc_cs: float
-    ned: float
+    one_minus_ned: float  # 1 − NED; JSON key "ned" (model.training.evaluate.as_json_dict)
     seconds: float
     crops_per_s: float
     mismatches_vs_batch1: int | None = None
@@ -422,14 +420,14 @@ class VariantResult:
         n, crops, secs = sum(m.n for m in ms), sum(m.crops for m in ms), sum(m.seconds for m in ms)
         w = lambda a: sum(getattr(m, a) * m.n for m in ms) / max(n, 1)  # noqa: E731
         mism = [m.mismatches_vs_batch1 for m in ms if m.mismatches_vs_batch1 is not None]
-        return Metrics(n, crops, w("acc36"), w("acc_cs"), w("ned"), secs, crops / secs if secs > 0 else 0.0, sum(mism) if mism else None)
+        return Metrics(n, crops, w("acc36"), w("acc_cs"), w("one_minus_ned"), secs, crops / secs if secs > 0 else 0.0, sum(mism) if mism else None)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "config": self.config,
             "batch_size": self.batch_size,
-            "datasets": {k: vars(m) for k, m in self.datasets.items()},
-            "all": vars(self.overall()),
+            "datasets": {k: as_json_dict(m) for k, m in self.datasets.items()},
+            "all": as_json_dict(self.overall()),
         }
 
 
@@ -455,10 +453,10 @@ def run_benchmark(folders: list[Folder], peers: list[Peer], progress: bool = Tru
                 t0 = time.perf_counter()
                 texts = v.run(folder.crops, bar.update)
                 secs = time.perf_counter() - t0
-                n, acc36, acc_cs, ned = score(texts, folder.labels)
+                n, acc36, acc_cs, one_minus_ned = score(texts, folder.labels)
                 vr = by_variant[id(v)]
                 vr.predictions[folder.name] = texts
-                vr.datasets[folder.name] = Metrics(n, len(texts), acc36, acc_cs, ned, secs, len(texts) / secs if secs > 0 else 0.0)
+                vr.datasets[folder.name] = Metrics(n, len(texts), acc36, acc_cs, one_minus_ned, secs, len(texts) / secs if secs > 0 else 0.0)
     finally:
         bar.close()
     # Larger batches must read the same as batch 1: count where they do not.
@@ -583,8 +581,8 @@ def to_markdown(report: dict[str, Any]) -> str:
     for key in rows:
         label = "**all (weighted)**" if key == "all" else key
         cs = [_pct(_pick(summ.get(p), key, "acc_cs")) for p in peers]
-        ned = ["—" if _pick(summ.get(p), key, "ned") is None else f"{_pick(summ.get(p), key, 'ned'):.3f}" for p in peers]
-        lines.append(f"| {label} | " + " | ".join(cs) + " | " + " | ".join(ned) + " |")
+        one_minus_ned = ["—" if _pick(summ.get(p), key, "ned") is None else f"{_pick(summ.get(p), key, 'ned'):.3f}" for p in peers]
+        lines.append(f"| {label} | " + " | ".join(cs) + " | " + " | ".join(one_minus_ned) + " |")
 
     g = report["goals"]
     lines += ["", "Goals (ratios in this run):", ""]
@@ -684,7 +682,7 @@ def machine_info() -> dict[str, Any]:
 
 
 def _load_plots() -> Any:
-    spec = importlib.util.spec_from_file_location("safl_bench_plots", Path(__file__).with_name("plots.py"))
+    spec = importlib.util.spec_from_file_location("safl_bench_peer_plots", Path(__file__).with_name("peer_plots.py"))
     assert spec is not None and spec.loader is not None
     if spec.name in sys.modules:
         return sys.modules[spec.name]
@@ -741,7 +739,7 @@ def main(argv: list[str] | None = None) -> int:
         name = path.name if path.name not in seen else f"{path.parent.name}/{path.name}"
         seen.add(name)
         try:
-            folders.append(load_folder(path, args.part, args.limit, name))
+            folders.append(load_encoded_folder(path, args.part, args.limit, name))
         except (FileNotFoundError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

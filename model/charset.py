@@ -1,4 +1,7 @@
-"""Character set and tokenizer shared by the model, training and serving.
+"""Character set and tokenizer shared by the model, training and serving: the one home of
+the token ids, of turning labels into ids (``Charset.encode``, ``Charset.encode_batch``)
+and of turning ids back into text (``Charset.decode``, ``Charset.decode_batch``), as
+PARSeq's ``strhub.data.utils.Tokenizer`` does for its models.
 
 Token ids: ``0`` is padding, ``1`` begin-of-sequence, ``2`` end-of-sequence, and the
 characters follow from ``3`` in charset order. The charset string is stored in every
@@ -8,12 +11,18 @@ checkpoint, so a model always decodes with the alphabet it was trained on.
 from __future__ import annotations
 
 import string
+import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-PAD_ID = 0
-BOS_ID = 1
-EOS_ID = 2
-NUM_SPECIAL = 3
+import torch
+
+from .reading import Recognition
+
+PAD_ID = 0  #: padding: decoder inputs and targets after a label's end; never predicted
+BOS_ID = 1  #: begin-of-sequence: the decoder's first input; never predicted
+EOS_ID = 2  #: end-of-sequence: the target after a label's last character
+NUM_SPECIAL = 3  #: the special ids above come first; character ids start here
 
 #: The 94 printable, non-space ASCII characters: digits, lower, upper, punctuation.
 DEFAULT_CHARS = string.digits + string.ascii_lowercase + string.ascii_uppercase + string.punctuation
@@ -21,12 +30,14 @@ DEFAULT_CHARS = string.digits + string.ascii_lowercase + string.ascii_uppercase 
 
 @dataclass(frozen=True)
 class Charset:
-    """An ordered alphabet plus the decoder's special tokens.
+    """An ordered alphabet plus the decoder's special tokens: the tokenizer.
 
-    Policy for characters outside the set: ``filter_label`` returns ``None`` for a
-    training label that holds any of them (the sample is skipped rather than learnt
-    with a silently wrong target); ``decode`` can never emit them because the model
-    has no token for them.
+    Policy for characters outside the set: an accented letter whose base letter is in
+    the set is learnt as that letter (``fold``: ``Café`` → ``Cafe``, what the model can
+    honestly answer, as PARSeq's data loading does); ``filter_label`` returns ``None``
+    for a training label that still holds any other (the sample is skipped rather than
+    learnt with a silently wrong target); ``decode`` can never emit them because the
+    model has no token for them.
     """
 
     chars: str = DEFAULT_CHARS
@@ -47,13 +58,27 @@ class Charset:
     def __contains__(self, ch: str) -> bool:
         return ch in self._index
 
+    def fold(self, text: str) -> str:
+        """``text`` with each character outside the set that is a letter plus accents
+        (Unicode NFKD) replaced by its base letter when that is in the set: ``é`` → ``e``,
+        ``Ö`` → ``O``; other characters (``€``, ``ß``, a lone ``´``) are left as they are."""
+        out = []
+        for c in text:
+            if c not in self._index:
+                base = "".join(d for d in unicodedata.normalize("NFKD", c) if not unicodedata.combining(d))
+                if base and base != c and all(b in self._index for b in base):
+                    c = base
+            out.append(c)
+        return "".join(out)
+
     def filter_label(self, text: str, max_len: int) -> str | None:
-        """Return ``text`` if it is trainable (non-empty, in-set, short enough), else ``None``.
+        """Return ``text`` as the model learns it (accents folded, ``fold``) if it is
+        trainable (non-empty, in-set, short enough), else ``None``.
 
         Spaces are removed first: the model reads single words and the benchmark
         annotations sometimes join several words with a space.
         """
-        text = text.replace(" ", "")
+        text = self.fold(text.replace(" ", ""))
         if not text or len(text) > max_len:
             return None
         if any(c not in self._index for c in text):
@@ -61,12 +86,18 @@ class Charset:
         return text
 
     def drop_reasons(self, labels: list[str], max_len: int) -> str:
-        """Why ``filter_label`` leaves labels out, counted: e.g. ``"3 with characters outside
-        the charset ('é', '€'), 1 longer than 25"``; ``""`` when none is left out."""
+        """Why ``filter_label`` leaves labels out, counted, and how many it learns with accents
+        folded: e.g. ``"3 with characters outside the charset ('€', 'ß'), 1 longer than 25;
+        2 learnt with accents folded ('é' → 'e')"``; ``""`` when every label is kept as is."""
         outside: dict[str, None] = {}
-        counts = {"outside": 0, "long": 0, "empty": 0}
+        folded: dict[str, str] = {}
+        counts = {"outside": 0, "long": 0, "empty": 0, "folded": 0}
         for lab in labels:
-            text = lab.replace(" ", "")
+            raw = lab.replace(" ", "")
+            text = self.fold(raw)
+            if text != raw and all(c in self._index for c in text):
+                counts["folded"] += 1
+                folded.update((a, b) for a, b in zip(raw, text) if a != b)
             if not text:
                 counts["empty"] += 1
             elif any(c not in self._index for c in text):
@@ -78,7 +109,11 @@ class Charset:
         parts = [f"{counts['outside']} with characters outside the charset ({shown})" if counts["outside"] else "",
                  f"{counts['long']} longer than {max_len}" if counts["long"] else "",
                  f"{counts['empty']} empty" if counts["empty"] else ""]
-        return ", ".join(p for p in parts if p)
+        dropped = ", ".join(p for p in parts if p)
+        if not counts["folded"]:
+            return dropped
+        pairs = ", ".join(f"{a!r} → {b!r}" for a, b in list(folded.items())[:6]) + (", …" if len(folded) > 6 else "")
+        return "; ".join(p for p in (dropped, f"{counts['folded']} learnt with accents folded ({pairs})") if p)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` (no BOS/EOS); raises ``KeyError`` on an unknown char."""
@@ -86,6 +121,26 @@ class Charset:
             return [self._index[c] for c in text]
         except KeyError as exc:
             raise KeyError(f"character {exc.args[0]!r} is not in the charset") from None
+
+    def encode_batch(self, labels: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forcing tensors of a batch of labels, on the CPU: decoder inputs
+        ``[BOS, c1..cn, PAD…]`` and targets ``[c1..cn, EOS, PAD…]``, both int64 ``[B, T]``
+        with ``T`` = the longest label's length + 1 (the inputs are the targets shifted
+        right behind BOS).
+
+        Raises ``KeyError`` naming a character outside the charset (``encode``), and
+        ``ValueError`` for an empty batch.
+        """
+        t = max(len(s) for s in labels) + 1
+        inp = torch.full((len(labels), t), PAD_ID, dtype=torch.long)
+        tgt = torch.full((len(labels), t), PAD_ID, dtype=torch.long)
+        for i, s in enumerate(labels):
+            ids = self.encode(s)
+            inp[i, 0] = BOS_ID
+            inp[i, 1 : len(ids) + 1] = torch.tensor(ids, dtype=torch.long)
+            tgt[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            tgt[i, len(ids)] = EOS_ID
+        return inp, tgt
 
     def decode(self, ids: list[int]) -> str:
         """Text of ``ids``, stopping at the first EOS and skipping other specials."""
@@ -96,3 +151,28 @@ class Charset:
             if i >= NUM_SPECIAL:
                 out.append(self.chars[i - NUM_SPECIAL])
         return "".join(out)
+
+    def decode_batch(self, ids: torch.Tensor, probs: torch.Tensor) -> list[Recognition]:
+        """Texts and confidences of greedy decoder output (``TransformerDecoder.greedy``):
+        ``ids`` int64 ``[B, L]`` and their probabilities ``[B, L]`` (any float dtype), on
+        any device; one ``Recognition`` per row.
+
+        A row is read up to its first EOS, PAD or BOS. The confidence is the product of
+        the characters' probabilities and the EOS probability, so it is the probability of
+        the whole string (an empty reading has the EOS probability); a row that ends
+        without EOS has its characters' product. Raises ``IndexError`` for an id at or
+        above ``vocab_size``.
+        """
+        out = []
+        for row_ids, row_p in zip(ids.tolist(), probs.float().tolist()):
+            chars, confs, total = [], [], 1.0
+            for i, p in zip(row_ids, row_p):
+                if i in (PAD_ID, BOS_ID):
+                    break
+                total *= p
+                if i == EOS_ID:
+                    break
+                chars.append(self.chars[i - NUM_SPECIAL])
+                confs.append(p)
+            out.append(Recognition("".join(chars), total, confs))
+        return out

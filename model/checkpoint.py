@@ -9,6 +9,7 @@ never unpickles anything.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import tempfile
@@ -44,6 +45,25 @@ class CheckpointInfo:
     def model_id(self) -> str:
         """``name@<first 12 hex digits of the weights' sha256>``."""
         return f"{self.name}@{self.sha256[:12]}"
+
+
+#: The package a wheel installs the shipped weights as (``weights/`` of the repository,
+#: mapped in ``pyproject.toml``); a checkout reads them in place.
+WEIGHTS_PACKAGE = "safl_weights"
+SHIPPED_FILE = "safl.safetensors"
+
+
+def shipped_weights() -> Path:
+    """The shipped checkpoint: ``weights/safl.safetensors`` of this checkout (an editable
+    install), else the copy a wheel installs as the ``safl_weights`` package. The path is
+    returned even when the file is missing; loading it then names the path."""
+    checkout = Path(__file__).resolve().parents[1] / "weights" / SHIPPED_FILE
+    if checkout.is_file():
+        return checkout
+    spec = importlib.util.find_spec(WEIGHTS_PACKAGE)
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations))) / SHIPPED_FILE
+    return checkout
 
 
 def file_sha256(path: Path) -> str:

@@ -18,6 +18,19 @@ from PIL import Image, ImageOps
 
 #: Background used where an image is transparent: word crops are printed matter.
 _WHITE = (255, 255, 255)
+_BLACK = (0, 0, 0)
+
+
+def _backdrop(rgba: Image.Image) -> tuple[int, int, int]:
+    """White behind dark visible pixels, black behind light ones: text on a transparent
+    background keeps its contrast whatever its colour (white text composited on white
+    would vanish). The visible pixels' mean luma (ITU-R 601), weighted by alpha, decides."""
+    arr = np.asarray(rgba, dtype=np.float32)
+    alpha = arr[..., 3]
+    if alpha.sum() == 0:
+        return _WHITE
+    luma = arr[..., :3] @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    return _BLACK if float((luma * alpha).sum() / alpha.sum()) > 127.5 else _WHITE
 
 
 @dataclass(frozen=True)
@@ -61,7 +74,7 @@ def canonicalize(img: Image.Image, channels: int = 1) -> Image.Image:
     """Bring a decoded image of any common mode to upright ``L`` (or ``RGB``).
 
     Handles the first frame of animations, EXIF orientation, alpha (composited on
-    white), palettes, CMYK, 1-bit and 16/32-bit integer or float images.
+    white, or on black behind light visible pixels: ``_backdrop``), palettes, CMYK, 1-bit and 16/32-bit integer or float images.
     """
     if getattr(img, "n_frames", 1) > 1:
         img.seek(0)
@@ -75,7 +88,7 @@ def canonicalize(img: Image.Image, channels: int = 1) -> Image.Image:
         img = img.convert("RGBA")
     if img.mode in ("LA", "RGBA"):
         rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, _WHITE + (255,))
+        background = Image.new("RGBA", rgba.size, _backdrop(rgba) + (255,))
         img = Image.alpha_composite(background, rgba).convert("RGB")
     target = "L" if channels == 1 else "RGB"
     if img.mode != target:

@@ -6,13 +6,14 @@ too, and the most confident of all its readings is the answer. Confident first r
 are nearly always right, so this keeps the accuracy of reading every view at a fraction
 of its cost (README, "Reading several views").
 
-``read_views`` does it with a synchronous reader; the service runs the same steps
-(``first_views`` → ``unsure`` → ``further_views`` → ``merge``) through its batcher.
+``read_views`` does it with a synchronous reader, ``aread_views`` with a coroutine (the
+service's batcher); both drive the same steps (``first_views`` → ``unsure`` →
+``further_views`` → ``merge``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -69,12 +70,34 @@ def merge(first: Sequence[Recognition], per_crop: Sequence[Sequence[View]], crop
     return answers
 
 
+def _read_steps(per_crop: Sequence[Sequence[View]], confident_at: float) -> Generator[list[View], list[Recognition], list[Recognition]]:
+    # Yields the views to read (at most twice) and is sent their readings; returns the answers.
+    if not per_crop:
+        return []
+    first = yield first_views(per_crop)
+    crops = unsure(first, per_crop, confident_at)
+    more = (yield further_views(per_crop, crops)) if crops else []
+    return merge(first, per_crop, crops, more)
+
+
 def read_views(read: Callable[[list[View]], list[Recognition]], per_crop: Sequence[Sequence[View]], confident_at: float) -> list[Recognition]:
     """One answer per crop, ``read`` being called on a list of views at most twice: the
     first views, then the further views of the unsure crops."""
-    if not per_crop:
-        return []
-    first = read(first_views(per_crop))
-    crops = unsure(first, per_crop, confident_at)
-    more = read(further_views(per_crop, crops)) if crops else []
-    return merge(first, per_crop, crops, more)
+    steps = _read_steps(per_crop, confident_at)
+    try:
+        views = next(steps)
+        while True:
+            views = steps.send(read(views))
+    except StopIteration as done:
+        return done.value
+
+
+async def aread_views(read: Callable[[list[View]], Awaitable[list[Recognition]]], per_crop: Sequence[Sequence[View]], confident_at: float) -> list[Recognition]:
+    """``read_views`` with a coroutine ``read``; exceptions from ``read`` propagate."""
+    steps = _read_steps(per_crop, confident_at)
+    try:
+        views = next(steps)
+        while True:
+            views = steps.send(await read(views))
+    except StopIteration as done:
+        return done.value

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .charset import BOS_ID, DEFAULT_CHARS, EOS_ID, NUM_SPECIAL, PAD_ID, Charset
+from .charset import DEFAULT_CHARS, Charset
 from .decode import TransformerDecoder
 from .encode import SATRNEncoder
 from .preprocess import PreprocessConfig, ViewConfig, collate, to_tensor, views
@@ -122,23 +122,7 @@ class SAFL(nn.Module):
             ids, probs = self.generate(images, amp_dtype=amp_dtype)
         finally:
             self.train(was_training)
-        return self.to_recognitions(ids, probs)
-
-    def to_recognitions(self, ids: torch.Tensor, probs: torch.Tensor) -> list[Recognition]:
-        """Turn greedy ids/probabilities into texts and confidences."""
-        out = []
-        for row_ids, row_p in zip(ids.tolist(), probs.float().tolist()):
-            chars, confs, total = [], [], 1.0
-            for i, p in zip(row_ids, row_p):
-                if i in (PAD_ID, BOS_ID):
-                    break
-                total *= p
-                if i == EOS_ID:
-                    break
-                chars.append(self.charset.chars[i - NUM_SPECIAL])
-                confs.append(p)
-            out.append(Recognition("".join(chars), total, confs))
-        return out
+        return self.charset.decode_batch(ids, probs)
 
     def recognize_images(self, images: list[Image.Image], view_cfg: ViewConfig = ViewConfig()) -> list[Recognition]:
         """Recognise PIL images, pre-processed here with the shared code path and read in

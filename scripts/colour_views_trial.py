@@ -18,13 +18,13 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from model.checkpoint import load_checkpoint
 from model.preprocess import PreprocessConfig, canonicalize, views
 from model.training.data import read_labels_tsv
+from model.training.evaluate import normalize_36, read_batched
 from model.training.split import split_indices
-from model.training.evaluate import _read, normalize_36
 
 SETS = ("iiit5k", "svt", "ic15")
 COLOUR = ("pca", "pc2", "r", "g", "b", "rg", "yb", "sat", "max", "min")
@@ -79,7 +79,7 @@ def read_all(weights: str, data: Path) -> dict:
         val, _ = split_indices([t for _, t in pairs])
         crops = [crop_views(data / name / pairs[i][0], cfg) for i in val]
         keys = [(c, k) for c, vs in enumerate(crops) for k in vs]
-        readings = _read(model, np.stack([crops[c][k] for c, k in keys]), 256, None)
+        readings = read_batched(model, np.stack([crops[c][k] for c, k in keys]), 256, None)
         per = [{} for _ in crops]
         for (c, k), r in zip(keys, readings, strict=True):
             per[c][k] = [normalize_36(r.text), r.confidence]

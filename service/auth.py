@@ -37,7 +37,7 @@ def api_key_dependency(key: str, on_reject: Callable[[], None] | None = None) ->
             if on_reject:
                 on_reject()
             raise APIError(
-                401, "unauthorized", "missing or wrong API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+                "unauthorized", "missing or wrong API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
                 headers={"WWW-Authenticate": "Bearer"},
             )  # fmt: skip
 

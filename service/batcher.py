@@ -42,14 +42,13 @@ class BatcherClosed(Exception):
 
 
 class CropFailed(Exception):
-    """A crop could not be recognised; ``status``/``code`` say how to report it."""
+    """A crop could not be recognised; ``code`` (a key of ``service.errors.ERRORS``) says
+    how to report it."""
 
-    def __init__(self, status: int, code: str, message: str, retry: bool = False) -> None:
+    def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
-        self.status = status
         self.code = code
         self.message = message
-        self.retry = retry
 
 
 @dataclass(frozen=True)
@@ -153,15 +152,6 @@ class DynamicBatcher(Generic[R]):
         if self._supervisor is None:
             self._supervisor = asyncio.get_running_loop().create_task(self._supervise(), name="safl-batcher")
 
-    async def wait_idle(self, timeout: float | None = None) -> bool:
-        """Wait until nothing is queued or running; False if ``timeout`` passed first."""
-        end = None if timeout is None else self._clock() + timeout
-        while self._queue or self._running:
-            if end is not None and self._clock() >= end:
-                return False
-            await asyncio.sleep(0.005)
-        return True
-
     async def stop(self) -> None:
         """Refuse new crops, stop the worker, fail whatever is still pending with 503."""
         self._closed = True
@@ -174,7 +164,7 @@ class DynamicBatcher(Generic[R]):
         leftover = list(self._queue) + self._running
         self._queue.clear()
         self._running = []
-        self._fail(leftover, CropFailed(503, "shutting_down", "the server shut down before this image was recognised", retry=True))
+        self._fail(leftover, CropFailed("shutting_down", "the server shut down before this image was recognised"))
         self._gauge_depth()
         self._healthy = False
 
@@ -193,7 +183,7 @@ class DynamicBatcher(Generic[R]):
                 if self._metrics:
                     self._metrics.worker_restarts.inc()
                 crashed, self._running = self._running, []
-                lost = CropFailed(503, "worker_crashed", "the inference worker restarted while this image was in its batch", retry=True)
+                lost = CropFailed("worker_crashed", "the inference worker restarted while this image was in its batch")
                 self._fail(crashed, lost)
                 if self._metrics:
                     self._metrics.in_flight_crops.set(0)
@@ -241,7 +231,7 @@ class DynamicBatcher(Generic[R]):
         for crop in self._queue:
             if now >= crop.deadline:
                 if not crop.future.done():
-                    crop.future.set_exception(CropFailed(504, "deadline_exceeded", "the deadline passed while the image was queued"))
+                    crop.future.set_exception(CropFailed("deadline_exceeded", "the deadline passed while the image was queued"))
                 self._count_drop("expired")
             elif crop.future.done():  # cancelled: the request timed out, or its client went away
                 self._count_drop("cancelled")
@@ -283,9 +273,9 @@ class DynamicBatcher(Generic[R]):
     def _classify(exc: Exception) -> CropFailed:
         if isinstance(exc, torch.OutOfMemoryError):
             log.error("out of memory even for a single crop: %s", exc)
-            return CropFailed(503, "out_of_memory", "the model ran out of memory on this image's batch; retry later", retry=True)
+            return CropFailed("out_of_memory", "the model ran out of memory on this image's batch; retry later")
         log.error("inference failed on a batch", exc_info=exc)
-        return CropFailed(500, "inference_failed", "the model failed on the batch holding this image; other requests are unaffected")
+        return CropFailed("inference_failed", "the model failed on the batch holding this image; other requests are unaffected")
 
     @staticmethod
     def _fail(crops: Sequence[_Crop[R]], error: CropFailed) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import sys
@@ -13,21 +12,18 @@ import typing
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import uvicorn
 from pydantic import SecretStr, ValidationError
 
-from model.reading import Recognition, read_views
-from model.training.cli import add_eval_parser, add_synth_parser, add_train_parser, add_view_flags, view_config
+from model.training.cli import add_eval_parser, add_synth_parser, add_train_parser, add_view_flags
 
+from .access_log import configure_probe_access_log
 from .app import create_app
 from .predictor import Predictor, StartupError
 from .runtime import Runtime
 from .settings import DEFAULT_WEIGHTS, Settings
-
-if TYPE_CHECKING:
-    import torch
 
 
 def default_weights() -> Path:
@@ -105,6 +101,8 @@ def serve(settings: Settings, predictor: Predictor | None = None) -> int:
         # probes exempt); this caps idle keep-alive connections and anything else.
         limit_concurrency=2 * settings.max_connections,
     )  # fmt: skip
+    # After uvicorn.Config, which (re)configures uvicorn's loggers.
+    configure_probe_access_log(settings.access_log_probes)
     server = GracefulServer(config, app.state.runtime)
     server.run()
     return 0 if server.started else 3
@@ -146,74 +144,44 @@ class GracefulServer(uvicorn.Server):
 
 
 def add_recognize_parser(sub: argparse._SubParsersAction) -> None:
-    """``safl recognize IMG [IMG...]``: the service's decode/preprocess/model path, locally."""
+    """``safl recognize PATH [PATH...]``: the service's decode/preprocess/model path, locally
+    (``service.recognize_cli``)."""
+    from .recognize_cli import FORMATS, PROGRESS_MIN_FILES
+
     p = sub.add_parser(
         "recognize", help="recognise word images locally (no server)",
-        description="Print file<TAB>text<TAB>confidence for each image (confidence: see the API docs).",
+        description="Read word crops and print file<TAB>text<TAB>confidence for each (confidence: see the API docs). "
+                    "Exit status: 0 all read, 1 some files could not be read (one line each on standard error), "
+                    "2 no image found or the model cannot load.",
     )  # fmt: skip
-    p.add_argument("images", nargs="+", type=Path, metavar="IMG")
+    p.add_argument("inputs", nargs="*", metavar="PATH",
+                   help="an image file; a folder (its .png/.jpg/.jpeg/.webp/.bmp/.tif/.tiff/.gif files, recursively, sorted; "
+                        "hidden ones skipped); a glob pattern such as 'crops/*.png' (expanded here too, so it may be quoted; "
+                        "** matches folders); or - to read paths from standard input, one per line")  # fmt: skip
+    p.add_argument("--stdin-image", action="store_true", help="also read one image's bytes from standard input, shown as -")
+    p.add_argument("--format", choices=FORMATS, default="tsv",
+                   help="tsv: file<TAB>text<TAB>confidence, a tab, newline, carriage return or backslash in a file name written \\t \\n \\r \\\\; csv: the same with a "
+                        "header row; jsonl: one object per file (file, text, confidence, char_confidences, or error); "
+                        "json: one document, the API's response shape plus errors (default: %(default)s)")  # fmt: skip
+    p.add_argument("--json", dest="format", action="store_const", const="json", help="same as --format json")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"progress bar on standard error (default: for {PROGRESS_MIN_FILES} files or more when standard error is a terminal)")
     p.add_argument("--weights", type=Path, default=default_weights(), help="checkpoint (env SAFL_WEIGHTS; default: %(default)s)")
     p.add_argument("--device", default=os.environ.get("SAFL_DEVICE", "auto"), help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="PyTorch intra-op threads (default: PyTorch's)")
-    p.add_argument("--batch-size", type=int, default=32, help="crops per model batch (default: 32)")
+    p.add_argument("--batch-size", type=int, default=32, help="crops per model batch; files are read 4 batches at a time (default: 32)")
     p.add_argument("--max-pixels", type=int, default=Settings.model_fields["max_pixels"].default, help="per-image pixel limit")
     p.add_argument("--max-file-bytes", type=int, default=Settings.model_fields["max_file_bytes"].default, help="per-image size limit")
-    p.add_argument("--json", action="store_true", help="print one JSON document (the API's response shape, plus errors)")
     add_view_flags(p)
     p.set_defaults(func=run_recognize)
 
 
 def run_recognize(args: argparse.Namespace) -> int:
-    """Exit 0 when every image was recognised, 1 when some could not be read, 2 when the model cannot load."""
-    from .errors import APIError
-    from .images import ImageLimits, ImageRejected, load_crop, treat_bomb_warning_as_error
+    """Exit 0 when every image was recognised, 1 when some could not be read, 2 when no
+    image was found or the model cannot load."""
+    from .recognize_cli import run
 
-    try:
-        predictor = Predictor.load(args.weights, args.device, args.threads)
-    except StartupError as exc:
-        print(f"safl recognize: {exc}", file=sys.stderr)
-        return 2
-    predictor.init_thread()
-    treat_bomb_warning_as_error()
-    limits = ImageLimits(args.max_file_bytes, args.max_pixels)
-    view_cfg = view_config(args)
-    names: list[str] = []
-    crops: list[list[torch.Tensor]] = []  # the views of each readable image
-    errors: list[dict[str, str]] = []
-    for path in args.images:
-        try:
-            if path.stat().st_size > limits.max_file_bytes:  # before reading it into memory
-                raise ImageRejected(413, "file_too_large", f"file {str(path)!r} is over {limits.max_file_bytes} bytes")
-            data = path.read_bytes()
-            crops.append(load_crop(data, str(path), limits, predictor.preprocess_config, view_cfg))
-            names.append(str(path))
-        except OSError as exc:
-            errors.append({"filename": str(path), "code": "unreadable", "message": f"cannot read {path}: {exc.strerror or exc}"})
-        except APIError as exc:
-            errors.append({"filename": str(path), "code": exc.code, "message": exc.message})
-    size = max(1, args.batch_size)
-
-    def read(inputs: list[torch.Tensor]) -> list[Recognition]:
-        return [r for i in range(0, len(inputs), size) for r in predictor.recognize(inputs[i : i + size])]
-
-    results = read_views(read, crops, view_cfg.confident_at)
-    if args.json:
-        doc: dict[str, Any] = {
-            "model": predictor.info.model_id,
-            "results": [
-                {"filename": n, "text": r.text, "confidence": r.confidence, "char_confidences": r.char_confidences}
-                for n, r in zip(names, results, strict=True)
-            ],
-        }
-        if errors:
-            doc["errors"] = errors
-        print(json.dumps(doc, ensure_ascii=False))
-    else:
-        for n, r in zip(names, results, strict=True):
-            print(f"{n}\t{r.text}\t{r.confidence:.6g}")
-    for e in errors:
-        print(f"safl recognize: {e['message']}", file=sys.stderr)
-    return 1 if errors else 0
+    return run(args)
 
 
 # --- entry point

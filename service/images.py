@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -39,15 +40,17 @@ _MAGIC: tuple[tuple[int, bytes], ...] = (
 
 
 class ImageRejected(APIError):
-    """An upload that is not a usable image; ``status`` is 413, 415 or 422."""
+    """An upload that is not a usable image (a 413, 415 or 422 code of ``ERRORS``)."""
 
 
 @dataclass(frozen=True)
 class ImageLimits:
-    """Per-image limits, checked before decoding."""
+    """Limits checked before decoding: per image, and the pixels of a request's images
+    together (``None``: no such limit)."""
 
     max_file_bytes: int
     max_pixels: int
+    max_request_pixels: int | None = None
 
 
 def treat_bomb_warning_as_error() -> None:
@@ -66,7 +69,43 @@ def _looks_allowed(data: bytes) -> bool:
 
 
 def _too_many_pixels(filename: str, detail: str) -> ImageRejected:
-    return ImageRejected(413, "too_many_pixels", f"image {filename!r} {detail}")
+    return ImageRejected("too_many_pixels", f"image {filename!r} {detail}")
+
+
+def open_image(data: bytes, filename: str, limits: ImageLimits) -> Image.Image:
+    """Validate ``data`` and read its header, without decoding the pixels; raises
+    ``ImageRejected`` naming ``filename``."""
+    if not data:
+        raise ImageRejected("empty_file", f"file {filename!r} is empty")
+    if len(data) > limits.max_file_bytes:
+        raise ImageRejected("file_too_large", f"file {filename!r} is {len(data)} bytes; the limit is {limits.max_file_bytes}")
+    try:
+        img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise _too_many_pixels(filename, f"is too large to decode ({exc})") from None
+    except UnidentifiedImageError:
+        if _looks_allowed(data):
+            raise ImageRejected("corrupt_image", f"file {filename!r} is a corrupt or truncated image") from None
+        raise ImageRejected("unsupported_image", f"file {filename!r} is not a {_ALLOWED_TEXT} image") from None
+    except Exception as exc:  # any parser failure on client bytes is the client's problem
+        raise ImageRejected("corrupt_image", f"file {filename!r} could not be read as an image: {exc}") from None
+    width, height = img.size
+    if width < 1 or height < 1:
+        raise ImageRejected("corrupt_image", f"image {filename!r} has no pixels ({width}x{height})")
+    if width * height > limits.max_pixels:
+        # Rejected from the header alone: the pixel data is never decompressed.
+        raise _too_many_pixels(filename, f"is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}")
+    return img
+
+
+def _load(img: Image.Image, filename: str) -> Image.Image:
+    try:
+        img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise _too_many_pixels(filename, f"is too large to decode ({exc})") from None
+    except Exception as exc:
+        raise ImageRejected("corrupt_image", f"file {filename!r} is a corrupt or truncated {img.format} image: {exc}") from None
+    return img
 
 
 def decode_image(data: bytes, filename: str, limits: ImageLimits) -> Image.Image:
@@ -74,33 +113,7 @@ def decode_image(data: bytes, filename: str, limits: ImageLimits) -> Image.Image
 
     The returned image is fully loaded (first frame for animations).
     """
-    if not data:
-        raise ImageRejected(422, "empty_file", f"file {filename!r} is empty")
-    if len(data) > limits.max_file_bytes:
-        raise ImageRejected(413, "file_too_large", f"file {filename!r} is {len(data)} bytes; the limit is {limits.max_file_bytes}")
-    try:
-        img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise _too_many_pixels(filename, f"is too large to decode ({exc})") from None
-    except UnidentifiedImageError:
-        if _looks_allowed(data):
-            raise ImageRejected(422, "corrupt_image", f"file {filename!r} is a corrupt or truncated image") from None
-        raise ImageRejected(415, "unsupported_image", f"file {filename!r} is not a {_ALLOWED_TEXT} image") from None
-    except Exception as exc:  # any parser failure on client bytes is the client's problem
-        raise ImageRejected(422, "corrupt_image", f"file {filename!r} could not be read as an image: {exc}") from None
-    width, height = img.size
-    if width < 1 or height < 1:
-        raise ImageRejected(422, "corrupt_image", f"image {filename!r} has no pixels ({width}x{height})")
-    if width * height > limits.max_pixels:
-        # Rejected from the header alone: the pixel data is never decompressed.
-        raise _too_many_pixels(filename, f"is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}")
-    try:
-        img.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise _too_many_pixels(filename, f"is too large to decode ({exc})") from None
-    except Exception as exc:
-        raise ImageRejected(422, "corrupt_image", f"file {filename!r} is a corrupt or truncated {img.format} image: {exc}") from None
-    return img
+    return _load(open_image(data, filename, limits), filename)
 
 
 def to_model_input(img: Image.Image, filename: str, cfg: PreprocessConfig, view_cfg: ViewConfig = ViewConfig()) -> list[torch.Tensor]:
@@ -112,12 +125,32 @@ def to_model_input(img: Image.Image, filename: str, cfg: PreprocessConfig, view_
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise _too_many_pixels(filename, f"is too large to decode ({exc})") from None
     except UnsupportedImageMode as exc:  # a valid file, just pixels we cannot read
-        raise ImageRejected(415, "unsupported_image", f"image {filename!r}: {exc}") from None
+        raise ImageRejected("unsupported_image", f"image {filename!r}: {exc}") from None
     except Exception as exc:
-        raise ImageRejected(422, "corrupt_image", f"image {filename!r} could not be converted: {exc}") from None
+        raise ImageRejected("corrupt_image", f"image {filename!r} could not be converted: {exc}") from None
 
 
 def load_crop(data: bytes, filename: str, limits: ImageLimits, cfg: PreprocessConfig, view_cfg: ViewConfig = ViewConfig()) -> list[torch.Tensor]:
     """Bytes of one upload → the model's ``[C, H, W]`` inputs, one per view
     (``model.preprocess.views``), or ``ImageRejected``."""
     return to_model_input(decode_image(data, filename, limits), filename, cfg, view_cfg)
+
+
+def load_crops(files: Sequence[tuple[bytes, str]], limits: ImageLimits, cfg: PreprocessConfig, view_cfg: ViewConfig = ViewConfig(),
+               before_each: Callable[[], None] = lambda: None) -> list[list[torch.Tensor]]:  # fmt: skip
+    """``load_crop`` for a request's ``(bytes, filename)`` pairs, in order.
+
+    Every header is read first, so the request's pixel budget
+    (``limits.max_request_pixels``) is checked before any image is decoded;
+    ``before_each`` runs before each decode (the service checks its deadline there).
+    Raises ``ImageRejected`` for the first image that fails.
+    """
+    opened = [(open_image(data, name, limits), name) for data, name in files]
+    total = sum(img.size[0] * img.size[1] for img, _ in opened)
+    if limits.max_request_pixels is not None and total > limits.max_request_pixels:
+        raise ImageRejected("too_many_pixels", f"the request's {len(opened)} images hold {total} pixels together; the limit is {limits.max_request_pixels}")
+    crops = []
+    for img, name in opened:
+        before_each()
+        crops.append(to_model_input(_load(img, name), name, cfg, view_cfg))
+    return crops

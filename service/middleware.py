@@ -36,13 +36,13 @@ class BodyLimitMiddleware:
         if declared is not None:
             # isascii: str.isdigit() is also true for '²' and other digits int() rejects.
             if not (declared.isascii() and declared.isdigit()):
-                await error_response(400, "bad_request", "invalid Content-Length header")(scope, receive, send)
+                await error_response("bad_request", "invalid Content-Length header")(scope, receive, send)
                 return
             if int(declared) > limit:
                 # Answered before reading a byte of the body.
                 if self.on_reject:
                     self.on_reject("body_too_large")
-                reply = error_response(413, "body_too_large", f"request body of {declared} bytes exceeds the limit of {limit}")
+                reply = error_response("body_too_large", f"request body of {declared} bytes exceeds the limit of {limit}")
                 await reply(scope, receive, send)
                 return
         received = 0
@@ -54,7 +54,7 @@ class BodyLimitMiddleware:
                 received += len(message.get("body", b""))
                 if received > limit:
                     # Raised inside the endpoint's body read; the app's handler renders it.
-                    raise APIError(413, "body_too_large", f"request body exceeds the limit of {limit} bytes")
+                    raise APIError("body_too_large", f"request body exceeds the limit of {limit} bytes")
             return message
 
         await self.app(scope, counting_receive, send)
@@ -75,7 +75,7 @@ class ConcurrencyLimitMiddleware:
         self.app = app
         self.limit = limit
         self.exempt = exempt
-        self.retry_headers = {"Retry-After": str(retry_after_s)}
+        self.retry_after_s = retry_after_s
         self.on_reject = on_reject
         self.in_progress = 0  # one event loop: no lock needed
 
@@ -87,7 +87,7 @@ class ConcurrencyLimitMiddleware:
             if self.on_reject:
                 self.on_reject("overloaded")
             message = f"{self.limit} requests are in progress, the most this server takes at once; retry later"
-            await error_response(503, "overloaded", message, self.retry_headers)(scope, receive, send)
+            await error_response("overloaded", message, retry_after_s=self.retry_after_s)(scope, receive, send)
             return
         self.in_progress += 1
         try:

@@ -15,6 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from model import CheckpointError, CheckpointInfo, Recognition, load_checkpoint
+from model.device import DeviceUnavailable, resolve_device
 from model.preprocess import PreprocessConfig, collate, preprocess
 
 log = logging.getLogger("service")
@@ -28,19 +29,6 @@ class Recognizer(Protocol):
     """What the predictor needs from a model: ``SAFL.recognize``'s signature."""
 
     def recognize(self, images: torch.Tensor, amp_dtype: torch.dtype | None = None) -> list[Recognition]: ...
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → ``cuda`` when available, else ``cpu``; an explicit CUDA device must exist."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise StartupError(f"device {name!r} requested but CUDA is not available here (use --device cpu or auto)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise StartupError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
-    return device
 
 
 def warmup_sizes(max_batch_size: int) -> list[int]:
@@ -86,7 +74,10 @@ class Predictor:
                 f"model weights not found at {path}. Train a model (safl train) or point the service at a "
                 "checkpoint with --weights PATH or the SAFL_WEIGHTS environment variable."
             )
-        target = resolve_device(device)
+        try:
+            target = resolve_device(device)
+        except DeviceUnavailable as exc:
+            raise StartupError(f"{exc} (--device / SAFL_DEVICE)") from None
         if threads:
             torch.set_num_threads(threads)
         try:

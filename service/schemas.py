@@ -90,6 +90,7 @@ class LimitsInfo(BaseModel):
     max_file_bytes: int
     max_body_bytes: int
     max_pixels: int
+    max_request_pixels: int
     formats: list[str]
 
 

@@ -12,10 +12,11 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from model.checkpoint import shipped_weights
 from model.preprocess import ViewConfig
 
-#: ``<repo root>/weights/safl.safetensors``: where the shipped model lives.
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "safl.safetensors"
+#: The shipped model (``model.checkpoint.shipped_weights``).
+DEFAULT_WEIGHTS = shipped_weights()
 
 
 class Settings(BaseSettings):
@@ -27,6 +28,10 @@ class Settings(BaseSettings):
     host: str = Field(default="127.0.0.1", description="interface to listen on (0.0.0.0 for all)")
     port: int = Field(default=8000, ge=0, le=65535, description="TCP port")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(default="info", description="uvicorn and service log level")
+    access_log_probes: bool = Field(
+        default=False,
+        description="also write access-log lines for /healthz, /readyz and /metrics requests that succeed (failed ones, status 400 or above, are always logged)",
+    )
 
     # --- model
     weights: Path = Field(default=DEFAULT_WEIGHTS, description="checkpoint .safetensors (its .json sidecar must sit next to it)")
@@ -64,6 +69,9 @@ class Settings(BaseSettings):
     max_file_bytes: int = Field(default=10 * 2**20, ge=1, description="largest single image, bytes")
     max_body_bytes: int = Field(default=50 * 2**20, ge=1, description="largest request body, bytes (Content-Length and streamed)")
     max_pixels: int = Field(default=16_000_000, ge=1, description="most pixels (width x height) in one image, checked before decoding")
+    max_request_pixels: int = Field(
+        default=64_000_000, ge=1, description="most pixels of a request's images together, checked from their headers before any is decoded"
+    )
 
     # --- access
     api_key: SecretStr | None = Field(default=None, description="when set, requests need 'Authorization: Bearer KEY' or 'X-API-Key: KEY'")
@@ -98,4 +106,6 @@ class Settings(BaseSettings):
             raise ValueError(f"{detail} cannot exceed max_queue ({self.max_queue}): such a request could never queue")
         if self.max_file_bytes > self.max_body_bytes:
             raise ValueError("max_file_bytes cannot exceed max_body_bytes")
+        if self.max_pixels > self.max_request_pixels:
+            raise ValueError("max_pixels cannot exceed max_request_pixels")
         return self

@@ -33,44 +33,81 @@ class Upload:
     data: bytes
 
 
+#: Field names of image parts: ``files``, and ``file`` for clients that name a single
+#: upload so (requests' and curl's habit); parts of both are read in the order sent.
+FILE_FIELDS = ("files", "file")
+
+
+class _MultiPartParser(MultiPartParser):
+    """Starlette's parser, noting whether the closing boundary arrived: Starlette returns
+    what it parsed from a body cut short without a word, so two parts cut before the
+    closing boundary would be answered as one."""
+
+    complete = False
+
+    def on_end(self) -> None:
+        self.complete = True
+
+
 async def read_uploads(request: Request, max_files: int, max_file_bytes: int) -> list[Upload]:
     """The request's images in the order sent; ``APIError`` (4xx) for anything malformed."""
     content_type = request.headers.get("content-type", "")
     media = content_type.split(";", 1)[0].strip().lower()
+    coding = request.headers.get("content-encoding", "identity").strip().lower()
+    if coding not in ("", "identity"):
+        # Decompressing would need the body limit applied to the inflated size; images are
+        # compressed already, so a compressed body saves little.
+        raise APIError("unsupported_content_encoding", f"Content-Encoding {coding!r} is not accepted; send the body uncompressed")
     try:
         if media == "multipart/form-data":
             return await _read_multipart(request, max_files, max_file_bytes)
         if media == "application/json" or media.endswith("+json"):
             return _read_json(await request.body(), max_files, max_file_bytes)
     except ClientDisconnect:
-        raise APIError(400, "client_disconnected", "the client disconnected while sending the body") from None
+        raise APIError("client_disconnected", "the client disconnected while sending the body") from None
     if not media and request.headers.get("content-length", "0") == "0" and "transfer-encoding" not in request.headers:
-        raise APIError(422, "no_files", f"the request has no body: {_HOW}")
-    raise APIError(415, "unsupported_content_type", f"content type {media or '(none)'!r} is not accepted: {_HOW}")
+        raise APIError("no_files", f"the request has no body: {_HOW}")
+    raise APIError("unsupported_content_type", f"content type {media or '(none)'!r} is not accepted: {_HOW}")
+
+
+def _multipart_problem(exc: MultiPartException) -> str:
+    # Starlette reports python-multipart's errors as "Invalid multipart data."; the cause says what.
+    cause = exc.__cause__
+    return f"{exc} ({cause})" if cause is not None and str(cause) else str(exc)
 
 
 async def _read_multipart(request: Request, max_files: int, max_file_bytes: int) -> list[Upload]:
-    parser = MultiPartParser(request.headers, request.stream(), max_files=max_files, max_fields=_MAX_FIELDS, max_part_size=_MAX_FIELD_BYTES)
+    parser = _MultiPartParser(request.headers, request.stream(), max_files=max_files, max_fields=_MAX_FIELDS, max_part_size=_MAX_FIELD_BYTES)
     try:
         form = await parser.parse()
     except MultiPartException as exc:
         # Starlette signals every multipart problem with this one exception type.
         if str(exc).startswith("Too many files"):
-            raise APIError(413, "too_many_files", f"more than {max_files} files in one request") from None
-        raise APIError(400, "malformed_multipart", f"the multipart body could not be parsed: {exc}") from None
+            raise APIError("too_many_files", f"more than {max_files} files in one request") from None
+        raise APIError("malformed_multipart", f"the multipart body could not be parsed: {_multipart_problem(exc)}") from None
     try:
-        parts = [(key, value) for key, value in form.multi_items() if key == "files"]
+        if not parser.complete:
+            raise APIError("malformed_multipart", "the multipart body ended before its closing boundary: it was cut short, so parts may be missing")
+        items = form.multi_items()
+        stray = [key for key, value in items if isinstance(value, UploadFile) and key not in FILE_FIELDS]
+        if stray:
+            raise APIError("unexpected_file", f"a file part named {stray[0]!r}: send images as 'files' parts (or 'file')")
+        parts = [value for key, value in items if key in FILE_FIELDS]
         if not parts:
-            raise APIError(422, "no_files", f"no 'files' parts in the request: {_HOW}")
+            raise APIError("no_files", f"no 'files' parts in the request: {_HOW}")
         if len(parts) > max_files:
-            raise APIError(413, "too_many_files", f"{len(parts)} files in one request; the limit is {max_files}")
+            raise APIError("too_many_files", f"{len(parts)} files in one request; the limit is {max_files}")
         uploads = []
-        for index, (_, value) in enumerate(parts):
+        for index, value in enumerate(parts):
             if not isinstance(value, UploadFile):
-                raise APIError(422, "not_a_file", f"'files' part #{index} is a plain form field, not a file upload")
+                raise APIError(
+                    "not_a_file",
+                    f"image part #{index} is a plain form field: its Content-Disposition has no filename= parameter "
+                    "(filename*= alone is not read), so it carries no file",
+                )  # fmt: skip
             name = value.filename or f"file-{index}"
             if value.size is not None and value.size > max_file_bytes:
-                raise APIError(413, "file_too_large", f"file {name!r} is {value.size} bytes; the limit is {max_file_bytes}")
+                raise APIError("file_too_large", f"file {name!r} is {value.size} bytes; the limit is {max_file_bytes}")
             uploads.append(Upload(name, await value.read()))
         return uploads
     finally:
@@ -92,25 +129,25 @@ def _read_json(body: bytes, max_files: int, max_file_bytes: int) -> list[Upload]
     except ValidationError as exc:
         err = exc.errors()[0]
         if err.get("type") == "json_invalid":
-            raise APIError(422, "invalid_json", f"the body is not valid JSON: {err.get('msg')}") from None
+            raise APIError("invalid_json", f"the body is not valid JSON: {err.get('msg')}") from None
         where = ".".join(str(p) for p in err.get("loc", ())) or "body"
         if err.get("type") == "too_short" and where == "images":
-            raise APIError(422, "no_files", f"'images' is empty: {_HOW}") from None
-        raise APIError(422, "validation_error", f"{where}: {err.get('msg')} (expected {{\"images\": [\"<base64>\", ...]}})") from None
+            raise APIError("no_files", f"'images' is empty: {_HOW}") from None
+        raise APIError("validation_error", f"{where}: {err.get('msg')} (expected {{\"images\": [\"<base64>\", ...]}})") from None
     images = payload.images
     if len(images) > max_files:
-        raise APIError(413, "too_many_files", f"{len(images)} images in one request; the limit is {max_files}")
+        raise APIError("too_many_files", f"{len(images)} images in one request; the limit is {max_files}")
     names = payload.filenames
     if names is not None and len(names) != len(images):
-        raise APIError(422, "validation_error", f"{len(names)} filenames for {len(images)} images")
+        raise APIError("validation_error", f"{len(names)} filenames for {len(images)} images")
     uploads = []
     for index, text in enumerate(images):
         name = names[index] if names is not None else f"image-{index}"
         if len(text) * 3 // 4 > max_file_bytes + 3:  # checked before decoding it
-            raise APIError(413, "file_too_large", f"image {name!r} is over {max_file_bytes} bytes")
+            raise APIError("file_too_large", f"image {name!r} is over {max_file_bytes} bytes")
         try:
             data = _b64decode(text)
         except (binascii.Error, ValueError):
-            raise APIError(422, "invalid_base64", f"image {name!r} is not valid base64") from None
+            raise APIError("invalid_base64", f"image {name!r} is not valid base64") from None
         uploads.append(Upload(name, data))
     return uploads

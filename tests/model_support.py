@@ -1,7 +1,7 @@
 """Helpers for the model and training tests: a tiny SAFL that has really learnt a few words.
 
 Nothing here replaces the model: ``memorise`` trains the real ``tiny`` preset with the
-real training pieces (``encode_labels``, ``focal_loss``, AdamW) on rendered words.
+real training pieces (``Charset.encode_batch``, ``focal_loss``, AdamW) on rendered words.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from conftest import render_word
 from model import SAFL, SAFLConfig
 from model.loss import focal_loss
 from model.preprocess import collate, preprocess
-from model.training.data import encode_labels
 
 WORDS = ["cat", "house", "TREE", "river42", "Moon", "zebra"]
 
@@ -41,7 +40,7 @@ def memorise(words: list[str] = WORDS, max_steps: int = 300, lr: float = 3e-3, s
     torch.manual_seed(seed)
     model = SAFL(SAFLConfig.from_preset("tiny", use_tps=use_tps)).train()
     images = collate([preprocess(render_word(w), model.config.preprocess) for w in words])
-    inp, tgt = encode_labels(words, model.charset)
+    inp, tgt = model.charset.encode_batch(words)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     result = Memorised(model, list(words), images)
     for step in range(1, max_steps + 1):

@@ -3,34 +3,25 @@ skipped peers, the report and the plot; the real peers only where they are insta
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
+from bench_support import load_bench
 from conftest import render_word
 
 from model import load_checkpoint
-from model.training.split import split_indices, unseen_val_indices
 from model.training.evaluate import score
+from model.training.split import split_indices, unseen_val_indices
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
 WORDS = ["Hello", "exit", "42", "CAFE", "open 24", "sale!", "??", "Street"]
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
 def peers():
-    return _load("peers")
+    return load_bench("peers")
 
 
 @pytest.fixture(scope="module")
@@ -47,30 +38,30 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_safl_reads_through_the_service_path(peers, folder: Path, tiny_checkpoint: Path) -> None:
-    data = peers.load_folder(folder, part="all")
+    data = peers.load_encoded_folder(folder, part="all")
     safl = peers.SaflPeer(tiny_checkpoint, [1, 3], threads=1)
     safl.load()
     results = peers.run_benchmark([data], [safl], progress=False)
     b1, b3 = results["safl"]
     # Same texts as the model reading the decoded images directly, at every batch size.
     model, _ = load_checkpoint(tiny_checkpoint)
-    expected = [r.text for r in model.recognize_images([peers._decode(c) for c in data.crops])]
+    expected = [r.text for r in model.recognize_images([peers.decode_image(c) for c in data.crops])]
     assert b1.predictions[folder.name] == expected
     assert b3.predictions[folder.name] == expected
     assert b3.datasets[folder.name].mismatches_vs_batch1 == 0
     m = b1.datasets[folder.name]
-    assert (m.n, m.acc36, m.acc_cs, m.ned) == score(expected, data.labels)
+    assert (m.n, m.acc36, m.acc_cs, m.one_minus_ned) == score(expected, data.labels)
     assert m.crops == len(WORDS) and m.n == len(WORDS) - 1  # "??" has nothing to score under the 36-char protocol
     assert m.seconds > 0 and m.crops_per_s > 0
 
 
 def test_val_part_is_the_training_split(peers, folder: Path) -> None:
     val, train = split_indices(WORDS)
-    assert peers.load_folder(folder, part="val").labels == [WORDS[i] for i in val]
-    assert peers.load_folder(folder, part="train").labels == [WORDS[i] for i in train]
-    assert peers.load_folder(folder, part="val", limit=1).labels == [WORDS[val[0]]]
+    assert peers.load_encoded_folder(folder, part="val").labels == [WORDS[i] for i in val]
+    assert peers.load_encoded_folder(folder, part="train").labels == [WORDS[i] for i in train]
+    assert peers.load_encoded_folder(folder, part="val", limit=1).labels == [WORDS[val[0]]]
     unseen = unseen_val_indices(WORDS)
-    assert peers.load_folder(folder).labels == [WORDS[i] for i in unseen]  # the default part
+    assert peers.load_encoded_folder(folder).labels == [WORDS[i] for i in unseen]  # the default part
 
 
 def test_cli_report_skips_missing_peers(peers, folder: Path, tiny_checkpoint: Path, tmp_path: Path, monkeypatch, capsys) -> None:
@@ -118,7 +109,7 @@ def test_plot(peers, folder: Path, tiny_checkpoint: Path, tmp_path: Path) -> Non
 
 @pytest.mark.skipif(shutil.which("tesseract") is None, reason="tesseract not installed (apt-get install tesseract-ocr tesseract-ocr-eng)")
 def test_tesseract_reads_rendered_words(peers, folder: Path) -> None:
-    data = peers.load_folder(folder, part="all", limit=3)
+    data = peers.load_encoded_folder(folder, part="all", limit=3)
     tess = peers.TesseractPeer(threads=1, psms=(8,))
     try:
         tess.load()
@@ -135,7 +126,7 @@ def test_tesseract_reads_rendered_words(peers, folder: Path) -> None:
 
 def test_rapidocr_reads_rendered_words(peers, folder: Path) -> None:
     pytest.importorskip("rapidocr_onnxruntime")
-    data = peers.load_folder(folder, part="all", limit=4)
+    data = peers.load_encoded_folder(folder, part="all", limit=4)
     rapid = peers.RapidOCRPeer([1, 4], threads=1)
     rapid.load()
     single, batched = rapid.variants()
@@ -147,7 +138,7 @@ def test_rapidocr_reads_rendered_words(peers, folder: Path) -> None:
 
 def test_rapidocr3_reads_rendered_words(peers, folder: Path) -> None:
     pytest.importorskip("rapidocr")
-    data = peers.load_folder(folder, part="all", limit=4)
+    data = peers.load_encoded_folder(folder, part="all", limit=4)
     rapid = peers.RapidOCR3Peer(threads=1)
     rapid.load()
     (single,) = rapid.variants()

@@ -71,11 +71,28 @@ def test_special_ids_are_never_decoded() -> None:
         assert len(cs.decode([i])) == (0 if i < NUM_SPECIAL else 1)
 
 
+def test_encode_batch_gives_teacher_forcing_inputs_and_targets() -> None:
+    cs = Charset()
+    inp, tgt = cs.encode_batch(["ab", "", "xyz"])
+    assert inp.shape == tgt.shape == (3, 4) and inp.dtype == tgt.dtype == torch.long
+    a, b = cs.encode("ab")
+    assert inp[0].tolist() == [BOS_ID, a, b, PAD_ID]
+    assert tgt[0].tolist() == [a, b, EOS_ID, PAD_ID]
+    assert inp[1].tolist() == [BOS_ID, PAD_ID, PAD_ID, PAD_ID]
+    assert tgt[1].tolist() == [EOS_ID, PAD_ID, PAD_ID, PAD_ID]
+    assert tgt[2].tolist() == cs.encode("xyz") + [EOS_ID]
+    # Teacher forcing: input is the target shifted right behind BOS.
+    assert torch.equal(inp[2, 1:], tgt[2, :-1])
+    with pytest.raises(KeyError, match="'é' is not in the charset"):
+        cs.encode_batch(["café"])
+
+
 def test_filter_label_policy() -> None:
     cs = Charset()
     assert cs.filter_label("Hello", 25) == "Hello"
     assert cs.filter_label("New York", 25) == "NewYork"  # spaces removed
-    assert cs.filter_label("café", 25) is None  # unknown character: skipped, not mangled
+    assert cs.filter_label("café", 25) == "cafe"  # an accent the charset lacks: folded
+    assert cs.filter_label("5€", 25) is None  # unknown character: skipped, not mangled
     assert cs.filter_label("tab\there", 25) is None
     assert cs.filter_label("", 25) is None
     assert cs.filter_label("   ", 25) is None
@@ -97,9 +114,9 @@ def test_invalid_charsets_rejected(chars: str) -> None:
         Charset(chars)
 
 
-def test_model_recognitions_never_contain_specials(tiny_model) -> None:
-    """``to_recognitions`` stops at EOS / PAD / BOS and multiplies in the EOS probability."""
-    cs = tiny_model.charset
+def test_decode_batch_never_contains_specials() -> None:
+    """``decode_batch`` stops at EOS / PAD / BOS and multiplies in the EOS probability."""
+    cs = Charset()
     ids = torch.tensor(
         [
             cs.encode("ab") + [EOS_ID, PAD_ID],
@@ -109,10 +126,21 @@ def test_model_recognitions_never_contain_specials(tiny_model) -> None:
         ]
     )
     probs = torch.tensor([[0.5, 0.5, 0.8, 1.0], [0.9, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 0.5], [0.5, 1.0, 1.0, 1.0]])
-    recs = tiny_model.to_recognitions(ids, probs)
+    recs = cs.decode_batch(ids, probs)
     assert [r.text for r in recs] == ["ab", "", "abcd", "a"]
     assert recs[0].confidence == pytest.approx(0.5 * 0.5 * 0.8)
     assert recs[0].char_confidences == [0.5, 0.5]
     assert recs[1].confidence == pytest.approx(0.9) and recs[1].char_confidences == []
     assert recs[2].confidence == pytest.approx(0.5)
     assert recs[3].confidence == pytest.approx(0.5)
+
+
+def test_accented_letters_are_learnt_as_their_base_letter_when_the_charset_lacks_them() -> None:
+    cs = Charset()
+    assert cs.fold("Café Ölçü") == "Cafe Olcu"
+    assert cs.filter_label("Café", 25) == "Cafe"
+    assert cs.filter_label("straße", 25) is None  # ß has no base letter: left out, not guessed
+    assert cs.filter_label("€5", 25) is None
+    assert cs.filter_label("don´t", 25) is None  # a lone accent is no letter
+    assert Charset(DEFAULT_CHARS + "é").filter_label("Café", 25) == "Café"  # a charset with é keeps it
+    assert cs.drop_reasons(["Café", "€5", "ok"], 25) == "1 with characters outside the charset ('€'); 1 learnt with accents folded ('é' → 'e')"

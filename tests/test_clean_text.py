@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bench_support import load_bench
 from PIL import Image
-from test_bench_peers import _load
 
 from model.charset import DEFAULT_CHARS
 from model.training.fonts import HELD_OUT_FAMILIES, FontFace, discover_fonts
@@ -18,7 +18,7 @@ from model.training.fonts import HELD_OUT_FAMILIES, FontFace, discover_fonts
 
 @pytest.fixture(scope="module")
 def clean_text():
-    return _load("clean_text")
+    return load_bench("clean_text")
 
 
 @pytest.fixture(scope="module")

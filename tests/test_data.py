@@ -13,14 +13,11 @@ from conftest import render_word
 from PIL import Image
 
 from model import Charset, PreprocessConfig
-from model.charset import BOS_ID, EOS_ID, PAD_ID
 from model.preprocess import ViewConfig, resize
-from model.training.split import SplitConfig, split_indices
 from model.training.data import (
     ArrayDataset,
     augment,
     degrade,
-    encode_labels,
     load_any,
     load_folder,
     load_folder_part,
@@ -28,6 +25,7 @@ from model.training.data import (
     load_shards,
     read_labels_tsv,
 )
+from model.training.split import SplitConfig, split_indices
 
 CFG = PreprocessConfig()
 LABELS = ["Hello", "world", "café", "New York", "x" * 30, "42", "STOP", "a-b", "Ünïcode", "ok"]
@@ -135,7 +133,7 @@ def test_folder_split_is_deterministic_and_disjoint(tmp_path: Path) -> None:
 def test_tall_crops_carry_their_turned_views_through_split_and_filter(tmp_path: Path) -> None:
     folder = tmp_path / "t"
     folder.mkdir()
-    labels = [f"w{i}" if i % 3 else "wé" for i in range(20)]  # every third label is dropped by filtered()
+    labels = [f"w{i}" if i % 3 else "w€" for i in range(20)]  # every third label is dropped by filtered()
     tall = {i for i in range(20) if i % 2}
     lines = []
     for i, lab in enumerate(labels):
@@ -206,11 +204,11 @@ def test_filtered_by_charset_and_max_len(tmp_path: Path) -> None:
     _make_folder(tmp_path / "f")
     ds = load_folder(tmp_path / "f", CFG)
     kept = ds.filtered(Charset(), max_len=25)
-    # café / Ünïcode (not in charset) and the 30-char label dropped; spaces removed.
-    assert kept.labels == ["Hello", "world", "NewYork", "42", "STOP", "a-b", "ok"]
-    assert len(kept.images) == 7
-    assert np.array_equal(kept.images[2], ds.images[3])
-    assert ds.filtered(Charset(), max_len=4).labels == ["42", "STOP", "a-b", "ok"]
+    # café / Ünïcode folded to ASCII, the 30-char label dropped; spaces removed.
+    assert kept.labels == ["Hello", "world", "cafe", "NewYork", "42", "STOP", "a-b", "Unicode", "ok"]
+    assert len(kept.images) == 9
+    assert np.array_equal(kept.images[3], ds.images[3])
+    assert ds.filtered(Charset(), max_len=4).labels == ["cafe", "42", "STOP", "a-b", "ok"]
     digits = ds.filtered(Charset("0123456789"), 25)
     assert digits.labels == ["42"] and digits.images.shape == (1, 32, 128)
     none = ds.filtered(Charset("#"), 25)
@@ -235,7 +233,7 @@ def test_load_lmdb_str_layout(tmp_path: Path) -> None:
     assert np.array_equal(ds.images[0], resize(imgs[0], CFG))  # PNG entries are lossless
     assert load_lmdb(tmp_path / "db", CFG, limit=2).labels == words[:2]
     assert load_any(tmp_path / "db", CFG).labels == words
-    assert ds.filtered(Charset(), 25).labels == ["Hello", "world", "42", "STOP"]
+    assert ds.filtered(Charset(), 25).labels == ["Hello", "world", "cafe", "42", "STOP"]
 
 
 def test_load_lmdb_skips_missing_entries(tmp_path: Path) -> None:
@@ -289,22 +287,6 @@ def test_shard_errors(tmp_path: Path) -> None:
 
 
 # -- batch helpers --------------------------------------------------------------------------------
-
-
-def test_encode_labels() -> None:
-    cs = Charset()
-    inp, tgt = encode_labels(["ab", "", "xyz"], cs)
-    assert inp.shape == tgt.shape == (3, 4)
-    a, b = cs.encode("ab")
-    assert inp[0].tolist() == [BOS_ID, a, b, PAD_ID]
-    assert tgt[0].tolist() == [a, b, EOS_ID, PAD_ID]
-    assert inp[1].tolist() == [BOS_ID, PAD_ID, PAD_ID, PAD_ID]
-    assert tgt[1].tolist() == [EOS_ID, PAD_ID, PAD_ID, PAD_ID]
-    assert tgt[2].tolist() == cs.encode("xyz") + [EOS_ID]
-    # Teacher forcing: input is the target shifted right behind BOS.
-    assert torch.equal(inp[2, 1:], tgt[2, :-1])
-    with pytest.raises(KeyError):
-        encode_labels(["café"], cs)
 
 
 def test_augment_is_reproducible_and_bounded() -> None:

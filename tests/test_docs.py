@@ -45,3 +45,31 @@ def test_compose_defaults_are_valid_settings(compose_file: str) -> None:
     env.pop("device", None)  # cuda in the GPU file: checked at load time, not by Settings
     assert env, f"no SAFL_* settings found in {compose_file}"
     Settings(**env)
+
+
+def test_container_healthchecks_probe_readiness() -> None:
+    # `docker compose up --wait` waits for "healthy": with /healthz (liveness) it returned
+    # before the model was warmed up. Both the image's HEALTHCHECK and compose's probe /readyz.
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    healthcheck = dockerfile.split("\nHEALTHCHECK ", 1)[1].split("\n\n", 1)[0]
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["safl"]["healthcheck"]["test"]
+    for probe in (healthcheck, " ".join(compose)):
+        assert "'/readyz'" in probe and "/healthz" not in probe, probe
+
+
+def test_readme_lists_exactly_the_servers_error_codes() -> None:
+    from service.errors import errors_table
+
+    assert errors_table() in README, "README's error table differs from service.errors.ERRORS: paste errors_table()"
+
+
+def test_the_code_passes_the_linter() -> None:
+    import subprocess
+    import sys
+
+    ruff = Path(sys.executable).with_name("ruff")
+    if not ruff.is_file():
+        pytest.skip("ruff is not installed in this environment (pip install -e '.[dev]')")
+    out = subprocess.run([str(ruff), "check", "--output-format", "concise", "model", "service", "bench", "scripts", "tests"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 from conftest import render_word
-from PIL import Image
 from model_support import Memorised, memorise
+from PIL import Image
 
 from model import PreprocessConfig, save_checkpoint
 from model.training.cli import main as cli_main
@@ -87,11 +87,11 @@ def test_normalize_cs() -> None:
 def test_score_known_values() -> None:
     preds = ["hello", "World", "ab", "x", "zebra", "anything"]
     labels = ["Hello!", "World", "abcd", "", "...", "  "]
-    n, acc36, acc_cs, ned = score(preds, labels)
+    n, acc36, acc_cs, one_minus_ned = score(preds, labels)
     # 36-char: "hello"✓, "world"✓, "abcd" vs "ab" ✗ (NED 0.5); "", "...", "  " skipped.
     assert n == 3
     assert acc36 == pytest.approx(2 / 3)
-    assert ned == pytest.approx((1 + 1 + 0.5) / 3)
+    assert one_minus_ned == pytest.approx((1 + 1 + 0.5) / 3)
     # Case-sensitive: "Hello!" ✗, "World" ✓, "abcd" ✗, "..." ✗; "" and "  " skipped.
     assert acc_cs == pytest.approx(1 / 4)
 
@@ -103,7 +103,7 @@ def test_score_edge_cases() -> None:
 
 
 def _expected_result(name: str) -> DatasetResult:
-    return DatasetResult(name, n=5, acc36=4 / 5, acc_cs=2 / 6, ned=(4 + 0.75) / 5)
+    return DatasetResult(name, n=5, acc36=4 / 5, acc_cs=2 / 6, one_minus_ned=(4 + 0.75) / 5)
 
 
 def test_evaluate_on_a_handmade_folder(memorised: Memorised, folder: Path) -> None:
@@ -117,10 +117,11 @@ def test_evaluate_on_a_handmade_folder(memorised: Memorised, folder: Path) -> No
     assert (result.name, result.n) == (want.name, want.n)
     assert result.acc36 == pytest.approx(want.acc36)
     assert result.acc_cs == pytest.approx(want.acc_cs)
-    assert result.ned == pytest.approx(want.ned)
-    # Only the 36-char mistake is listed (the "!!" label has nothing to compare).
-    assert [(e.index, e.label, e.prediction) for e in result.worst] == [(4, "Noon", "Moon")]
+    assert result.one_minus_ned == pytest.approx(want.one_minus_ned)
+    # Only the 36-char mistake is listed (the "!!" label has nothing to compare), with its file.
+    assert [(e.index, e.file, e.label, e.prediction) for e in result.worst] == [(4, "4.png", "Noon", "Moon")]
     assert 0.0 < result.worst[0].confidence <= 1.0
+    assert result.folder == str(folder)
 
     (none,) = evaluate(memorised.model, [ds], worst=0)
     assert none.worst == [] and none.acc36 == pytest.approx(want.acc36)
@@ -150,16 +151,32 @@ def test_worst_mistakes_are_sorted_by_confidence(memorised: Memorised) -> None:
     assert confs == sorted(confs, reverse=True)
 
 
+def test_samples_keep_their_file_names_through_subsets_and_filters(folder: Path) -> None:
+    ds = load_folder(folder, PreprocessConfig(), view_cfg=None)
+    assert ds.sources == [f"{i}.png" for i in range(len(CASES))] and ds.folder == str(folder)
+    sub = ds.subset([4, 1])
+    assert (sub.sources, sub.labels, sub.folder) == (["4.png", "1.png"], ["Noon", "HOUSE"], str(folder))
+    from model.charset import Charset
+
+    kept = ds.filtered(Charset(), 25)  # drops the empty label
+    assert kept.sources == [f"{i}.png" for i, (_, label) in enumerate(CASES) if label.replace(" ", "")]
+    val = load_folder_part(folder, PreprocessConfig(), "val")
+    assert len(val.sources) == len(val) and set(val.sources) <= set(ds.sources)
+    assert ArrayDataset("d", ds.images[:2], ["a", "b"]).subset([1]).sources == []  # no names: none made up
+
+
 def test_to_markdown_and_json(tmp_path: Path) -> None:
-    a = DatasetResult("iiit5k", 3000, 0.9, 0.8, 0.95, [Example(3, "Hello", "Hella", 0.91)])
-    b = DatasetResult("svt", 1000, 0.5, 0.4, 0.75)
+    a = DatasetResult("iiit5k", 3000, 0.9, 0.8, 0.95, [Example(3, "Hello", "Hella", 0.91, "crops/3.png")], "data/iiit5k")
+    b = DatasetResult("svt", 1000, 0.5, 0.4, 0.75, [Example(7, "Exit", "Fxit", 0.5)])
     md = to_markdown([a, b], "model@abc")
     assert md.startswith("### model@abc\n")
     assert "| iiit5k | 3000 | 90.00 % | 80.00 % | 0.9500 |" in md
     assert "| svt | 1000 | 50.00 % | 40.00 % | 0.7500 |" in md
     assert "| **all (weighted)** | 4000 | 80.00 % | 70.00 % | 0.9000 |" in md
-    assert "- `Hello` → `Hella` (confidence 0.91)" in md
-    single = to_markdown([b])
+    assert "Most confident mistakes on iiit5k (in `data/iiit5k`):" in md
+    assert "- `crops/3.png`: `Hello` → `Hella` (confidence 0.91)" in md
+    assert "Most confident mistakes on svt:" in md and "- sample 7: `Exit` → `Fxit` (confidence 0.50)" in md  # no file known
+    single = to_markdown([DatasetResult("svt", 1000, 0.5, 0.4, 0.75)])
     assert "weighted" not in single and not single.startswith("###")
 
     data = to_json([a, b], tmp_path / "sub" / "r.json", {"model": "m@1"})
@@ -172,9 +189,12 @@ def test_to_markdown_and_json(tmp_path: Path) -> None:
         "acc36": 0.9,
         "acc_cs": 0.8,
         "ned": 0.95,
-        "worst": [{"index": 3, "label": "Hello", "prediction": "Hella", "confidence": 0.91}],
+        "worst": [{"index": 3, "label": "Hello", "prediction": "Hella", "confidence": 0.91, "file": "crops/3.png"}],
+        "folder": "data/iiit5k",
     }
-    assert to_json([b])["datasets"][0]["worst"] == []
+    # ``one_minus_ned`` keeps the key and place "ned" has in every result file so far (docs/, weights/metrics.json).
+    assert list(data["datasets"][0]) == ["name", "n", "acc36", "acc_cs", "ned", "worst", "folder"]
+    assert to_json([DatasetResult("svt", 1000, 0.5, 0.4, 0.75)])["datasets"][0]["worst"] == []
 
 
 def test_safl_eval_cli(checkpoint: Path, folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -184,12 +204,14 @@ def test_safl_eval_cli(checkpoint: Path, folder: Path, tmp_path: Path, capsys: p
     out = capsys.readouterr().out
     assert "### memorised@" in out and "(all)" in out
     assert "| handmade | 5 | 80.00 % | 33.33 % | 0.9500 |" in out
-    assert "- `Noon` → `Moon`" in out
+    assert f"Most confident mistakes on handmade (in `{folder}`):" in out
+    assert "- `4.png`: `Noon` → `Moon`" in out
     data = json.loads(out_json.read_text())
     assert data["model"].startswith("memorised@") and data["part"] == "all"
     (ds,) = data["datasets"]
     assert ds["name"] == "handmade" and ds["n"] == 5
     assert ds["acc36"] == pytest.approx(0.8) and ds["acc_cs"] == pytest.approx(1 / 3) and ds["ned"] == pytest.approx(0.95)
+    assert ds["folder"] == str(folder) and [(w["file"], w["label"]) for w in ds["worst"]] == [("4.png", "Noon")]
 
 
 def test_safl_eval_cli_validation_part(checkpoint: Path, folder: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -141,16 +141,16 @@ async def test_burst_far_above_capacity_gets_fast_503_and_every_accepted_request
 @pytest.mark.anyio
 async def test_requests_refused_for_a_full_queue_are_not_decoded(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Under overload the excess must cost next to nothing: no body parsing, no image decoding.
-    import service.app
+    import service.pipeline
 
     decoded: list[str] = []
-    real_load_crop = service.app.load_crop
+    real_decode = service.pipeline.decode_uploads
 
-    def counting_load_crop(data: bytes, filename: str, *args: Any) -> Any:
-        decoded.append(filename)
-        return real_load_crop(data, filename, *args)
+    def counting_decode(uploads: Any, *args: Any) -> Any:
+        decoded.extend(u.filename for u in uploads)
+        return real_decode(uploads, *args)
 
-    monkeypatch.setattr(service.app, "load_crop", counting_load_crop)
+    monkeypatch.setattr(service.pipeline, "decode_uploads", counting_decode)
     big = encode(render_word("big", (2000, 400), "RGB"), "JPEG", quality=95)
     predictor, gated = gated_predictor(tiny_checkpoint)
     async with running_app(settings_for(tiny_checkpoint, max_batch_size=1, max_queue=2, max_files=2), predictor) as (app, client):
@@ -560,7 +560,7 @@ def test_sigterm_under_load_real_server(tiny_checkpoint: Path, tmp_path: Path) -
     assert code == 0, log[-2000:]
     counts = Counter(o for _, _, o, _ in outcomes)
     before = [(o, r) for t0, _, o, r in outcomes if t0 < signalled]
-    for outcome, r in before:
+    for outcome, _reply in before:
         # Sent before the signal: recognised, or (not yet admitted) refused with an answer. Never cut off.
         assert outcome in ("200", "503"), outcome
     for outcome, r in ((o, r) for _, _, o, r in outcomes):

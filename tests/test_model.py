@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import render_word
-from PIL import Image
 from model_support import WORDS, Memorised, memorise
+from PIL import Image
 
 from model import PRESETS, SAFL, SAFLConfig
 from model.charset import EOS_ID, PAD_ID
@@ -146,9 +146,7 @@ def test_gradients_reach_the_localisation_net() -> None:
     model = SAFL(SAFLConfig.from_preset("tiny")).train()
     words = ["cat", "house", "TREE", "Moon"]
     x = _words_batch(model, words)
-    from model.training.data import encode_labels
-
-    inp, tgt = encode_labels(words, model.charset)
+    inp, tgt = model.charset.encode_batch(words)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
 
     def backward() -> None:

@@ -17,11 +17,11 @@ from PIL import Image, ImageOps
 
 from model.preprocess import (
     PreprocessConfig,
+    ViewConfig,
     canonicalize,
     collate,
     preprocess,
     resize,
-    ViewConfig,
     to_tensor,
     views,
 )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -101,3 +103,25 @@ def test_training_subcommands_are_mounted(monkeypatch: pytest.MonkeyPatch, tmp_p
     assert parser.parse_args(["eval", "--data", "d"]).weights == DEFAULT_WEIGHTS
     monkeypatch.setenv("SAFL_WEIGHTS", str(tmp_path / "w.safetensors"))
     assert build_parser().parse_args(["eval", "--data", "d"]).weights == tmp_path / "w.safetensors"
+
+
+def test_serving_imports_none_of_the_training_stack() -> None:
+    # `safl serve` and `safl --help` must start without the train extra's packages and
+    # without the trainer, datasets, renderer or evaluation modules.
+    probe = (
+        "import sys, service.cli; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('fontTools', 'wordfreq', 'lmdb', 'rapidfuzz') "
+        "or m in ('model.training.train', 'model.training.data', 'model.training.evaluate', 'model.training.synth', 'model.training.stream')))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_bad_training_settings_are_refused_before_any_data_loads(tmp_path: Path) -> None:
+    from model.training.config import TrainConfig
+
+    with pytest.raises(ValueError, match="--real-ratio must be between 0 and 1.*--lr must be positive|--lr must be positive.*--real-ratio"):
+        TrainConfig(real_ratio=1.5, lr=0)
+    out = subprocess.run([sys.executable, "-m", "service", "train", "--out", str(tmp_path / "r"), "--synth", "does-not-exist", "--lr", "-1"],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode != 0 and out.stderr.strip() == "safl train: --lr must be positive, got -1.0", out.stderr

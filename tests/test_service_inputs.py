@@ -57,8 +57,9 @@ def _noise_png(size: tuple[int, int]) -> bytes:
 
 # (id, request kwargs, status, code, text the message must contain)
 CASES: list[tuple[str, Callable[[], dict[str, Any]], int, str, str]] = [
-    ("no_files_part", lambda: {"files": [("other", ("a.png", _PNG, "image/png"))]}, 422, "no_files", "files"),
-    ("only_form_field", lambda: {"data": {"files": "not-a-file"}, "files": [("x", ("x.txt", b"x", "text/plain"))]}, 422, "not_a_file", "files"),
+    ("no_files_part", lambda: {"data": {"note": "x"}, "files": [("note2", ("", b"", "text/plain"))]}, 422, "no_files", "files"),
+    ("file_under_other_name", lambda: {"files": [("other", ("a.png", _PNG, "image/png"))]}, 422, "unexpected_file", "'other'"),
+    ("only_form_field", lambda: {"data": {"files": "not-a-file"}, "files": [("files", ("x.png", _PNG, "image/png"))]}, 422, "not_a_file", "#0"),
     ("empty_body", lambda: {}, 422, "no_files", "no body"),
     ("empty_file", lambda: {"files": multipart([b""], ["empty.png"])}, 422, "empty_file", "empty.png"),
     ("text_file", lambda: {"files": multipart([b"hello, world\n" * 10], ["notes.txt"])}, 415, "unsupported_image", "notes.txt"),
@@ -153,7 +154,7 @@ async def test_pillow_bomb_warning_is_an_error(tiny_checkpoint: Path) -> None:
     limit = Image.MAX_IMAGE_PIXELS
     assert limit is not None
     side = int((limit * 1.2) ** 0.5)
-    settings = settings_for(tiny_checkpoint, max_pixels=10 * limit)
+    settings = settings_for(tiny_checkpoint, max_pixels=10 * limit, max_request_pixels=10 * limit)
     async with running_app(settings) as (app, client):
         r = await client.post("/recognize", files=multipart([_png_header_only(side, side)], ["warn.png"]))
     assert r.status_code == 413 and r.json()["error"]["code"] == "too_many_pixels"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -147,3 +148,40 @@ def test_sigterm_drains_admitted_work_and_refuses_new(tiny_checkpoint: Path, tmp
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
     assert [r.status_code for r in replies] == [200]  # the admitted request was finished
     assert code == 0
+
+
+@pytest.mark.parametrize("log_probes", [False, True], ids=["default", "access-log-probes"])
+def test_access_log_leaves_out_successful_probes_and_scrapes(tiny_checkpoint: Path, log_probes: bool) -> None:
+    # Docker's healthcheck and Prometheus (every 5 s) wrote one access line each; /recognize
+    # lines and failed probes (here a scrape without the API key) must still be logged.
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "service", "serve", "--weights", str(tiny_checkpoint), "--port", str(port),
+           "--threads", "1", "--no-warmup", "--log-level", "info", "--auth-metrics"]  # fmt: skip
+    if log_probes:
+        cmd.append("--access-log-probes")
+    env = subprocess_env() | {"SAFL_API_KEY": "k"}
+    key = {"X-API-Key": "k"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_process_ready(url, proc, 60.0, lambda: proc.stdout.read() if proc.stdout and proc.poll() is not None else "")
+        for path in ("/healthz", "/readyz", "/metrics?x=1"):
+            assert httpx.get(url + path, headers=key).status_code == 200, path
+        assert httpx.head(url + "/healthz").status_code == 200
+        assert httpx.get(url + "/metrics").status_code == 401
+        assert httpx.post(url + "/recognize", files=multipart(PNGS[:1]), headers=key, timeout=30).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # uvicorn's access line: 127.0.0.1:PORT - "GET /healthz HTTP/1.1" 200 OK
+    access = {m.groups() for m in re.finditer(r'"(\w+) (\S+) HTTP/1\.1" (\d+)', output)}
+    assert ("POST", "/recognize", "200") in access, output
+    assert ("GET", "/metrics", "401") in access, output
+    probes_ok = {a for a in access if a[1].split("?")[0] in ("/healthz", "/readyz", "/metrics") and a[2] == "200"}
+    if log_probes:
+        assert {("GET", "/healthz", "200"), ("HEAD", "/healthz", "200"), ("GET", "/readyz", "200"), ("GET", "/metrics?x=1", "200")} <= probes_ok, output
+    else:
+        assert probes_ok == set(), output

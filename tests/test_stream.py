@@ -25,7 +25,7 @@ from model.charset import DEFAULT_CHARS
 from model.preprocess import PreprocessConfig, resize, to_tensor
 from model.training import stream as stream_module
 from model.training.cli import main as cli_main
-from model.training.data import augment, encode_labels
+from model.training.data import augment
 from model.training.fonts import FontFace, discover_fonts
 from model.training.stream import RenderStream
 from model.training.synth import Renderer, SynthConfig
@@ -264,7 +264,7 @@ def test_stream_training_resumes_at_the_stream_position(tmp_path: Path, renderer
         images, labels = _reference(reference, range(3 * b, 4 * b))
         got_images, _, got_tgt = resumed.sampler.batch(3)
         assert torch.equal(got_images, to_tensor(images))
-        assert torch.equal(got_tgt, encode_labels(labels, resumed.charset)[1])
+        assert torch.equal(got_tgt, resumed.charset.encode_batch(labels)[1])
     except BaseException:
         resumed.sampler.close()
         raise

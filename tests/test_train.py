@@ -25,7 +25,7 @@ N_STEPS = 16
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small rendered shard folder (the ``safl synth`` layout), words drawn with Pillow's font."""
     words = random_words(48, seed=0)
-    words[5] = "café"  # not in the charset: filtered out at load time
+    words[5] = "5€"  # not in the charset: filtered out at load time
     return write_shards(tmp_path_factory.mktemp("synth"), words)
 
 
@@ -80,7 +80,7 @@ def test_short_run_lowers_the_loss(tmp_path: Path, shards: Path, real_folder: Pa
     out = tmp_path / "run"
     cfg = _cfg(out, shards, total_steps=24, real=[str(real_folder)], real_ratio=0.25, val=[str(real_folder)], val_every=12)
     trainer = Trainer(cfg)
-    assert trainer.n_train == (47, 7)  # café dropped; the real folder's fine-tune part (70 %)
+    assert trainer.n_train == (47, 7)  # 5€ dropped; the real folder's fine-tune part (70 %)
     assert [len(v) for v in trainer.val_sets] == [3]
     summary = trainer.run()
     assert summary["step"] == 24 and summary["stopped_by"] == "steps"
@@ -230,13 +230,13 @@ def test_reset_tps_keeps_the_rest_and_makes_the_rectifier_the_identity() -> None
     from dataclasses import replace
 
     from model import SAFL, SAFLConfig
-    from model.training.train import _with_identity_tps
+    from model.training.train import with_identity_tps
 
     torch.manual_seed(0)
     old = SAFL(replace(SAFLConfig.from_preset("tiny"), tps_max_offset=0.0, tps_monotone=False))
     with torch.no_grad():
         old.rectifier.fc.weight.normal_(0, 1.0)  # a drifted, unbounded TPS head
-    fresh = _with_identity_tps(old)
+    fresh = with_identity_tps(old)
     assert fresh.config.tps_max_offset > 0 and fresh.config.tps_monotone
     x = torch.randn(2, 1, 32, 128)
     torch.testing.assert_close(fresh.rectifier(x), x, atol=1e-3, rtol=0)
@@ -274,7 +274,7 @@ def test_labels_left_out_of_training_are_reported(tmp_path: Path, shards: Path, 
     folder = tmp_path / "mixed"
     folder.mkdir()
     words = [f"w{i}" for i in range(17)] + ["Café", "€5", "x" * 30]
-    for i, w in enumerate(words):
+    for i in range(len(words)):
         render_word("word", (90, 30)).save(folder / f"{i}.png")
     (folder / "labels.tsv").write_text("".join(f"{i}.png\t{w}\n" for i, w in enumerate(words)))
     Trainer(_cfg(tmp_path / "run", shards, total_steps=1, real=[str(folder)], real_ratio=0.5))
@@ -290,3 +290,29 @@ def test_resume_without_flags_keeps_the_saved_schedule(tmp_path: Path, shards: P
     assert cli_main([*base, "--stop-at-step", "1"]) == 0
     assert cli_main(["train", "--out", str(out), "--resume", "--no-progress"]) == 0  # the stop step was for one invocation
     assert load_checkpoint(out / "last.safetensors")[1].training["step"] == 3
+
+
+def test_a_short_fine_tune_does_not_end_below_its_start(tmp_path: Path, shards: Path, memorised_checkpoint, capsys) -> None:
+    # A model that reads its words, fine-tuned on a folder of them mixed with synthetic data
+    # under the fine-tune recipe (no lr / schedule flags): validated at step 0, and neither
+    # the run's best nor its last validation ends below that start.
+    ckpt, words = memorised_checkpoint
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    labels = [w for w in words for _ in range(3)]
+    for i, w in enumerate(labels):
+        render_word(w).save(folder / f"{i}.png")
+    (folder / "labels.tsv").write_text("".join(f"{i}.png\t{w}\n" for i, w in enumerate(labels)))
+    out = tmp_path / "ft"
+    args = ["train", "--out", str(out), "--init", str(ckpt), "--synth", str(shards), "--real", str(folder), "--real-ratio", "0.5",
+            "--val", str(folder), "--total-steps", "30", "--val-every", "10", "--batch-size", "8", "--threads", "1", "--no-progress"]  # fmt: skip
+    assert cli_main(args) == 0
+    printed = capsys.readouterr().out
+    assert "fine-tuning from --init: --lr 0.0001, --warmup-steps 100" in printed  # --total-steps was given: not listed
+    vals = [r for r in _log(out) if "val" in r]
+    assert vals[0]["step"] == 0 and [r["step"] for r in vals[1:]] == [10, 20, 30]
+    start = vals[0]["val"]["mean_acc36"]
+    assert start > 0.5  # the memorised model reads its words
+    assert all(r["val"]["mean_acc36"] >= start for r in vals[1:]), [r["val"]["mean_acc36"] for r in vals]
+    assert json.loads((out / "best.json").read_text())["training"]["val"]["mean_acc36"] >= start
+    assert json.loads((out / "config.json").read_text())["tps_lr_scale"] == 0.0

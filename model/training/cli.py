@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 from ..preprocess import ViewConfig
-from .data import PARTS
-from .split import DEFAULT_SPLIT, SplitConfig
-from .train import TrainConfig
+from .config import TrainConfig
+from .split import DEFAULT_SPLIT, PARTS, SplitConfig
 
 
 def add_synth_parser(sub: argparse._SubParsersAction) -> None:
@@ -40,10 +40,12 @@ def run_synth(args: argparse.Namespace) -> int:
 TRAIN_HELP = {
     "out": "run folder: config.json, log.jsonl, state.pt, last/best.safetensors",
     "preset": "model size for a new model: tiny (tests), small (CPU), base (GPU)",
-    "init": "checkpoint to start from (fine-tuning or a warm restart)",
+    "init": "checkpoint to start from (fine-tuning or a warm restart); the fine-tune recipe then sets --lr, --warmup-steps, "
+            "--total-steps, --min-lr-ratio and --tps-lr-scale where not given, and the start is validated at step 0",
     "reset_tps": "with --init: re-initialise the rectifier's last layer as the identity (monotone points)",
     "synth": "synthetic data: shard folders (safl synth), LMDBs or labels.tsv folders",
-    "stream_workers": "render synthetic crops on the fly in this many processes instead of --synth",
+    "stream_workers": "render synthetic crops on the fly in this many processes instead of --synth (under torchrun: per process, "
+                      "each with a seed of its own)",
     "stream_seed": "renderer seed of the stream (seed 0 is the default `safl synth` set)",
     "real": "labels.tsv folders of real crops: their fine-tune part is trained on (model.training.split)",
     "real_ratio": "share of each batch drawn from --real",
@@ -53,7 +55,8 @@ TRAIN_HELP = {
     "split_block": "crops per contiguous block of the split (a scene's crops stay on one side)",
     "loss": "focal (the paper) or ce (cross entropy)",
     "gamma": "focal loss exponent; 0 is cross entropy",
-    "batch_size": "crops per step (64 gives the most updates per CPU-second)",
+    "batch_size": "crops per step, in all: under torchrun the global batch, each process training on its 1/N share "
+                  "(64 gives the most updates per CPU-second)",
     "lr": "peak learning rate (AdamW)",
     "tps_lr_scale": "the rectifier's learning rate as a multiple of --lr",
     "weight_decay": "AdamW weight decay (not on biases, norms or positions)",
@@ -64,7 +67,7 @@ TRAIN_HELP = {
     "seed": "seed of initialisation, batch draws and augmentation",
     "augment": "strength of the geometric and photometric augmentation, 0 to switch it off",
     "degrade": "share of each batch given street-photo degradations (low resolution, washed out, gamma, inverted)",
-    "threads": "PyTorch threads (use all cores of an otherwise idle machine)",
+    "threads": "PyTorch threads (use all cores of an otherwise idle machine); under torchrun, per process",
     "amp": "auto (bf16 where the CPU or GPU has it), bf16 or off",
     "device": "auto, cpu or cuda",
     "max_minutes": "stop (and save) after this many minutes",
@@ -73,6 +76,8 @@ TRAIN_HELP = {
     "log_every": "write a log.jsonl line every N steps",
     "stop_at_step": "stop (and save) at this step without changing the schedule",
     "progress": "",
+    "ddp_timeout": "under torchrun: seconds a process waits for the others (a validation pass on rank 0 included) before "
+                   "the run ends with an error naming the lost rank",
 }
 
 
@@ -115,8 +120,14 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .train import resume_conflicts, train
+    from .config import FINETUNE_DEFAULTS, resume_conflicts, with_finetune_defaults
+    from .distributed import DistributedError, Ranks
 
+    # Under torchrun every process runs this. Rank 0 alone says why a run cannot start; the
+    # others leave quietly with status 0, since torchrun ends the whole job as soon as one
+    # process fails, which could silence rank 0 before it says it (its own status is the job's).
+    ranks = Ranks.from_env()
+    refuse = lambda message: SystemExit(message if ranks.is_main else 0)
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     saved = Path(given.get("out", TrainConfig.out)) / "config.json"
     # On --resume, a flag not given keeps the saved run's value, runtime ones too (a resumed
@@ -125,22 +136,32 @@ def run_train(args: argparse.Namespace) -> int:
     if args.resume and saved.is_file():
         # ... but a time budget or a stop step belongs to one invocation only.
         base = replace(TrainConfig.from_dict(json.loads(saved.read_text())), max_minutes=None, stop_at_step=None)
-    cfg = replace(base, **given)
-    if cfg.loss not in ("focal", "ce"):
-        raise SystemExit("--loss must be focal or ce")
-    if cfg.gamma < 0:
-        raise SystemExit(f"safl train: --gamma must be at least 0, got {cfg.gamma}")
+    try:
+        cfg = replace(base, **given)
+    except ValueError as exc:
+        raise refuse(f"safl train: {exc}") from None
+    if ranks.launched and ranks.is_main:
+        low, high = cfg.batch_size // ranks.world_size, -(-cfg.batch_size // ranks.world_size)
+        print(f"ddp world_size={ranks.world_size}: --batch-size {cfg.batch_size} is the global batch, {low if low == high else f'{low}-{high}'} "
+              "crops per process; rank 0 validates, logs and saves", flush=True)
+    if not args.resume:
+        tuned = with_finetune_defaults(cfg, set(given))
+        changed = {k: getattr(tuned, k) for k in FINETUNE_DEFAULTS if getattr(tuned, k) != getattr(cfg, k)}
+        if changed and ranks.is_main:
+            print("fine-tuning from --init: " + ", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in changed.items())
+                  + " (the fine-tune recipe; flags given win)", flush=True)
+        cfg = tuned
     if args.resume:
         conflicts = resume_conflicts(cfg.out, given)
         if conflicts and not args.override_saved:
-            raise SystemExit(f"safl train: --resume keeps the saved run's settings, but {'; '.join(conflicts)}: "
-                             "drop the flag, or add --override-saved to change the run")
+            raise refuse(f"safl train: --resume keeps the saved run's settings, but {'; '.join(conflicts)}: "
+                         "drop the flag, or add --override-saved to change the run")
         if conflicts:
             _override_saved(Path(cfg.out), given)
     twin = None
     if args.twin_out:
         if Path(args.twin_out).resolve() == Path(cfg.out).resolve():
-            raise SystemExit("--twin-out must differ from --out")
+            raise refuse("--twin-out must differ from --out")
         twin = replace(
             cfg,
             out=args.twin_out,
@@ -149,13 +170,16 @@ def run_train(args: argparse.Namespace) -> int:
             init=args.twin_init or cfg.init,
         )
     from ..checkpoint import CheckpointError
-    from .train import TrainingSetupError
+    from .train import TrainingSetupError, train
 
     try:
-        summary = train(cfg, resume=args.resume, twin=twin)
+        summary = train(cfg, resume=args.resume, twin=twin, ranks=ranks)
+    except DistributedError:
+        raise SystemExit(1) from None  # said already, the moment it happened
     except (TrainingSetupError, CheckpointError, FileNotFoundError) as exc:
-        raise SystemExit(f"safl train: {exc}") from None
-    print(json.dumps(summary))
+        raise refuse(f"safl train: {exc}") from None
+    if ranks.is_main:
+        print(json.dumps(summary))
     return 0
 
 
@@ -164,7 +188,11 @@ def _override_saved(out: Path, given: dict) -> None:
     path = out / "config.json"
     saved = json.loads(path.read_text())
     saved.update(given)
-    path.write_text(json.dumps(saved, indent=2) + "\n")
+    # Atomic, through a file of this process's own: under torchrun every process writes it (the
+    # same text), and each reads it back when it resumes.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(saved, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def add_eval_parser(sub: argparse._SubParsersAction, default_weights: Path | None) -> None:
@@ -231,11 +259,9 @@ def view_config(args: argparse.Namespace) -> ViewConfig:
 def run_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from ..checkpoint import load_checkpoint
+    from ..checkpoint import CheckpointError, load_checkpoint
     from .data import load_any, load_folder_part
     from .evaluate import evaluate, to_json, to_markdown
-
-    from ..checkpoint import CheckpointError
 
     torch.set_num_threads(args.threads)
     view_cfg = view_config(args)

@@ -21,8 +21,8 @@ import torch
 from ..checkpoint import load_checkpoint
 from .cli import add_split_flags, split_config
 from .data import load_folder_part
-from .split import DEFAULT_SPLIT, FAIR_PART, SplitConfig
 from .evaluate import normalize_36, predict
+from .split import DEFAULT_SPLIT, FAIR_PART, SplitConfig
 
 
 def paired_bootstrap(a: list[bool], b: list[bool], rounds: int = 2000, seed: int = 0) -> tuple[float, float]:

@@ -18,11 +18,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..charset import BOS_ID, EOS_ID, PAD_ID, Charset
+from ..charset import Charset
 from ..preprocess import PreprocessConfig, ViewConfig, resize, views
-from .split import DEFAULT_SPLIT, SplitConfig, split_indices, unseen_val_indices
-
-PARTS = ("val", "train", "all", "val-unseen")
+from .split import DEFAULT_SPLIT, SplitConfig, check_part, part_indices
 
 
 @dataclass
@@ -36,6 +34,12 @@ class ArrayDataset:
     #: one, index → uint8 ``[V, H, W(, 3)]``: evaluation keeps the most confident
     #: reading, as the service does; training reads ``images`` only.
     extra_views: dict[int, np.ndarray] = field(default_factory=dict)
+    #: Where each sample came from, for listings of mistakes: its path relative to
+    #: ``folder`` as ``labels.tsv`` names it (an LMDB: its ``image-%09d`` key); empty
+    #: when not known (rendered shards).
+    sources: list[str] = field(default_factory=list)
+    #: The labelled folder (or LMDB) the samples were read from, as given; "" if none.
+    folder: str = ""
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -50,15 +54,20 @@ class ArrayDataset:
                 labels.append(ok)
         if len(keep) == len(self.labels) and labels == self.labels:
             return self  # nothing dropped: avoid copying a large image array
-        return ArrayDataset(self.name, self.images[np.asarray(keep, dtype=np.int64)] if keep else self.images[:0], labels, self._views_at(keep))
+        return ArrayDataset(self.name, self.images[np.asarray(keep, dtype=np.int64)] if keep else self.images[:0], labels, self._views_at(keep),
+                            self._sources_at(keep), self.folder)  # fmt: skip
 
     def subset(self, indices: list[int], name: str | None = None) -> ArrayDataset:
         """The samples at ``indices``."""
         idx = np.asarray(indices, dtype=np.int64)
-        return ArrayDataset(name or self.name, self.images[idx], [self.labels[i] for i in indices], self._views_at(indices))
+        return ArrayDataset(name or self.name, self.images[idx], [self.labels[i] for i in indices], self._views_at(indices),
+                            self._sources_at(indices), self.folder)  # fmt: skip
 
     def _views_at(self, indices: list[int]) -> dict[int, np.ndarray]:
         return {new: self.extra_views[old] for new, old in enumerate(indices) if old in self.extra_views}
+
+    def _sources_at(self, indices: list[int]) -> list[str]:
+        return [self.sources[i] for i in indices] if self.sources else []
 
 
 def read_labels_tsv(folder: Path) -> list[tuple[str, str]]:
@@ -93,7 +102,7 @@ def load_folder(folder: str | Path, cfg: PreprocessConfig, name: str | None = No
         except FileNotFoundError:
             header = " (a header line? labels.tsv has none)" if n == 1 else ""
             raise FileNotFoundError(f"{folder / 'labels.tsv'}:{n} names {f!r}, which is not in {folder}{header}") from None
-    return _from_views(name or folder.name, per_image, [t for _, t in pairs], cfg)
+    return _from_views(name or folder.name, per_image, [t for _, t in pairs], cfg, [f for f, _ in pairs], str(folder))
 
 
 def _load_views(path: Path, cfg: PreprocessConfig, view_cfg: ViewConfig | None) -> list[np.ndarray]:
@@ -105,36 +114,31 @@ def _views(img: Image.Image, cfg: PreprocessConfig, view_cfg: ViewConfig | None)
     return [resize(img, cfg)] if view_cfg is None else views(img, cfg, view_cfg)
 
 
-def _from_views(name: str, per_image: list[list[np.ndarray]], labels: list[str], cfg: PreprocessConfig) -> ArrayDataset:
+def _from_views(name: str, per_image: list[list[np.ndarray]], labels: list[str], cfg: PreprocessConfig,
+                sources: list[str] | None = None, folder: str = "") -> ArrayDataset:  # fmt: skip
     if not per_image:
         shape = (0, cfg.height, cfg.width) + ((3,) if cfg.channels == 3 else ())
-        return ArrayDataset(name, np.zeros(shape, np.uint8), labels)
+        return ArrayDataset(name, np.zeros(shape, np.uint8), labels, sources=sources or [], folder=folder)
     extra = {i: np.stack(v[1:]) for i, v in enumerate(per_image) if len(v) > 1}
-    return ArrayDataset(name, np.stack([v[0] for v in per_image]), labels, extra)
+    return ArrayDataset(name, np.stack([v[0] for v in per_image]), labels, extra, sources or [], folder)
 
 
 def load_folder_part(folder: str | Path, cfg: PreprocessConfig, part: str, split: SplitConfig = DEFAULT_SPLIT,
                      view_cfg: ViewConfig | None = ViewConfig()) -> ArrayDataset:
-    """``part`` (one of ``PARTS``) of a labelled folder: ``"val"``, ``"train"`` (the fine-tune
-    part), ``"all"``, or ``"val-unseen"`` (the validation crops no model of the legacy
-    lineage trained on, ``model.training.split.unseen_val_indices``).
+    """``part`` (``model.training.split.part_indices``) of a labelled folder: ``"val"``,
+    ``"train"`` (the fine-tune part), ``"all"``, or ``"val-unseen"`` (the validation crops
+    no model of the legacy lineage trained on, ``model.training.split.unseen_val_indices``).
 
     The split (``model.training.split``) keeps scenes and words apart, so the validation
     part is never trained on, not even as another crop of the same word.
 
     Raises ``ValueError`` for an unknown ``part``, ``FileNotFoundError`` without ``labels.tsv``.
     """
-    if part not in PARTS:
-        raise ValueError(f"unknown part {part!r}: expected one of {', '.join(PARTS)}")
+    check_part(part)  # before reading the whole folder
     ds = load_folder(folder, cfg, view_cfg=view_cfg)
     if part == "all":
         return ds
-    if part == "val-unseen":
-        return ds.subset(unseen_val_indices(ds.labels, split), f"{ds.name}-val-unseen")
-    val, train = split_indices(ds.labels, split)
-    if part == "val":
-        return ds.subset(val, f"{ds.name}-val")
-    return ds.subset(train, f"{ds.name}-train")
+    return ds.subset(part_indices(ds.labels, part, split), f"{ds.name}-{part}")
 
 
 def load_shards(folder: str | Path, limit: int | None = None) -> ArrayDataset:
@@ -157,7 +161,7 @@ def load_shards(folder: str | Path, limit: int | None = None) -> ArrayDataset:
     images = np.concatenate(arrays)
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
-    return ArrayDataset(folder.name, images, labels)
+    return ArrayDataset(folder.name, images, labels, folder=str(folder))  # no per-sample sources: shards can be millions
 
 
 def load_lmdb(path: str | Path, cfg: PreprocessConfig, limit: int | None = None, view_cfg: ViewConfig | None = None) -> ArrayDataset:
@@ -174,7 +178,7 @@ def load_lmdb(path: str | Path, cfg: PreprocessConfig, limit: int | None = None,
             n = int(raw)
             if limit is not None:
                 n = min(n, limit)
-            images, labels = [], []
+            images, labels, keys = [], [], []
             for i in range(1, n + 1):
                 img_bytes = txn.get(f"image-{i:09d}".encode())
                 label = txn.get(f"label-{i:09d}".encode())
@@ -183,9 +187,10 @@ def load_lmdb(path: str | Path, cfg: PreprocessConfig, limit: int | None = None,
                 with Image.open(io.BytesIO(img_bytes)) as im:
                     images.append(_views(im, cfg, view_cfg))
                 labels.append(label.decode("utf-8"))
+                keys.append(f"image-{i:09d}")
     finally:
         env.close()
-    return _from_views(Path(path).name, images, labels, cfg)
+    return _from_views(Path(path).name, images, labels, cfg, keys, str(path))
 
 
 def load_any(path: str | Path, cfg: PreprocessConfig, view_cfg: ViewConfig | None = None) -> ArrayDataset:
@@ -204,20 +209,6 @@ def load_any(path: str | Path, cfg: PreprocessConfig, view_cfg: ViewConfig | Non
     if (p / "data.mdb").is_file():
         return load_lmdb(p, cfg, view_cfg=view_cfg)
     raise FileNotFoundError(f"{p}: not a labels.tsv folder, a shard folder or an LMDB")
-
-
-def encode_labels(labels: list[str], charset: Charset) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decoder inputs ``[BOS, c1..cn, PAD…]`` and targets ``[c1..cn, EOS, PAD…]``, both ``[B, T]``."""
-    t = max(len(s) for s in labels) + 1
-    inp = torch.full((len(labels), t), PAD_ID, dtype=torch.long)
-    tgt = torch.full((len(labels), t), PAD_ID, dtype=torch.long)
-    for i, s in enumerate(labels):
-        ids = charset.encode(s)
-        inp[i, 0] = BOS_ID
-        inp[i, 1 : len(ids) + 1] = torch.tensor(ids, dtype=torch.long)
-        tgt[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        tgt[i, len(ids)] = EOS_ID
-    return inp, tgt
 
 
 def augment(batch: torch.Tensor, gen: torch.Generator, strength: float = 1.0) -> torch.Tensor:

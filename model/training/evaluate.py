@@ -5,7 +5,9 @@ case-sensitively.
   protocol of the STR benchmarks); a sample whose label is empty after this is skipped.
 - ``acc_cs``: exact, case-sensitive match with the label's spaces removed (the model
   reads single words), punctuation included.
-- ``ned``: mean of ``1 - edit_distance / max(len)`` on the 36-character strings.
+- ``one_minus_ned``: 1 − NED, the mean of ``1 - edit_distance / max(len)`` on the
+  36-character strings (1 is a perfect reading); result files keep it under the JSON
+  key ``"ned"`` they have always used (``as_json_dict``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,7 +26,7 @@ from ..safl import SAFL
 from .data import ArrayDataset
 from .protocol import normalize_36, normalize_cs
 
-__all__ = ["normalize_36", "normalize_cs", "evaluate", "predict", "score"]
+__all__ = ["normalize_36", "normalize_cs", "evaluate", "predict", "read_batched", "score"]
 
 
 @dataclass
@@ -34,6 +37,9 @@ class Example:
     label: str
     prediction: str
     confidence: float
+    #: The sample's file as ``labels.tsv`` names it, relative to ``DatasetResult.folder``
+    #: (``ArrayDataset.sources``); "" when not known (rendered shards): then ``index`` tells.
+    file: str = ""
 
 
 @dataclass
@@ -44,16 +50,18 @@ class DatasetResult:
     n: int
     acc36: float
     acc_cs: float
-    ned: float
+    one_minus_ned: float  #: 1 − NED (higher is better); JSON key "ned"
     worst: list[Example] = field(default_factory=list)
+    #: The folder (or LMDB) the data set was read from, as given; "" when not known.
+    folder: str = ""
 
 
 def score(predictions: list[str], labels: list[str]) -> tuple[int, float, float, float]:
-    """``(n, acc36, acc_cs, ned)`` for parallel lists; n counts samples scored under the 36 protocol."""
+    """``(n, acc36, acc_cs, one_minus_ned)`` for parallel lists; n counts samples scored under the 36 protocol."""
     from rapidfuzz.distance import Levenshtein  # training extra: `safl serve` must not need it
 
     n = correct36 = correct_cs = n_cs = 0
-    ned = 0.0
+    one_minus_ned = 0.0
     for pred, gt in zip(predictions, labels):
         g_cs = normalize_cs(gt)
         if g_cs:
@@ -64,12 +72,16 @@ def score(predictions: list[str], labels: list[str]) -> tuple[int, float, float,
             continue
         n += 1
         correct36 += p == g
-        ned += 1.0 - Levenshtein.distance(p, g) / max(len(p), len(g))
-    return n, correct36 / max(n, 1), correct_cs / max(n_cs, 1), ned / max(n, 1)
+        one_minus_ned += 1.0 - Levenshtein.distance(p, g) / max(len(p), len(g))
+    return n, correct36 / max(n, 1), correct_cs / max(n_cs, 1), one_minus_ned / max(n, 1)
 
 
 @torch.no_grad()
-def _read(model: SAFL, images, batch_size: int, amp_dtype: torch.dtype | None) -> list[Recognition]:
+def read_batched(model: SAFL, images: np.ndarray, batch_size: int, amp_dtype: torch.dtype | None) -> list[Recognition]:
+    """One reading per image of ``images`` (``model.preprocess.resize`` output stacked:
+    uint8 ``[N, H, W]`` or ``[N, H, W, 3]``), read ``batch_size`` at a time on the model's
+    device, with autocast to ``amp_dtype`` if given; each image as it is, no further
+    views (``predict`` reads those). Raises ``TypeError`` for pixels that are not uint8."""
     device = next(model.parameters()).device
     out: list[Recognition] = []
     for i in range(0, len(images), batch_size):
@@ -87,10 +99,10 @@ def predict(model: SAFL, images, batch_size: int = 128, amp_dtype: torch.dtype |
     less confidently than ``confident_at`` is also read in its further views.
     """
     if not extra_views:
-        readings = _read(model, images, batch_size, amp_dtype)
+        readings = read_batched(model, images, batch_size, amp_dtype)
     else:
         per_sample = [[images[i], *extra_views.get(i, ())] for i in range(len(images))]
-        readings = read_views(lambda vs: _read(model, np.stack(vs), batch_size, amp_dtype), per_sample, confident_at)
+        readings = read_views(lambda vs: read_batched(model, np.stack(vs), batch_size, amp_dtype), per_sample, confident_at)
     return [r.text for r in readings], [r.confidence for r in readings]
 
 
@@ -101,14 +113,14 @@ def evaluate(model: SAFL, datasets: list[ArrayDataset], batch_size: int = 128, w
     results = []
     for ds in datasets:
         preds, confs = predict(model, ds.images, batch_size, extra_views=ds.extra_views, confident_at=confident_at)
-        n, acc36, acc_cs, ned = score(preds, ds.labels)
+        n, acc36, acc_cs, one_minus_ned = score(preds, ds.labels)
         wrong = [
-            Example(i, ds.labels[i], preds[i], round(confs[i], 4))
+            Example(i, ds.labels[i], preds[i], round(confs[i], 4), ds.sources[i] if ds.sources else "")
             for i in range(len(preds))
             if normalize_36(ds.labels[i]) and normalize_36(preds[i]) != normalize_36(ds.labels[i])
         ]
         wrong.sort(key=lambda e: -e.confidence)
-        results.append(DatasetResult(ds.name, n, acc36, acc_cs, ned, wrong[:worst]))
+        results.append(DatasetResult(ds.name, n, acc36, acc_cs, one_minus_ned, wrong[:worst], ds.folder))
     return results
 
 
@@ -117,21 +129,37 @@ def to_markdown(results: list[DatasetResult], title: str = "") -> str:
     lines = [f"### {title}", ""] if title else []
     lines += ["| dataset | n | acc (36-char) | acc (case-sensitive) | 1 - NED |", "|---|---:|---:|---:|---:|"]
     for r in results:
-        lines.append(f"| {r.name} | {r.n} | {100 * r.acc36:.2f} % | {100 * r.acc_cs:.2f} % | {r.ned:.4f} |")
+        lines.append(f"| {r.name} | {r.n} | {100 * r.acc36:.2f} % | {100 * r.acc_cs:.2f} % | {r.one_minus_ned:.4f} |")
     if len(results) > 1:
         total = sum(r.n for r in results)
         w = lambda attr: sum(getattr(r, attr) * r.n for r in results) / max(total, 1)  # noqa: E731
-        lines.append(f"| **all (weighted)** | {total} | {100 * w('acc36'):.2f} % | {100 * w('acc_cs'):.2f} % | {w('ned'):.4f} |")
+        lines.append(f"| **all (weighted)** | {total} | {100 * w('acc36'):.2f} % | {100 * w('acc_cs'):.2f} % | {w('one_minus_ned'):.4f} |")
     for r in results:
         if r.worst:
-            lines += ["", f"Most confident mistakes on {r.name}:", ""]
-            lines += [f"- `{e.label}` → `{e.prediction}` (confidence {e.confidence:.2f})" for e in r.worst]
+            lines += ["", f"Most confident mistakes on {r.name}" + (f" (in `{r.folder}`)" if r.folder else "") + ":", ""]
+            lines += [f"- {_where(e)}: `{e.label}` → `{e.prediction}` (confidence {e.confidence:.2f})" for e in r.worst]
     return "\n".join(lines) + "\n"
 
 
+def _where(e: Example) -> str:
+    """The sample of a listed mistake: its file, else its index in the data set."""
+    return f"`{e.file}`" if e.file else f"sample {e.index}"
+
+
+#: Fields written under another JSON key: the key every result file has used so far.
+JSON_KEYS = {"one_minus_ned": "ned"}
+
+
+def as_json_dict(result: Any) -> dict[str, Any]:
+    """The fields of a dataclass of metrics (``DatasetResult``, bench's ``Metrics``) as a
+    dict for JSON, in field order, with ``one_minus_ned`` under its key ``"ned"``
+    (``JSON_KEYS``). Raises ``TypeError`` for anything but a dataclass instance."""
+    return {JSON_KEYS.get(k, k): v for k, v in asdict(result).items()}
+
+
 def to_json(results: list[DatasetResult], path: Path | None = None, extra: dict | None = None) -> dict:
-    """Results as a dict (and written to ``path`` when given)."""
-    data = {**(extra or {}), "datasets": [asdict(r) for r in results]}
+    """Results as a dict (and written to ``path`` when given); see ``as_json_dict``."""
+    data = {**(extra or {}), "datasets": [as_json_dict(r) for r in results]}
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(data, indent=2) + "\n")

@@ -57,10 +57,10 @@ def render_words(n: int, seed: int = 7) -> dict[str, list[Image.Image]]:
         word = word.capitalize() if rng.random() < 0.5 else word.upper()
         face = rng.choice(rng.choice(families))
         font = ImageFont.truetype(face.path, 48)
-        l, t, r, b = ImageDraw.Draw(Image.new("L", (1, 1))).textbbox((0, 0), word, font=font)
+        left, t, r, b = ImageDraw.Draw(Image.new("L", (1, 1))).textbbox((0, 0), word, font=font)
         pad = 12
-        img = Image.new("L", (r - l + 2 * pad, b - t + 2 * pad), 255)
-        ImageDraw.Draw(img).text((pad - l, pad - t), word, font=font, fill=0)
+        img = Image.new("L", (r - left + 2 * pad, b - t + 2 * pad), 255)
+        ImageDraw.Draw(img).text((pad - left, pad - t), word, font=font, fill=0)
         ink = Image.eval(img, lambda v: 255 - v).getbbox()
         straight = img.crop(ink)
         out["straight"].append(straight)

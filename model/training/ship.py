@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint, shipped_weights
 from .cli import add_split_flags, split_config
 from .data import load_folder_part
-from .split import FAIR_PART, SplitConfig
 from .evaluate import evaluate, to_json, to_markdown
+from .split import FAIR_PART, SplitConfig
 
-DEFAULT_WEIGHTS = Path(__file__).resolve().parents[2] / "weights" / "safl.safetensors"
+DEFAULT_WEIGHTS = shipped_weights()
 
 
 def mean_acc(path: Path, folders: list[Path], split: SplitConfig, part: str = FAIR_PART) -> tuple[float, list, dict]:

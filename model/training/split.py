@@ -44,6 +44,8 @@ MIN_BLOCKS = 10
 #: The part to compare checkpoints on while the shipped model is of the legacy lineage (it
 #: fine-tuned on most of today's validation part): ship, compare and bench/peers default to it.
 FAIR_PART = "val-unseen"
+#: The parts of a labelled folder (``part_indices``).
+PARTS = ("val", "train", "all", "val-unseen")
 
 
 def word_key(label: str) -> str:
@@ -75,6 +77,25 @@ def split_indices(labels: Sequence[str], cfg: SplitConfig = DEFAULT_SPLIT) -> tu
     val_words = {word_key(labels[i]) for i in val}
     train = [i for i in range(n) if i // block not in val_blocks and word_key(labels[i]) not in val_words]
     return val, train
+
+
+def check_part(part: str) -> str:
+    """``part`` if it is one of ``PARTS``; raises ``ValueError`` naming them otherwise."""
+    if part not in PARTS:
+        raise ValueError(f"unknown part {part!r}: expected one of {', '.join(PARTS)}")
+    return part
+
+
+def part_indices(labels: Sequence[str], part: str, cfg: SplitConfig = DEFAULT_SPLIT) -> list[int]:
+    """Indices, in source order, of the crops with these ``labels`` that form ``part``:
+    ``"val"`` or ``"train"`` (the fine-tune part) of ``split_indices``, ``"val-unseen"``
+    (``unseen_val_indices``) or ``"all"``. Raises ``ValueError`` for another ``part``."""
+    if check_part(part) == "all":
+        return list(range(len(labels)))
+    if part == "val-unseen":
+        return unseen_val_indices(labels, cfg)
+    val, train = split_indices(labels, cfg)
+    return val if part == "val" else train
 
 
 def legacy_split_indices(n: int, val_fraction: float = 0.3, seed: int = 0) -> tuple[list[int], list[int]]:

@@ -12,13 +12,12 @@ have seen, whatever the number of workers.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 from collections import deque
 
 import numpy as np
 
 from .fonts import discover_fonts
-from .synth import SynthConfig, _init_worker, _load_textures, _render_range
+from .synth import SynthConfig, render_pool, render_range
 
 
 class RenderStream:
@@ -31,8 +30,7 @@ class RenderStream:
         self.chunk = chunk
         self.depth = depth or 3 * workers  # chunks in flight: keeps every worker busy without unbounded memory
         faces = discover_fonts(cfg.charset)
-        _load_textures()  # decoded once here; forked workers inherit it
-        self._pool = mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(cfg, faces))
+        self._pool = render_pool(cfg, faces, workers)
         self._pending: deque = deque()
         self._images: list[np.ndarray] = []
         self._labels: list[str] = []
@@ -47,7 +45,7 @@ class RenderStream:
 
     def _fill(self) -> None:
         while len(self._pending) < self.depth:
-            self._pending.append(self._pool.apply_async(_render_range, ((self._next, self._next + self.chunk),)))
+            self._pending.append(self._pool.apply_async(render_range, ((self._next, self._next + self.chunk),)))
             self._next += self.chunk
 
     def take(self, n: int) -> tuple[np.ndarray, list[str]]:

@@ -25,6 +25,7 @@ import multiprocessing as mp
 import random
 import time
 from dataclasses import asdict, dataclass
+from multiprocessing.pool import Pool
 from pathlib import Path
 
 import numpy as np
@@ -309,8 +310,19 @@ def _init_worker(cfg: SynthConfig, faces: list[FontFace]) -> None:
     _WORKER = Renderer(cfg, faces)
 
 
-def _render_range(bounds: tuple[int, int]) -> tuple[np.ndarray, list[str]]:
-    assert _WORKER is not None
+def render_pool(cfg: SynthConfig, faces: list[FontFace], workers: int) -> Pool:
+    """A pool of ``workers`` forked processes, each holding one ``Renderer(cfg, faces)``,
+    for ``render_range``. The background textures are decoded here first, once: the
+    forked workers inherit them. Close it (or use it as a context manager) when done."""
+    _load_textures()
+    return mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(cfg, faces))
+
+
+def render_range(bounds: tuple[int, int]) -> tuple[np.ndarray, list[str]]:
+    """Crops ``start..end-1`` of ``bounds = (start, end)`` and their labels, rendered by
+    the worker's renderer: uint8 ``[end - start, H, W]`` (``start < end``) and a list of
+    strings. Runs in a ``render_pool`` worker only (raises ``AssertionError`` elsewhere)."""
+    assert _WORKER is not None, "render_range runs in a render_pool worker"
     pairs = [_WORKER.render(i) for i in range(*bounds)]
     return np.stack([p[0] for p in pairs]), [p[1] for p in pairs]
 
@@ -347,14 +359,12 @@ def render_dataset(out: Path, count: int, cfg: SynthConfig, workers: int = 2, sh
     todo = shards if fmt == "lmdb" else [s for s in shards if not _shard_done(out, s[0], s[2] - s[1])]
     total = sum(e - s for _, s, e in todo)
     t0 = time.perf_counter()
-    _load_textures()  # once here: the forked workers inherit it
-    ctx = mp.get_context("fork")
     lmdb_writer = _LmdbWriter(out, count) if fmt == "lmdb" else None
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(cfg, faces)) as pool, tqdm(total=total, unit="img", disable=not progress, desc="render") as bar:
+    with render_pool(cfg, faces, workers) as pool, tqdm(total=total, unit="img", disable=not progress, desc="render") as bar:
         for k, start, end in todo:
             ranges = [(i, min(i + chunk, end)) for i in range(start, end, chunk)]
             arrays, labels = [], []
-            for arr, lab in pool.imap(_render_range, ranges):
+            for arr, lab in pool.imap(render_range, ranges):
                 arrays.append(arr)
                 labels += lab
                 bar.update(len(lab))

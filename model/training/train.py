@@ -13,10 +13,15 @@ A run lives in one folder (``--out``)::
 augmentation draws, the same learning-rate schedule. Ctrl-C or SIGTERM (``docker stop``,
 a machine shutting down) stops a run after its current step and saves the state first;
 a second Ctrl-C aborts at once.
+
+Under ``torchrun`` each process trains its share of every (global) batch with
+DistributedDataParallel and rank 0 alone writes the folder (``config.json`` then records
+the ``world_size``, which ``--resume`` requires again): see ``model.training.distributed``.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -24,7 +29,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,68 +37,15 @@ import torch
 
 from ..charset import Charset
 from ..checkpoint import load_checkpoint, read_info, save_checkpoint
+from ..device import DeviceUnavailable, resolve_device
 from ..loss import sequence_loss
 from ..preprocess import to_tensor
 from ..safl import SAFL, SAFLConfig
-from .data import ArrayDataset, augment, degrade, encode_labels, load_any, load_folder_part
+from .config import RUNTIME_FIELDS, TrainConfig
+from .data import ArrayDataset, augment, degrade, load_any, load_folder_part
+from .distributed import Ranks, derived_seed, stream_seed
 from .evaluate import evaluate
-from .split import DEFAULT_SPLIT, SplitConfig
 from .stream import RenderStream
-
-#: Fields that may change when a run is resumed (they do not change what is learnt).
-RUNTIME_FIELDS = {"max_minutes", "threads", "checkpoint_minutes", "val_every", "log_every", "stop_at_step", "progress", "total_steps",
-                  "device", "amp"}
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run."""
-
-    out: str = "runs/small-focal"
-    preset: str = "small"
-    init: str | None = None  # checkpoint to start from (fine-tuning), else random init
-    reset_tps: bool = False  # with `init`: re-initialise the TPS head as the identity (bounded, monotone points)
-    synth: list[str] = field(default_factory=list)  # shard folders / LMDBs / labels.tsv folders
-    stream_workers: int = 0  # >0: render synthetic crops on the fly in this many processes instead of --synth
-    stream_seed: int = 1  # renderer seed of the stream (seed 0 is the pre-rendered data/synth set)
-    real: list[str] = field(default_factory=list)  # labelled folders: their fine-tune part is trained on
-    real_ratio: float = 0.0  # share of each batch drawn from `real`
-    val: list[str] = field(default_factory=list)  # labelled folders: their validation part is reported
-    val_fraction: float = DEFAULT_SPLIT.val_fraction  # the split of --real / --val folders (model.training.split)
-    split_seed: int = DEFAULT_SPLIT.seed
-    split_block: int = DEFAULT_SPLIT.block
-    loss: str = "focal"
-    gamma: float = 2.0
-    batch_size: int = 64
-    lr: float = 5e-4
-    tps_lr_scale: float = 0.1  # the rectifier learns slower: a fast-moving grid destabilises everything after it
-    weight_decay: float = 0.05
-    warmup_steps: int = 1000
-    total_steps: int = 100000
-    min_lr_ratio: float = 0.02
-    clip: float = 1.0
-    seed: int = 0
-    augment: float = 1.0
-    degrade: float = 0.0  # street-photo degradations (``data.degrade``); 0 leaves a run's draws as before
-    threads: int = 2
-    amp: str = "auto"  # auto | bf16 | off
-    device: str = "auto"
-    max_minutes: float | None = None
-    checkpoint_minutes: float = 5.0
-    val_every: int = 1000
-    log_every: int = 50
-    stop_at_step: int | None = None
-    progress: bool = True
-
-    @property
-    def split(self) -> SplitConfig:
-        """The validation / fine-tune split of the ``real`` and ``val`` folders."""
-        return SplitConfig(self.val_fraction, self.split_seed, self.split_block)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 class TrainingSetupError(ValueError):
@@ -123,30 +75,45 @@ class BatchSampler:
 
     ``batch(step)`` hands the same batch to every caller at one step, so runs trained in
     lockstep (``train_lockstep``) see identical data.
+
+    Under torchrun (``world_size`` > 1) ``cfg.batch_size`` is the global batch and this
+    rank's batch is its share, positions ``rank, rank + world_size, ...`` of it
+    (``model.training.distributed``); a render stream is this rank's own.
     """
 
     def __init__(
-        self, synth: ArrayDataset | RenderStream, real: ArrayDataset | None, cfg: TrainConfig, charset: Charset, gen: torch.Generator, device: torch.device | None = None
-    ) -> None:
+        self, synth: ArrayDataset | RenderStream, real: ArrayDataset | None, cfg: TrainConfig, charset: Charset, gen: torch.Generator, device: torch.device | None = None,
+        rank: int = 0, world_size: int = 1,
+    ) -> None:  # fmt: skip
         self.synth, self.real, self.cfg, self.charset, self.gen = synth, real, cfg, charset, gen
         self.device = device or torch.device("cpu")  # where augmentation runs (the training device)
         n_real = round(cfg.batch_size * cfg.real_ratio) if real is not None and len(real) else 0
         streaming = isinstance(synth, RenderStream)
         if not streaming and len(synth) == 0 and n_real == 0:
             raise TrainingSetupError("no training data: give --synth and/or --real with --real-ratio > 0")
+        if cfg.batch_size < world_size:
+            raise TrainingSetupError(f"--batch-size {cfg.batch_size} is the global batch, shared out over {world_size} processes: give at least {world_size}")
         self.n_real = cfg.batch_size if not streaming and len(synth) == 0 else n_real
         self.n_synth = cfg.batch_size - self.n_real
+        self.rank, self.world_size = rank, world_size
+        self.n_synth_mine = len(range(rank, self.n_synth, world_size))  # this rank's synthetic crops per step
+        # Which crops form the batch: drawn from ``gen``, in the same state on every rank.
+        # Augmentation: from ``gen`` too in a single process, else from a generator of this
+        # rank's own, re-seeded every step (``batch``), so a resume needs no state of it.
+        self.aug_gen = gen if world_size == 1 else torch.Generator()
         self._cached: tuple[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
 
     def seek(self, step: int) -> None:
         """Position a render stream where a run resumed at ``step`` continues."""
         if isinstance(self.synth, RenderStream):
-            self.synth.seek(step * self.n_synth)
+            self.synth.seek(step * self.n_synth_mine)
         self._cached = None
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The batch of ``step`` (drawn once, then repeated for other callers at that step)."""
         if self._cached is None or self._cached[0] != step:
+            if self.aug_gen is not self.gen:
+                self.aug_gen.manual_seed(derived_seed(self.cfg.seed, "augment", self.rank, step))
             self._cached = (step, self.next())
         return self._cached[1]
 
@@ -154,23 +121,24 @@ class BatchSampler:
         """Normalised, augmented images and decoder input/target tokens."""
         parts, labels = [], []
         if isinstance(self.synth, RenderStream):
-            if self.n_synth > 0:
-                images, synth_labels = self.synth.take(self.n_synth)
+            if self.n_synth_mine > 0:
+                images, synth_labels = self.synth.take(self.n_synth_mine)
                 parts.append(images)
                 labels += synth_labels
-            sources = ((self.real, self.n_real),)
+            sources = ((self.real, self.n_real, self.n_synth),)
         else:
-            sources = ((self.synth, self.n_synth), (self.real, self.n_real))
-        for ds, n in sources:
+            sources = ((self.synth, self.n_synth, 0), (self.real, self.n_real, self.n_synth))
+        for ds, n, first in sources:  # ``first``: the global batch position of the source's first crop
             if n <= 0 or ds is None:
                 continue
             idx = torch.randint(len(ds), (n,), generator=self.gen).numpy()
+            idx = idx[(self.rank - first) % self.world_size :: self.world_size]  # this rank's positions
             parts.append(ds.images[idx])
             labels += [ds.labels[i] for i in idx]
         images = to_tensor(torch.cat([torch.from_numpy(p) for p in parts]).to(self.device))
-        images = augment(images, self.gen, self.cfg.augment)
-        images = degrade(images, self.gen, self.cfg.degrade)
-        inp, tgt = encode_labels(labels, self.charset)
+        images = augment(images, self.aug_gen, self.cfg.augment)
+        images = degrade(images, self.aug_gen, self.cfg.degrade)
+        inp, tgt = self.charset.encode_batch(labels)
         return images, inp, tgt
 
     def close(self) -> None:
@@ -207,6 +175,7 @@ class _LoopState:
     last_loss: float = float("nan")
     stopped_by: str = "steps"
     lockstep: bool = False  # train_lockstep takes the timed checkpoints, for all runs at one step
+    stop: _GracefulStop | None = None  # run(): a Ctrl-C / SIGTERM stops after the current step
 
 
 class _GracefulStop:
@@ -214,8 +183,9 @@ class _GracefulStop:
     current step, so the saved state matches a step boundary and resumes exactly; a
     second SIGINT interrupts at once. Outside the main thread it installs nothing."""
 
-    def __init__(self) -> None:
+    def __init__(self, say: bool = True) -> None:
         self.requested = False
+        self.say = say  # under torchrun rank 0 alone says it
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _GracefulStop:
@@ -228,7 +198,8 @@ class _GracefulStop:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving the state (Ctrl-C again aborts at once)", file=sys.stderr, flush=True)
+        if self.say:
+            print(f"\n{signal.Signals(signum).name}: stopping after this step and saving the state (Ctrl-C again aborts at once)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
@@ -244,21 +215,31 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
 class Trainer:
     """Builds data, model and optimiser from a ``TrainConfig`` and runs the loop."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False, share_data_with: Trainer | None = None) -> None:
+    def __init__(self, cfg: TrainConfig, resume: bool = False, share_data_with: Trainer | None = None, ranks: Ranks | None = None) -> None:
+        self.dist = ranks or Ranks()  # under torchrun: this process's rank of the job
         self.out = Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
         state_path = self.out / "state.pt"
         self.resumed = resume and state_path.is_file()
         if self.resumed:
-            saved = TrainConfig.from_dict(json.loads((self.out / "config.json").read_text()))
+            raw = json.loads((self.out / "config.json").read_text())
+            saved_world = raw.get("world_size", 1)  # runs from before torchrun support had one process
+            if saved_world != self.dist.world_size:
+                raise TrainingSetupError(
+                    f"--resume: {self.out} was trained by {saved_world} process(es) and this launch has {self.dist.world_size}; "
+                    f"each process's share of the batches depends on the number, so it resumes exactly only with "
+                    f"{'torchrun --nproc_per_node ' + str(saved_world) if saved_world > 1 else 'one process (no torchrun)'}"
+                )
+            saved = TrainConfig.from_dict(raw)
             for name in RUNTIME_FIELDS:
                 setattr(saved, name, getattr(cfg, name))
             cfg = saved
         self.cfg = cfg
         torch.set_num_threads(cfg.threads)
-        self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device))
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise TrainingSetupError(f"--device {cfg.device}: no CUDA GPU is visible to this torch build ({torch.__version__}); use --device auto or cpu")
+        try:
+            self.device = self.dist.device(resolve_device(cfg.device))
+        except DeviceUnavailable as exc:
+            raise TrainingSetupError(f"--device: {exc}") from None
         use_amp = cfg.amp == "bf16" or (cfg.amp == "auto" and (self.device.type == "cuda" or cpu_has_bf16()))
         self.amp_dtype = torch.bfloat16 if use_amp else None
 
@@ -273,7 +254,7 @@ class Trainer:
             model, info = load_checkpoint(cfg.init)
             self.model_cfg = info.config
             if cfg.reset_tps:
-                model = _with_identity_tps(model)
+                model = with_identity_tps(model)
                 self.model_cfg = model.config
         else:
             self.model_cfg = SAFLConfig.from_preset(cfg.preset)
@@ -285,6 +266,7 @@ class Trainer:
             self.n_train = share_data_with.n_train
         else:
             self._build_data(cfg)  # before the model touches the GPU: render workers are forked
+        self.dist.start(self.device, cfg.ddp_timeout)  # after the fork, too
         self.model = model.to(self.device).train()
 
         groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
@@ -303,12 +285,15 @@ class Trainer:
         self.step = 0
         self.train_seconds = 0.0
         self.best = -1.0
+        self.start_val: dict[str, Any] = {}  # validation of the --init weights at step 0
+        self.last_mean: float | None = None  # mean 36-char accuracy of the latest validation
         if self.resumed:
             self._load_state(state_path)
-        else:
-            (self.out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        elif self.dist.is_main:  # the world size too: --resume refuses another one
+            (self.out / "config.json").write_text(json.dumps({**asdict(cfg), "world_size": self.dist.world_size}, indent=2) + "\n")
         if share_data_with is None:
             self.sampler.seek(self.step)
+        self.net = self.dist.wrap(self.model)  # what train_step runs: under torchrun, DDP around self.model
         self._loop: _LoopState | None = None
 
     def _build_data(self, cfg: TrainConfig) -> None:
@@ -316,7 +301,8 @@ class Trainer:
         if cfg.stream_workers > 0:
             from .synth import SynthConfig
 
-            scfg = SynthConfig(seed=cfg.stream_seed, charset=self.charset.chars, max_len=self.model_cfg.max_len, height=pcfg.height, width=pcfg.width, channels=pcfg.channels)
+            seed = stream_seed(cfg.stream_seed, self.dist.rank)  # each rank renders crops of its own
+            scfg = SynthConfig(seed=seed, charset=self.charset.chars, max_len=self.model_cfg.max_len, height=pcfg.height, width=pcfg.width, channels=pcfg.channels)
             synth: ArrayDataset | RenderStream = RenderStream(scfg, cfg.stream_workers)
             n_synth: int | str = "streamed"
         else:
@@ -327,14 +313,15 @@ class Trainer:
         for p in cfg.real:
             part = load_folder_part(p, pcfg, "train", cfg.split, view_cfg=None)
             kept = part.filtered(self.charset, self.model_cfg.max_len)
-            if len(kept) < len(part):
-                print(f"{part.name}: {len(part) - len(kept)} of {len(part)} labels left out of training "
-                      f"({self.charset.drop_reasons(part.labels, self.model_cfg.max_len)})", flush=True)
+            reasons = self.charset.drop_reasons(part.labels, self.model_cfg.max_len)
+            if reasons and self.dist.is_main:
+                print(f"{part.name}: {len(part) - len(kept)} of {len(part)} labels left out of training ({reasons})", flush=True)
             real_sets.append(kept)
         real = _concat(real_sets, "real", pcfg) if real_sets else None
-        self.val_sets = [load_folder_part(p, pcfg, "val", cfg.split) for p in cfg.val]
+        # Rank 0 alone validates: the other ranks leave the validation sets unloaded.
+        self.val_sets = [load_folder_part(p, pcfg, "val", cfg.split) for p in cfg.val] if self.dist.is_main else []
         self.gen = torch.Generator().manual_seed(cfg.seed)
-        self.sampler = BatchSampler(synth, real, cfg, self.charset, self.gen, self.device)
+        self.sampler = BatchSampler(synth, real, cfg, self.charset, self.gen, self.device, self.dist.rank, self.dist.world_size)
         self.n_train = (n_synth, len(real) if real is not None else 0)
 
     # -- state ---------------------------------------------------------------------------
@@ -363,7 +350,10 @@ class Trainer:
         torch.set_rng_state(state["rng_torch"].cpu())
 
     def save_state(self) -> None:
-        """Write the full resumable state and the latest servable weights (atomic)."""
+        """Write the full resumable state and the latest servable weights (atomic; rank 0 only:
+        the ranks hold the same weights and the same batch generator, and re-seed the rest)."""
+        if not self.dist.is_main:
+            return
         _atomic_torch_save(self._state(), self.out / "state.pt")
         save_checkpoint(self.model, self.out / "last.safetensors", name=f"safl-{self.model_cfg.preset}", training=self.training_meta())
 
@@ -373,12 +363,14 @@ class Trainer:
             "step": self.step,
             "images_seen": self.step * self.cfg.batch_size,
             "train_hours": round(self.train_seconds / 3600, 3),
-            "cpu_hours": round(self.train_seconds * self.cfg.threads / 3600, 3) if self.device.type == "cpu" else None,
+            "cpu_hours": round(self.train_seconds * self.cfg.threads * self.dist.world_size / 3600, 3) if self.device.type == "cpu" else None,
             "device": self.device.type,
             "loss": self.cfg.loss,
             "gamma": self.cfg.gamma if self.cfg.loss == "focal" else 0.0,
             "run": self.out.name,
         }
+        if self.dist.enabled:
+            meta["world_size"] = self.dist.world_size  # train_hours is wall time: device hours are this many times it
         if val is not None:
             meta["val"] = val
         return meta
@@ -386,6 +378,8 @@ class Trainer:
     # -- loop ------------------------------------------------------------------------------
 
     def _log(self, record: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
         with open(self.out / "log.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
 
@@ -396,9 +390,10 @@ class Trainer:
         self.model.eval()
         results = evaluate(self.model, self.val_sets, worst=0)
         self.model.train()
-        val = {r.name: {"n": r.n, "acc36": round(r.acc36, 4), "acc_cs": round(r.acc_cs, 4), "ned": round(r.ned, 4)} for r in results}
+        val = {r.name: {"n": r.n, "acc36": round(r.acc36, 4), "acc_cs": round(r.acc_cs, 4), "ned": round(r.one_minus_ned, 4)} for r in results}
         mean = sum(r.acc36 for r in results) / len(results)
         val["mean_acc36"] = round(mean, 4)
+        self.last_mean = round(mean, 4)
         self._log({"step": self.step, "images": self.step * self.cfg.batch_size, "train_hours": round(self.train_seconds / 3600, 4), "val": val})
         if mean > self.best:
             self.best = mean
@@ -417,8 +412,13 @@ class Trainer:
         t1 = time.perf_counter()
         ctx = torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
         with ctx:
-            logits = self.model(images, inp)
+            logits = self.net(images, inp)
         loss = sequence_loss(logits, tgt, self.cfg.loss, self.cfg.gamma)
+        if self.dist.enabled:
+            # This rank's token mean, weighted by its share of the batch's tokens: the gradient
+            # DDP averages over the ranks is then the global batch's token mean. The loss
+            # returned is this rank's part of the global loss, times the world size.
+            loss = loss * self.dist.token_share(tgt)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
@@ -438,18 +438,25 @@ class Trainer:
         from tqdm import tqdm
 
         cfg = self.cfg
-        print(
-            f"training {self.model_cfg.preset} ({self.model.num_parameters() / 1e6:.2f} M params) on {self.device}, "
-            f"amp={self.amp_dtype}, threads={cfg.threads}, loss={cfg.loss}"
-            f"{f' gamma={cfg.gamma}' if cfg.loss == 'focal' else ''}; data: {self.n_train[0]} synthetic + {self.n_train[1]} real; "
-            f"{'resumed at' if self.resumed else 'starting at'} step {self.step} → {self.out}",
-            flush=True,
-        )
-        if cfg.warmup_steps >= cfg.total_steps:
+        say = self.dist.is_main  # rank 0 alone prints
+        ranks = f" ×{self.dist.world_size} ({self.dist.backend})" if self.dist.enabled else ""
+        if say:
+            print(
+                f"training {self.model_cfg.preset} ({self.model.num_parameters() / 1e6:.2f} M params) on {self.device}{ranks}, "
+                f"amp={self.amp_dtype}, threads={cfg.threads}, loss={cfg.loss}"
+                f"{f' gamma={cfg.gamma}' if cfg.loss == 'focal' else ''}; data: {self.n_train[0]} synthetic + {self.n_train[1]} real; "
+                f"{'resumed at' if self.resumed else 'starting at'} step {self.step} → {self.out}",
+                flush=True,
+            )
+        if cfg.warmup_steps >= cfg.total_steps and say:
             print(f"warning: --warmup-steps {cfg.warmup_steps} is not below --total-steps {cfg.total_steps}: "
                   "the learning rate never reaches its peak", flush=True)
+        if cfg.init and self.val_sets and self.step == 0:
+            # The start point is a candidate too: best.safetensors starts as --init's weights.
+            self.start_val = self.validate()
+            print(self._val_line(self.start_val) + " (the --init weights)", flush=True)
         now = time.monotonic()
-        progress = tqdm(total=self.end_step(), initial=self.step, unit="step", disable=not (cfg.progress and bar), dynamic_ncols=True)
+        progress = tqdm(total=self.end_step(), initial=self.step, unit="step", disable=not (cfg.progress and bar and say), dynamic_ncols=True)
         self._loop = _LoopState(start=now, last_ckpt=now, bar=progress)
 
     def _loop_state(self) -> _LoopState:
@@ -469,6 +476,8 @@ class Trainer:
         bar.update(1)
         if self.step % cfg.log_every == 0 or self.step == self.end_step():
             w = loop.window
+            if self.dist.enabled:  # the global batch's loss: each rank's part (train_step) summed
+                w.loss = self.dist.sum([w.loss])[0] / self.dist.world_size
             rec = {
                 "step": self.step,
                 "images": self.step * cfg.batch_size,
@@ -491,10 +500,18 @@ class Trainer:
         if not loop.lockstep and now - loop.last_ckpt > cfg.checkpoint_minutes * 60:
             self.save_state()
             loop.last_ckpt = now
-        if cfg.max_minutes is not None and now - loop.start > cfg.max_minutes * 60:
+        over_budget = cfg.max_minutes is not None and now - loop.start > cfg.max_minutes * 60
+        interrupted = loop.stop is not None and loop.stop.requested
+        if self.dist.enabled:  # all ranks stop at one step, whichever of them saw the clock or the signal
+            over_budget, interrupted = self.dist.any(over_budget, interrupted)
+        if over_budget:
             loop.stopped_by = "time budget"
             return True
-        return self.step >= self.end_step()
+        if self.step >= self.end_step():
+            return True
+        if interrupted:
+            loop.stopped_by = "interrupted"
+        return interrupted
 
     def finish(self) -> dict[str, Any]:
         """Validate where the last validation was not at this step (so every run with ``--val``
@@ -503,8 +520,12 @@ class Trainer:
         loop.bar.close()
         # Not after Ctrl-C / SIGTERM: the state is saved at once (a container stop gives seconds).
         if self.val_sets and self.step > 0 and loop.stopped_by != "interrupted" and not (self.cfg.val_every and self.step % self.cfg.val_every == 0):
-            val = self.validate()
+            val = self.validate()  # rank 0 alone has validation sets
             print(self._val_line(val), flush=True)
+        start, last = self.start_val.get("mean_acc36"), self.last_mean
+        if start is not None and last is not None and last < start:
+            print(f"note: the last validation ({last:.4f}) is below the --init weights' ({start:.4f}); best.safetensors "
+                  f"holds the best seen ({self.best:.4f}), the start itself if nothing beat it", flush=True)
         self.save_state()
         totals = loop.totals
         n = max(totals.n, 1)
@@ -512,28 +533,29 @@ class Trainer:
             "run": str(self.out),
             "step": self.step,
             "stopped_by": loop.stopped_by,
-            "loss": loop.last_loss,
+            "loss": self.dist.sum([loop.last_loss])[0] / self.dist.world_size,  # under torchrun: each rank's part summed
             "img_s": round(self.cfg.batch_size * n / totals.total, 1) if totals.total else None,
             "data_ms": round(1000 * totals.data / n, 2),
             "step_ms": round(1000 * totals.total / n, 2),
             "data_share": round(totals.data / totals.total, 4) if totals.total else None,
         }
-        print(
-            f"{self.out.name}: stopped at step {self.step} ({loop.stopped_by}); {summary['img_s']} img/s; data {summary['data_ms']} ms "
-            f"of {summary['step_ms']} ms per step ({100 * (summary['data_share'] or 0):.1f} %)",
-            flush=True,
-        )
+        if self.dist.is_main:
+            print(
+                f"{self.out.name}: stopped at step {self.step} ({loop.stopped_by}); {summary['img_s']} img/s; data {summary['data_ms']} ms "
+                f"of {summary['step_ms']} ms per step ({100 * (summary['data_share'] or 0):.1f} %)",
+                flush=True,
+            )
         return summary
 
     def run(self) -> dict[str, Any]:
         """Train until ``total_steps``, ``stop_at_step`` or ``max_minutes``; returns a summary."""
         try:
-            with _GracefulStop() as stop:
+            # Under torchrun a failed collective (a rank died or stalled) ends the run with one clear line.
+            with _GracefulStop(say=self.dist.is_main) as stop, self.dist.failures(lambda: f"step {self.step + 1}"):
                 self.begin()
+                self._loop_state().stop = stop
                 while not self.advance():
-                    if stop.requested:
-                        self._loop_state().stopped_by = "interrupted"
-                        break
+                    pass
                 return self.finish()
         finally:
             self.sampler.close()
@@ -570,10 +592,9 @@ def train_lockstep(trainers: list[Trainer]) -> list[dict[str, Any]]:
         trainers[0].sampler.close()
 
 
-def _with_identity_tps(model: SAFL) -> SAFL:
-    """The same network with a fresh, identity-initialised, bounded, monotone TPS head (other weights kept)."""
-    from dataclasses import replace
-
+def with_identity_tps(model: SAFL) -> SAFL:
+    """The same network with a fresh, identity-initialised, bounded, monotone TPS head (other
+    weights kept), as a new model on the CPU; ``model`` itself is left as it was."""
     cfg = replace(model.config, tps_max_offset=SAFLConfig.tps_max_offset, tps_monotone=SAFLConfig.tps_monotone)
     fresh = SAFL(cfg)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("rectifier.fc.")}
@@ -592,33 +613,26 @@ def _concat(sets: list[ArrayDataset], name: str, pcfg) -> ArrayDataset:
     return ArrayDataset(name, np.concatenate([s.images for s in sets]), [lab for s in sets for lab in s.labels])
 
 
-def resume_conflicts(out: str | Path, given: dict[str, Any]) -> list[str]:
-    """The run-defining flags in ``given`` (name → value, as typed) that contradict the run
-    saved in ``out`` (``config.json``), as ``"--loss ce (saved: focal)"``; ``[]`` when there is
-    no saved run. A resumed run keeps its saved values, so such a flag would be ignored."""
-    path = Path(out) / "config.json"
-    if not path.is_file() or not (Path(out) / "state.pt").is_file():
-        return []  # nothing to resume: the run starts afresh with the flags given
-    saved = TrainConfig.from_dict(json.loads(path.read_text()))
-
-    def same(a: Any, b: Any) -> bool:
-        if a == b:
-            return True
-        paths = lambda v: [Path(x).resolve() for x in v] if isinstance(v, list) else [Path(v).resolve()]  # noqa: E731
-        return isinstance(a, (str, list)) and isinstance(b, (str, list)) and type(a) is type(b) and paths(a) == paths(b)
-
-    return [
-        f"--{k.replace('_', '-')} {v} (saved: {getattr(saved, k)})"
-        for k, v in given.items()
-        if k not in RUNTIME_FIELDS and k != "out" and not same(v, getattr(saved, k))
-    ]
-
-
-def train(cfg: TrainConfig, resume: bool = False, twin: TrainConfig | None = None) -> dict[str, Any]:
+def train(cfg: TrainConfig, resume: bool = False, twin: TrainConfig | None = None, ranks: Ranks | None = None) -> dict[str, Any]:
     """Build a trainer and run it (the ``safl train`` entry point).
 
-    With ``twin``, a second run (same data, other loss or init) trains in lockstep.
+    With ``twin``, a second run (same data, other loss or init) trains in lockstep. Under
+    torchrun (``ranks``, by default from the environment) this process trains its rank's
+    share with DistributedDataParallel (``model.training.distributed``).
     """
+    ranks = ranks or Ranks.from_env()
+    if ranks.enabled:
+        if twin is not None:
+            raise TrainingSetupError("--twin-out trains two runs in one process: not under torchrun; train the two runs one after the other")
+        trainer = Trainer(cfg, resume=resume, ranks=ranks)
+        try:
+            summary = trainer.run()
+        finally:
+            # DDP (its reducer) goes first: a process that exits with it alive can abort in gloo's teardown.
+            trainer.net = trainer.model
+            gc.collect()
+        ranks.close()  # not after a failure: a barrier with a lost rank would only wait out the timeout
+        return summary
     first = Trainer(cfg, resume=resume)
     if twin is None:
         return first.run()

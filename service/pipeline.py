@@ -1,0 +1,185 @@
+"""The ``/recognize`` pipeline: admission → upload → decode → queue → model, every stage
+within the request's deadline.
+
+``recognize`` is the route's one call. The deadline (the server's ``timeout_ms``, or
+shorter with ``X-Request-Timeout-Ms``) is checked in every stage, and a 504 names the
+stage it passed in: a slow upload is not blamed on decoding, and 64 huge images are not
+decoded long past a client's deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from model import Recognition
+from model.preprocess import PreprocessConfig, ViewConfig
+from model.reading import aread_views
+
+from .batcher import BatcherClosed, CropFailed, QueueFull
+from .errors import APIError, error_response
+from .images import ImageLimits, load_crops
+from .runtime import Runtime
+from .schemas import RecognitionResult, RecognizeResponse
+from .uploads import Upload, read_uploads
+
+#: Header a client may send to shorten the server's default deadline.
+TIMEOUT_HEADER = "X-Request-Timeout-Ms"
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """A request's deadline on the ``time.monotonic()`` clock, in seconds."""
+
+    at: float
+    #: The request's budget, for messages (ms).
+    budget_ms: float = field(default=0.0, compare=False)
+
+    @classmethod
+    def after(cls, seconds: float) -> Deadline:
+        return cls(time.monotonic() + seconds, seconds * 1000.0)
+
+    def remaining(self) -> float:
+        """Seconds left; 0 or less once passed."""
+        return self.at - time.monotonic()
+
+    def passed(self, stage: str) -> APIError:
+        """The 504 for a deadline that passed ``stage`` (e.g. "while the images were being decoded")."""
+        return APIError("deadline_exceeded", f"the request's deadline ({self.budget_ms:g} ms) passed {stage}")
+
+    def check(self, stage: str) -> None:
+        """Raise ``passed(stage)`` if the deadline has passed."""
+        if self.remaining() <= 0:
+            raise self.passed(stage)
+
+
+UPLOAD = "while the body was being received"
+DECODE = "while the images were being decoded"
+MODEL = "before its images were recognised (queued or in the model)"
+
+
+def request_deadline(request: Request, default_s: float) -> Deadline:
+    """The deadline from now: ``default_s``, or the client's shorter ``X-Request-Timeout-Ms``.
+
+    Raises ``APIError`` ``invalid_timeout`` for a header that is not a positive number.
+    """
+    raw = request.headers.get(TIMEOUT_HEADER)
+    if raw is None:
+        return Deadline.after(default_s)
+    try:
+        ms = float(raw)
+    except ValueError:
+        ms = math.nan
+    if not math.isfinite(ms) or ms <= 0:
+        raise APIError("invalid_timeout", f"{TIMEOUT_HEADER} must be a positive number of milliseconds, got {raw!r}")
+    return Deadline.after(min(ms / 1000.0, default_s))
+
+
+def decode_uploads(uploads: Sequence[Upload], limits: ImageLimits, cfg: PreprocessConfig, view_cfg: ViewConfig, deadline: Deadline) -> list[list[torch.Tensor]]:
+    """Each upload's model inputs (``service.images.load_crops``), the deadline checked
+    before each image is decoded. Runs in a worker thread."""
+    return load_crops([(u.data, u.filename) for u in uploads], limits, cfg, view_cfg, before_each=lambda: deadline.check(DECODE))
+
+
+class ClientGone(Exception):
+    """The client disconnected before its results were ready."""
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    # After the body is read, the next ASGI message is http.disconnect: either the
+    # client went away or (harmlessly, we are done by then) the response completed.
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _retrieve_exception(fut: asyncio.Future[object]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
+async def await_results(request: Request, futures: list[asyncio.Future[Recognition]], deadline: Deadline) -> list[Recognition]:
+    """Results of all futures, unless the deadline passes (504) or the client disconnects
+    (``ClientGone``) first.
+
+    Either way the request's pending futures are cancelled, so the worker drops their
+    crops before they reach the model.
+    """
+    gathered = asyncio.gather(*futures)
+    # A gather cancelled while pending completes later with a CancelledError *exception*
+    # (it is not .cancelled()); retrieve it then, or asyncio logs "Future exception was never
+    # retrieved" for every deadline and every disconnect.
+    gathered.add_done_callback(_retrieve_exception)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        waiters: set[asyncio.Future[object]] = {gathered, watcher}
+        done, _ = await asyncio.wait(waiters, timeout=max(deadline.remaining(), 0.0), return_when=asyncio.FIRST_COMPLETED)
+        if gathered in done:
+            return gathered.result()
+        if watcher in done:
+            raise ClientGone()
+        raise deadline.passed(MODEL)
+    finally:
+        watcher.cancel()
+        gathered.cancel()
+        for fut in futures:
+            if not fut.done():
+                fut.cancel()
+            elif not fut.cancelled():
+                fut.exception()  # mark retrieved: the first failure was already raised
+
+
+async def recognize(request: Request, runtime: Runtime, view_cfg: ViewConfig) -> RecognizeResponse | JSONResponse:
+    """Answer one ``/recognize`` request: its results in the order sent, or an ``APIError``."""
+    settings = runtime.settings
+    if runtime.draining or runtime.stopped:
+        raise APIError("shutting_down", "the server is shutting down; retry on another instance")
+    if runtime.batcher is not None and not runtime.batcher.has_room():
+        # Refused before the body is read and decoded: under overload the excess costs almost nothing.
+        raise APIError("overloaded", "the recognition queue is full; retry later")
+    with runtime.track_request():
+        deadline = request_deadline(request, settings.timeout_ms / 1000.0)
+        try:
+            uploads = await asyncio.wait_for(read_uploads(request, settings.max_files, settings.max_file_bytes), max(deadline.remaining(), 0.0))
+        except TimeoutError:
+            raise deadline.passed(UPLOAD) from None
+        batcher, predictor = runtime.batcher, runtime.predictor
+        assert batcher is not None and predictor is not None
+        # Decoded and validated before queueing: a bad image fails alone, and early.
+        per_upload = await run_in_threadpool(decode_uploads, uploads, runtime.limits, predictor.preprocess_config, view_cfg, deadline)
+
+        async def read(inputs: list[torch.Tensor]) -> list[Recognition]:
+            deadline.check(MODEL)
+            try:
+                futures = batcher.submit(inputs, deadline=deadline.at)
+            except QueueFull:
+                raise APIError("overloaded", "the recognition queue is full; retry later") from None
+            except BatcherClosed:
+                raise APIError("shutting_down", "the server is shutting down") from None
+            try:
+                return await await_results(request, futures, deadline)
+            except CropFailed as exc:
+                raise APIError(exc.code, exc.message) from None
+
+        try:
+            answers = await aread_views(read, per_upload, view_cfg.confident_at)
+        except ClientGone:
+            runtime.metrics.error("client_disconnected")
+            # Nobody reads this; 499 (nginx's "client closed request") labels the metrics.
+            return error_response("client_disconnected", "the client disconnected before the results were ready")
+    return RecognizeResponse(
+        model=predictor.info.model_id,
+        results=[
+            RecognitionResult(filename=u.filename, text=r.text, confidence=r.confidence, char_confidences=r.char_confidences)
+            for u, r in zip(uploads, answers, strict=True)
+        ],
+    )

@@ -1,0 +1,193 @@
+"""The HTTP contract: never a 200 with fewer results than image parts sent, deadlines that
+hold in every stage, one table of error codes, and documented behaviour that is true.
+
+Over the ASGI transport with the real tiny model; bodies are built by hand where a
+client library would not send them (cut short, compressed, uploaded slowly).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import re
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from conftest import render_word
+from PIL import Image
+from service_support import encode, running_app, settings_for
+
+from model.preprocess import canonicalize
+from service.errors import ERRORS, APIError
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+_PNG = encode(render_word("ok"))
+BOUNDARY = "b0undary42"
+CONTENT_TYPE = {"content-type": f"multipart/form-data; boundary={BOUNDARY}"}
+
+
+def _part(field: str, filename: str, data: bytes) -> bytes:
+    head = f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{field}"; filename="{filename}"\r\nContent-Type: image/png\r\n\r\n'
+    return head.encode() + data + b"\r\n"
+
+
+def _body(*parts: bytes) -> bytes:
+    return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
+
+
+def _code(reply: httpx.Response) -> str:
+    return reply.json()["error"]["code"]
+
+
+@pytest.mark.anyio
+async def test_a_multipart_body_cut_before_its_closing_boundary_is_refused(tiny_checkpoint: Path) -> None:
+    whole = _body(_part("files", "a.png", _PNG), _part("files", "b.png", _PNG))
+    closing = f"--{BOUNDARY}--\r\n".encode()
+    async with running_app(settings_for(tiny_checkpoint)) as (_, client):
+        reply = await client.post("/recognize", content=whole, headers=CONTENT_TYPE)
+        assert reply.status_code == 200 and [r["filename"] for r in reply.json()["results"]] == ["a.png", "b.png"]
+        one_part = _body(_part("files", "a.png", _PNG))
+        for cut in (whole[:-len(closing)], whole[:-200], one_part[:-len(closing)], one_part[:-8]):
+            reply = await client.post("/recognize", content=cut, headers=CONTENT_TYPE)
+            assert reply.status_code == 400, reply.text
+            assert _code(reply) == "malformed_multipart" and "closing boundary" in reply.json()["error"]["message"]
+
+
+@pytest.mark.anyio
+async def test_file_is_an_alias_of_files_and_other_file_fields_are_refused(tiny_checkpoint: Path) -> None:
+    async with running_app(settings_for(tiny_checkpoint)) as (_, client):
+        body = _body(_part("files", "a.png", _PNG), _part("file", "b.png", _PNG), _part("files", "c.png", _PNG))
+        reply = await client.post("/recognize", content=body, headers=CONTENT_TYPE)
+        assert reply.status_code == 200
+        assert [r["filename"] for r in reply.json()["results"]] == ["a.png", "b.png", "c.png"]
+
+        reply = await client.post("/recognize", content=_body(_part("files", "a.png", _PNG), _part("image", "b.png", _PNG)), headers=CONTENT_TYPE)
+        assert reply.status_code == 422 and _code(reply) == "unexpected_file" and "'image'" in reply.text
+
+
+@pytest.mark.anyio
+async def test_a_part_with_only_an_encoded_filename_is_explained(tiny_checkpoint: Path) -> None:
+    part = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"files\"; filename*=UTF-8''w%C3%B6rd.png\r\n\r\n").encode() + _PNG + b"\r\n"
+    async with running_app(settings_for(tiny_checkpoint)) as (_, client):
+        reply = await client.post("/recognize", content=_body(part), headers=CONTENT_TYPE)
+        assert reply.status_code == 422 and _code(reply) == "not_a_file"
+        assert "filename*=" in reply.json()["error"]["message"]
+        long_name = _body(_part("files", "a" * 5000 + ".png", _PNG))
+        reply = await client.post("/recognize", content=long_name, headers=CONTENT_TYPE)
+        assert reply.status_code == 400 and "header size" in reply.json()["error"]["message"]
+
+
+@pytest.mark.anyio
+async def test_a_compressed_body_is_refused_naming_its_coding(tiny_checkpoint: Path) -> None:
+    async with running_app(settings_for(tiny_checkpoint)) as (_, client):
+        for body, media in ((_body(_part("files", "a.png", _PNG)), CONTENT_TYPE["content-type"]), (b'{"images": []}', "application/json")):
+            reply = await client.post("/recognize", content=gzip.compress(body), headers={"content-type": media, "content-encoding": "gzip"})
+            assert reply.status_code == 415 and _code(reply) == "unsupported_content_encoding" and "'gzip'" in reply.text
+
+
+@pytest.mark.anyio
+async def test_the_request_pixel_budget_is_checked_before_decoding(tiny_checkpoint: Path) -> None:
+    white = encode(Image.new("L", (1000, 1000), 255))
+    settings = settings_for(tiny_checkpoint, max_pixels=1_000_000, max_request_pixels=2_500_000)
+    async with running_app(settings) as (_, client):
+        assert (await client.post("/recognize", files=[("files", (f"{i}.png", white))for i in range(2)])).status_code == 200
+        reply = await client.post("/recognize", files=[("files", (f"{i}.png", white)) for i in range(3)])
+        assert reply.status_code == 413 and _code(reply) == "too_many_pixels" and "3000000" in reply.text
+
+
+@pytest.mark.anyio
+async def test_the_deadline_holds_while_images_decode(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each image's decode made to take 100 ms (as a large PNG does): 20 of them would take
+    # 2 s, and a 300 ms deadline must stop decoding near 300 ms, naming the stage.
+    import service.images
+
+    real_load = service.images._load
+
+    def slow_load(img: Image.Image, filename: str) -> Image.Image:
+        time.sleep(0.1)
+        return real_load(img, filename)
+
+    monkeypatch.setattr(service.images, "_load", slow_load)
+    async with running_app(settings_for(tiny_checkpoint, max_files=20, max_queue=64)) as (_, client):
+        files = [("files", (f"{i}.png", _PNG)) for i in range(20)]
+        started = time.monotonic()
+        reply = await client.post("/recognize", files=files, headers={"X-Request-Timeout-Ms": "300"})
+        elapsed = time.monotonic() - started
+    assert reply.status_code == 504 and _code(reply) == "deadline_exceeded"
+    message = reply.json()["error"]["message"]
+    assert "decoded" in message and "300 ms" in message, message
+    assert elapsed < 1.2, elapsed  # decoding all 20 would take 2 s
+
+
+@pytest.mark.anyio
+async def test_a_slow_upload_past_its_deadline_is_blamed_on_the_upload(tiny_checkpoint: Path) -> None:
+    body = _body(_part("files", "a.png", _PNG))
+
+    async def trickle() -> AsyncIterator[bytes]:
+        for i in range(0, len(body), 64):
+            await asyncio.sleep(0.05)
+            yield body[i : i + 64]
+
+    async with running_app(settings_for(tiny_checkpoint)) as (_, client):
+        reply = await client.post("/recognize", content=trickle(), headers={**CONTENT_TYPE, "X-Request-Timeout-Ms": "200"})
+    assert reply.status_code == 504 and "while the body was being received" in reply.json()["error"]["message"]
+
+
+@pytest.mark.anyio
+async def test_retry_after_comes_with_the_codes_that_a_retry_can_cure(tiny_checkpoint: Path) -> None:
+    async with running_app(settings_for(tiny_checkpoint, retry_after_s=7)) as (app, client):
+        app.state.runtime.draining = True
+        reply = await client.post("/recognize", files=[("files", ("a.png", _PNG))])
+        assert reply.status_code == 503 and _code(reply) == "shutting_down" and reply.headers["retry-after"] == "7"
+        app.state.runtime.draining = False
+        missing = await client.get("/nowhere")
+        assert missing.status_code == 404 and _code(missing) == "not_found" and "retry-after" not in missing.headers
+        wrong = await client.delete("/recognize")
+        assert wrong.status_code == 405 and _code(wrong) == "method_not_allowed"
+
+
+def test_every_error_code_raised_in_the_service_is_in_the_table() -> None:
+    source = "\n".join(p.read_text() for p in (Path(__file__).resolve().parents[1] / "service").glob("*.py"))
+    raised = set(re.findall(r'(?:APIError|ImageRejected|CropFailed|error_response)\(\s*"([a-z_]+)"', source))
+    assert raised and raised <= set(ERRORS), raised - set(ERRORS)
+    from service.metrics import COMMON_ERRORS
+
+    assert set(COMMON_ERRORS) <= set(ERRORS)
+    with pytest.raises(KeyError):
+        APIError("no_such_code", "a code outside the table cannot be raised")
+
+
+def test_white_text_on_a_transparent_background_keeps_its_contrast() -> None:
+    ink = np.asarray(render_word("light"), dtype=np.uint8) < 128  # True where the text is
+    rgba = np.zeros((*ink.shape, 4), dtype=np.uint8)
+    rgba[..., :3] = 255  # white everywhere; only the text is opaque
+    rgba[..., 3] = np.where(ink, 255, 0)
+    out = np.asarray(canonicalize(Image.fromarray(rgba, "RGBA")), dtype=np.float32)
+    assert out[ink].mean() - out[~ink].mean() > 200  # light text on a dark backdrop
+    rgba[..., :3] = 0  # black text on transparent: on white, as before
+    out = np.asarray(canonicalize(Image.fromarray(rgba, "RGBA")), dtype=np.float32)
+    assert out[~ink].mean() - out[ink].mean() > 200
+
+
+@pytest.mark.anyio
+async def test_the_api_docs_pages_load_their_assets_from_the_server(tiny_checkpoint: Path) -> None:
+    # Offline (no CDN), /docs and /redoc must still render: every script and stylesheet they
+    # reference is served by the app itself.
+    async with running_app(settings_for(tiny_checkpoint)) as (_, client):
+        for page in ("/docs", "/redoc"):
+            html = (await client.get(page)).text
+            assets = re.findall(r'(?:src|href)="([^"]+\.(?:js|css))"', html)
+            assert assets, html
+            for url in assets:
+                assert url.startswith("/"), f"{page} loads {url} from elsewhere"
+                reply = await client.get(url)
+                assert reply.status_code == 200 and len(reply.content) > 10_000, url
