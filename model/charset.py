@@ -28,6 +28,17 @@ NUM_SPECIAL = 3  #: the special ids above come first; character ids start here
 DEFAULT_CHARS = string.digits + string.ascii_lowercase + string.ascii_uppercase + string.punctuation
 
 
+def base_letter(c: str) -> str | None:
+    """The unaccented letter of an accented one (canonical decomposition, NFD, without its
+    combining marks): ``é`` → ``e``, ``Ö`` → ``O``; ``None`` for anything else, so
+    compatibility forms (``™``, ``²``, ``ﬁ``, full-width letters) are never rewritten into
+    text the image does not show."""
+    if not unicodedata.category(c).startswith("L"):
+        return None
+    base = "".join(d for d in unicodedata.normalize("NFD", c) if not unicodedata.combining(d))
+    return base if len(base) == 1 and base != c else None
+
+
 @dataclass(frozen=True)
 class Charset:
     """An ordered alphabet plus the decoder's special tokens: the tokenizer.
@@ -59,17 +70,10 @@ class Charset:
         return ch in self._index
 
     def fold(self, text: str) -> str:
-        """``text`` with each character outside the set that is a letter plus accents
-        (Unicode NFKD) replaced by its base letter when that is in the set: ``é`` → ``e``,
-        ``Ö`` → ``O``; other characters (``€``, ``ß``, a lone ``´``) are left as they are."""
-        out = []
-        for c in text:
-            if c not in self._index:
-                base = "".join(d for d in unicodedata.normalize("NFKD", c) if not unicodedata.combining(d))
-                if base and base != c and all(b in self._index for b in base):
-                    c = base
-            out.append(c)
-        return "".join(out)
+        """``text`` with each letter outside the set replaced by its base letter
+        (``base_letter``) when that is in the set: ``é`` → ``e``, ``Ö`` → ``O``; anything
+        else (``€``, ``ß``, ``™``, a lone ``´``) is left as it is. Same length as ``text``."""
+        return "".join(c if c in self._index or (b := base_letter(c)) is None or b not in self._index else b for c in text)
 
     def filter_label(self, text: str, max_len: int) -> str | None:
         """Return ``text`` as the model learns it (accents folded, ``fold``) if it is
@@ -97,7 +101,7 @@ class Charset:
             text = self.fold(raw)
             if text != raw and all(c in self._index for c in text):
                 counts["folded"] += 1
-                folded.update((a, b) for a, b in zip(raw, text) if a != b)
+                folded.update((a, b) for a, b in zip(raw, text, strict=True) if a != b)
             if not text:
                 counts["empty"] += 1
             elif any(c not in self._index for c in text):

@@ -25,7 +25,15 @@ def _backdrop(rgba: Image.Image) -> tuple[int, int, int]:
     """White behind dark visible pixels, black behind light ones: text on a transparent
     background keeps its contrast whatever its colour (white text composited on white
     would vanish). The visible pixels' mean luma (ITU-R 601), weighted by alpha, decides."""
-    arr = np.asarray(rgba, dtype=np.float32)
+    alpha_band = rgba.getchannel("A")
+    lowest, _ = alpha_band.getextrema()
+    if lowest == 255:
+        return _WHITE  # opaque: the backdrop never shows
+    # A thumbnail is enough to tell light from dark, and keeps a 16 MP upload from costing
+    # hundreds of MB of float copies.
+    small = rgba.copy()
+    small.thumbnail((256, 256))
+    arr = np.asarray(small, dtype=np.float32)
     alpha = arr[..., 3]
     if alpha.sum() == 0:
         return _WHITE

@@ -76,9 +76,12 @@ def _error_doc(description: str) -> dict[str, Any]:
     return {"model": ErrorResponse, "description": description}
 
 
+#: Codes /recognize never answers with (probes, routing, the 499 nobody reads).
+_NOT_FROM_RECOGNIZE = frozenset({"unhealthy", "not_ready", "not_found", "method_not_allowed", "client_disconnected"})
+
 _RECOGNIZE_ERRORS: dict[int | str, dict[str, Any]] = {
-    status: _error_doc(", ".join(code for code, e in ERRORS.items() if e.status == status))
-    for status in sorted({e.status for e in ERRORS.values()} - {404, 405, 499})
+    status: _error_doc(", ".join(code for code, e in ERRORS.items() if e.status == status and code not in _NOT_FROM_RECOGNIZE))
+    for status in sorted({e.status for code, e in ERRORS.items() if code not in _NOT_FROM_RECOGNIZE})
 }
 
 
@@ -197,7 +200,7 @@ def create_app(settings: Settings | None = None, *, predictor: Predictor | None 
             ),
             limits=LimitsInfo(
                 max_files=settings.max_files, max_file_bytes=settings.max_file_bytes, max_body_bytes=settings.max_body_bytes,
-                max_pixels=settings.max_pixels, max_request_pixels=settings.max_request_pixels, formats=list(ALLOWED_FORMATS),
+                max_pixels=settings.max_pixels, max_request_pixels=settings.request_pixel_budget(), formats=list(ALLOWED_FORMATS),
             ),
         )  # fmt: skip
 

@@ -27,7 +27,7 @@ from .settings import DEFAULT_WEIGHTS, Settings
 
 
 def default_weights() -> Path:
-    """``SAFL_WEIGHTS`` if set, else ``<repo root>/weights/safl.safetensors``."""
+    """``SAFL_WEIGHTS`` if set, else the shipped weights (``model.checkpoint.shipped_weights``)."""
     return Path(os.environ.get("SAFL_WEIGHTS") or DEFAULT_WEIGHTS)
 
 

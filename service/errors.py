@@ -48,7 +48,7 @@ ERRORS: dict[str, ErrorCode] = {
     "unsupported_content_encoding": ErrorCode(415, False, "a compressed body (`Content-Encoding`); send it uncompressed"),
     "unsupported_image": ErrorCode(415, False, "not a PNG, JPEG, WebP, BMP, TIFF or GIF, or a pixel mode with no conversion"),
     "no_files": ErrorCode(422, False, "no images in the request"),
-    "not_a_file": ErrorCode(422, False, "a `files` part that is a plain form field"),
+    "not_a_file": ErrorCode(422, False, "a `files` (or `file`) part that is a plain form field"),
     "unexpected_file": ErrorCode(422, False, "a file part under another field name than `files` (or its alias `file`)"),
     "empty_file": ErrorCode(422, False, "an image of zero bytes"),
     "corrupt_image": ErrorCode(422, False, "a corrupt or truncated image"),
@@ -65,7 +65,7 @@ ERRORS: dict[str, ErrorCode] = {
     "worker_crashed": ErrorCode(503, True, "the inference worker restarted while this request's images were in its batch"),
     "out_of_memory": ErrorCode(503, True, "the model ran out of memory on this request's batch"),
     "unhealthy": ErrorCode(503, False, "`/healthz`: the process must be restarted"),
-    "deadline_exceeded": ErrorCode(504, False, "the deadline passed; the message names the stage (upload, decoding, queue, model)"),
+    "deadline_exceeded": ErrorCode(504, False, "the deadline passed; the message names the stage (receiving the body, decoding, queued, or queued/in the model)"),
 }
 
 #: Codes for the errors FastAPI and Starlette raise themselves (routing, validation).
@@ -102,13 +102,13 @@ def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
 
 def error_response(code: str, message: str, headers: Mapping[str, str] | None = None, *, retry_after_s: int | None = None) -> JSONResponse:
     """A ready ``JSONResponse`` in the service's error shape; ``Retry-After`` is added for
-    a code that can succeed on retry when ``retry_after_s`` is given."""
-    kind = ERRORS.get(code)
+    a code that can succeed on retry when ``retry_after_s`` is given. Raises ``KeyError``
+    for a code that is not in ``ERRORS``."""
+    kind = ERRORS[code]  # KeyError for a code outside the table, as APIError
     out = dict(headers or {})
-    if kind is not None and kind.retry and retry_after_s is not None:
+    if kind.retry and retry_after_s is not None:
         out.setdefault("Retry-After", str(retry_after_s))
-    status = kind.status if kind is not None else 500
-    return JSONResponse(error_body(code, message), status_code=status, headers=out or None)
+    return JSONResponse(error_body(code, message), status_code=kind.status, headers=out or None)
 
 
 def _count(request: Request, code: str) -> None:

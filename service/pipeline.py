@@ -63,6 +63,7 @@ class Deadline:
 
 UPLOAD = "while the body was being received"
 DECODE = "while the images were being decoded"
+QUEUED = "while its images were queued for the model"
 MODEL = "before its images were recognised (queued or in the model)"
 
 
@@ -156,6 +157,7 @@ async def recognize(request: Request, runtime: Runtime, view_cfg: ViewConfig) ->
         assert batcher is not None and predictor is not None
         # Decoded and validated before queueing: a bad image fails alone, and early.
         per_upload = await run_in_threadpool(decode_uploads, uploads, runtime.limits, predictor.preprocess_config, view_cfg, deadline)
+        deadline.check(DECODE)  # the last image's decode may have taken it past
 
         async def read(inputs: list[torch.Tensor]) -> list[Recognition]:
             deadline.check(MODEL)
@@ -168,6 +170,8 @@ async def recognize(request: Request, runtime: Runtime, view_cfg: ViewConfig) ->
             try:
                 return await await_results(request, futures, deadline)
             except CropFailed as exc:
+                if exc.code == "deadline_exceeded":  # dropped by the batcher before its batch ran
+                    raise deadline.passed(QUEUED) from None
                 raise APIError(exc.code, exc.message) from None
 
         try:

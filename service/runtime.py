@@ -33,7 +33,7 @@ class Runtime:
         self.metrics = metrics or Metrics()
         self.predictor = predictor
         self.batcher: DynamicBatcher[Recognition] | None = None
-        self.limits = ImageLimits(settings.max_file_bytes, settings.max_pixels, settings.max_request_pixels)
+        self.limits = ImageLimits(settings.max_file_bytes, settings.max_pixels, settings.request_pixel_budget())
         self.warmed = False
         self.draining = False
         self.stopped = False

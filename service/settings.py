@@ -69,9 +69,10 @@ class Settings(BaseSettings):
     max_file_bytes: int = Field(default=10 * 2**20, ge=1, description="largest single image, bytes")
     max_body_bytes: int = Field(default=50 * 2**20, ge=1, description="largest request body, bytes (Content-Length and streamed)")
     max_pixels: int = Field(default=16_000_000, ge=1, description="most pixels (width x height) in one image, checked before decoding")
-    max_request_pixels: int = Field(
-        default=64_000_000, ge=1, description="most pixels of a request's images together, checked from their headers before any is decoded"
-    )
+    max_request_pixels: int | None = Field(
+        default=None, ge=1,
+        description="most pixels of a request's images together, checked from their headers before any is decoded (unset: 4 x max_pixels)",
+    )  # fmt: skip
 
     # --- access
     api_key: SecretStr | None = Field(default=None, description="when set, requests need 'Authorization: Bearer KEY' or 'X-API-Key: KEY'")
@@ -94,6 +95,11 @@ class Settings(BaseSettings):
             return None
         return value
 
+    def request_pixel_budget(self) -> int:
+        """``max_request_pixels``, or 4 x ``max_pixels`` when unset (so raising the per-image
+        limit never makes the server refuse to start)."""
+        return self.max_request_pixels if self.max_request_pixels is not None else 4 * self.max_pixels
+
     def view_config(self) -> ViewConfig:
         """The views of each crop the service reads (``model.preprocess.views``)."""
         return ViewConfig(turn_tall=self.turn_tall, contrast=self.contrast_views, confident_at=self.views_confident_at)
@@ -106,6 +112,6 @@ class Settings(BaseSettings):
             raise ValueError(f"{detail} cannot exceed max_queue ({self.max_queue}): such a request could never queue")
         if self.max_file_bytes > self.max_body_bytes:
             raise ValueError("max_file_bytes cannot exceed max_body_bytes")
-        if self.max_pixels > self.max_request_pixels:
+        if self.max_request_pixels is not None and self.max_pixels > self.max_request_pixels:
             raise ValueError("max_pixels cannot exceed max_request_pixels")
         return self

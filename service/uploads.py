@@ -22,7 +22,7 @@ from .schemas import RecognizeJSON
 #: Non-file form fields are ignored, but their number and size are still bounded.
 _MAX_FIELDS = 16
 _MAX_FIELD_BYTES = 64 * 1024
-_HOW = "send multipart/form-data with one or more 'files' parts, or application/json {\"images\": [\"<base64>\", ...]}"
+_HOW = "send multipart/form-data with one or more 'files' parts ('file' is an alias), or application/json {\"images\": [\"<base64>\", ...]}"
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,8 @@ def _multipart_problem(exc: MultiPartException) -> str:
 
 
 async def _read_multipart(request: Request, max_files: int, max_file_bytes: int) -> list[Upload]:
+    if request.headers.get("content-length") == "0":
+        raise APIError("no_files", f"the multipart body is empty: {_HOW}")
     parser = _MultiPartParser(request.headers, request.stream(), max_files=max_files, max_fields=_MAX_FIELDS, max_part_size=_MAX_FIELD_BYTES)
     try:
         form = await parser.parse()

@@ -144,3 +144,10 @@ def test_accented_letters_are_learnt_as_their_base_letter_when_the_charset_lacks
     assert cs.filter_label("don´t", 25) is None  # a lone accent is no letter
     assert Charset(DEFAULT_CHARS + "é").filter_label("Café", 25) == "Café"  # a charset with é keeps it
     assert cs.drop_reasons(["Café", "€5", "ok"], 25) == "1 with characters outside the charset ('€'); 1 learnt with accents folded ('é' → 'e')"
+
+
+def test_only_accents_are_folded_never_compatibility_forms() -> None:
+    from model.training.protocol import normalize_36
+
+    assert Charset().fold("ACME™ m² ﬁne Ｈｉ") == "ACME™ m² ﬁne Ｈｉ"  # left for filter_label to refuse
+    assert normalize_36("CAFÉ") == "cafe" and normalize_36("CAFÉ", fold=False) == "caf"

@@ -73,7 +73,8 @@ def test_normalize_36() -> None:
     assert normalize_36("HELLO, World!") == "helloworld"
     assert normalize_36("  a b\tc ") == "abc"
     assert normalize_36("$12.50") == "1250"
-    assert normalize_36("café") == "caf"  # non-ASCII letters are not in the 36 classes
+    assert normalize_36("café") == "cafe"  # accented letters count as their base letter
+    assert normalize_36("straße") == "strae"  # other non-ASCII letters are not in the 36 classes
     assert normalize_36("!?.") == ""
     assert normalize_36("") == ""
 

@@ -191,3 +191,10 @@ async def test_the_api_docs_pages_load_their_assets_from_the_server(tiny_checkpo
                 assert url.startswith("/"), f"{page} loads {url} from elsewhere"
                 reply = await client.get(url)
                 assert reply.status_code == 200 and len(reply.content) > 10_000, url
+
+
+@pytest.mark.anyio
+async def test_an_empty_multipart_body_has_no_files(tiny_checkpoint: Path) -> None:
+    async with running_app(settings_for(tiny_checkpoint)) as (_, client):
+        reply = await client.post("/recognize", content=b"", headers=CONTENT_TYPE)
+    assert reply.status_code == 422 and _code(reply) == "no_files", reply.text

@@ -154,7 +154,7 @@ async def test_pillow_bomb_warning_is_an_error(tiny_checkpoint: Path) -> None:
     limit = Image.MAX_IMAGE_PIXELS
     assert limit is not None
     side = int((limit * 1.2) ** 0.5)
-    settings = settings_for(tiny_checkpoint, max_pixels=10 * limit, max_request_pixels=10 * limit)
+    settings = settings_for(tiny_checkpoint, max_pixels=10 * limit)
     async with running_app(settings) as (app, client):
         r = await client.post("/recognize", files=multipart([_png_header_only(side, side)], ["warn.png"]))
     assert r.status_code == 413 and r.json()["error"]["code"] == "too_many_pixels"

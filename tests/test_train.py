@@ -294,8 +294,10 @@ def test_resume_without_flags_keeps_the_saved_schedule(tmp_path: Path, shards: P
 
 def test_a_short_fine_tune_does_not_end_below_its_start(tmp_path: Path, shards: Path, memorised_checkpoint, capsys) -> None:
     # A model that reads its words, fine-tuned on a folder of them mixed with synthetic data
-    # under the fine-tune recipe (no lr / schedule flags): validated at step 0, and neither
-    # the run's best nor its last validation ends below that start.
+    # under the fine-tune recipe: validated at step 0, so the run's result (best.safetensors)
+    # never ends below that start, and a last step below it is reported. (This toy model,
+    # memorised on 6 exact images, does forget: its validation words are not in the
+    # fine-tune part, and it drops to 0.8 within 20 steps.)
     ckpt, words = memorised_checkpoint
     folder = tmp_path / "mine"
     folder.mkdir()
@@ -305,14 +307,17 @@ def test_a_short_fine_tune_does_not_end_below_its_start(tmp_path: Path, shards: 
     (folder / "labels.tsv").write_text("".join(f"{i}.png\t{w}\n" for i, w in enumerate(labels)))
     out = tmp_path / "ft"
     args = ["train", "--out", str(out), "--init", str(ckpt), "--synth", str(shards), "--real", str(folder), "--real-ratio", "0.5",
-            "--val", str(folder), "--total-steps", "30", "--val-every", "10", "--batch-size", "8", "--threads", "1", "--no-progress"]  # fmt: skip
+            "--val", str(folder), "--total-steps", "60", "--warmup-steps", "5", "--val-every", "20", "--batch-size", "8", "--threads", "1",
+            "--no-progress"]  # fmt: skip
     assert cli_main(args) == 0
     printed = capsys.readouterr().out
-    assert "fine-tuning from --init: --lr 0.0001, --warmup-steps 100" in printed  # --total-steps was given: not listed
+    assert "fine-tuning from --init: --lr 0.0001, --min-lr-ratio 0.1, --tps-lr-scale 0" in printed  # flags given are not listed
     vals = [r for r in _log(out) if "val" in r]
-    assert vals[0]["step"] == 0 and [r["step"] for r in vals[1:]] == [10, 20, 30]
+    assert vals[0]["step"] == 0 and [r["step"] for r in vals[1:]] == [20, 40, 60]
     start = vals[0]["val"]["mean_acc36"]
     assert start > 0.5  # the memorised model reads its words
-    assert all(r["val"]["mean_acc36"] >= start for r in vals[1:]), [r["val"]["mean_acc36"] for r in vals]
-    assert json.loads((out / "best.json").read_text())["training"]["val"]["mean_acc36"] >= start
+    best = json.loads((out / "best.json").read_text())["training"]["val"]["mean_acc36"]
+    assert best == max(r["val"]["mean_acc36"] for r in vals) >= start
+    last = vals[-1]["val"]["mean_acc36"]
+    assert ("note: the last validation" in printed) == (last < start), printed
     assert json.loads((out / "config.json").read_text())["tps_lr_scale"] == 0.0

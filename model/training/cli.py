@@ -144,7 +144,9 @@ def run_train(args: argparse.Namespace) -> int:
         low, high = cfg.batch_size // ranks.world_size, -(-cfg.batch_size // ranks.world_size)
         print(f"ddp world_size={ranks.world_size}: --batch-size {cfg.batch_size} is the global batch, {low if low == high else f'{low}-{high}'} "
               "crops per process; rank 0 validates, logs and saves", flush=True)
-    if not args.resume:
+    # --resume with no saved state starts afresh (README's commands end in --resume): the
+    # recipe applies then too.
+    if not (args.resume and (Path(cfg.out) / "state.pt").is_file()):
         tuned = with_finetune_defaults(cfg, set(given))
         changed = {k: getattr(tuned, k) for k in FINETUNE_DEFAULTS if getattr(tuned, k) != getattr(cfg, k)}
         if changed and ranks.is_main:

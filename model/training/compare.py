@@ -2,7 +2,7 @@
 interval, for the focal-vs-cross-entropy question.
 
     python -m model.training.compare runs/small-focal-s0-p2/best.safetensors runs/small-ce-s0-p2/best.safetensors \
-        --val ../shared/data/train/iiit5k ../shared/data/train/svt ../shared/data/train/ic15
+        --val data/train/iiit5k data/train/svt data/train/ic15
 
 For each set: both models' 36-char accuracy, the difference, a 95 % paired-bootstrap
 interval of the difference (resampling crops, so both models see the same resample),

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import re
 
+from ..charset import base_letter
+
 _NOT_36 = re.compile(r"[^0-9a-z]")
 
 
-def normalize_36(text: str) -> str:
-    """Lowercase, alphanumerics only: the STR benchmark protocol (36 characters)."""
+def normalize_36(text: str, fold: bool = True) -> str:
+    """Lowercase, alphanumerics only: the STR benchmark protocol (36 characters). With
+    ``fold``, accented letters count as their base letter first (``CAFÉ`` → ``cafe``, what
+    a model trained on folded labels answers) instead of being dropped (``caf``)."""
+    if fold:
+        text = "".join(base_letter(c) or c for c in text)
     return _NOT_36.sub("", text.lower())
 
 

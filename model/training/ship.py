@@ -5,7 +5,7 @@ on); the candidate is re-saved there (weights + sidecar) when its mean 36-char
 accuracy is higher, and ``weights/metrics.json`` records the numbers for the model card.
 
     python -m model.training.ship runs/small-focal-s0/best.safetensors \
-        --val ../shared/data/train/iiit5k ../shared/data/train/svt ../shared/data/train/ic15
+        --val data/train/iiit5k data/train/svt data/train/ic15
 """
 
 from __future__ import annotations

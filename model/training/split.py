@@ -51,7 +51,8 @@ PARTS = ("val", "train", "all", "val-unseen")
 def word_key(label: str) -> str:
     """The form in which two labels count as the same word: as scored (``normalize_36``:
     ``SALE,`` and ``sale`` are one word), or case-folded when nothing of it is scored."""
-    return normalize_36(label) or label.casefold()
+    # fold=False: the key as it was when the split was drawn, so no crop changes part.
+    return normalize_36(label, fold=False) or label.casefold()
 
 
 def block_size(n: int, cfg: SplitConfig = DEFAULT_SPLIT) -> int:

@@ -267,7 +267,8 @@ class Trainer:
         else:
             self._build_data(cfg)  # before the model touches the GPU: render workers are forked
         self.dist.start(self.device, cfg.ddp_timeout)  # after the fork, too
-        self.model = model.to(self.device).train()
+        self.model = model.to(self.device)
+        self._train_mode()
 
         groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
         for n, p in self.model.named_parameters():
@@ -383,13 +384,20 @@ class Trainer:
         with open(self.out / "log.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
 
+    def _train_mode(self) -> None:
+        # A frozen rectifier (--tps-lr-scale 0) stays frozen whole: its BatchNorm layers
+        # would otherwise keep updating their running statistics, and so its warp.
+        self.model.train()
+        if self.cfg.tps_lr_scale == 0 and self.model.rectifier is not None:
+            self.model.rectifier.eval()
+
     def validate(self) -> dict[str, Any]:
         """Validation metrics per set; saves ``best`` when the mean 36-char accuracy improves."""
         if not self.val_sets:
             return {}
         self.model.eval()
         results = evaluate(self.model, self.val_sets, worst=0)
-        self.model.train()
+        self._train_mode()
         val = {r.name: {"n": r.n, "acc36": round(r.acc36, 4), "acc_cs": round(r.acc_cs, 4), "ned": round(r.one_minus_ned, 4)} for r in results}
         mean = sum(r.acc36 for r in results) / len(results)
         val["mean_acc36"] = round(mean, 4)
