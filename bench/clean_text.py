@@ -71,8 +71,10 @@ def draw_texts(per_bucket: int, seed: int = SEED, faces: list[FontFace] | None =
     faces = discover_fonts(DEFAULT_CHARS, families="held_out") if faces is None else faces
     families = by_family(faces)
     if not families:
-        raise RuntimeError("none of the held-out font families is installed; apt-get install fonts-liberation2 fonts-lato "
-                           "(or: apt-get install $(python -m model.training.fonts --packages))")
+        raise RuntimeError(
+            "none of the held-out font families is installed; apt-get install fonts-liberation2 fonts-lato "
+            "(or: apt-get install $(python -m model.training.fonts --packages))"
+        )
     rng = random.Random(seed)
     # Long tokens are a quarter of the mix here (7 % in training data) so the 13-25 bucket fills.
     sampler = TextSampler(DEFAULT_CHARS, 25, Lexicon(), replace(TextMix(), long_token=0.33))
@@ -134,8 +136,12 @@ def to_markdown(report: dict) -> str:
     margins = list(next(iter(report["engines"].values()))["per_margin"])
     buckets = [f"{lo}-{hi}" for lo, hi in BUCKETS]
     head = "| engine | " + " | ".join(f"margin {float(m) * 100:g} %" for m in margins) + " | " + " | ".join(f"{b} chars" for b in buckets) + " | overall |"
-    lines = [f"Clean text, held-out fonts ({report['texts']} texts x {len(margins)} margins, exact case-sensitive accuracy)", "", head,
-             "|---|" + "---:|" * (len(margins) + len(buckets) + 1)]
+    lines = [
+        f"Clean text, held-out fonts ({report['texts']} texts x {len(margins)} margins, exact case-sensitive accuracy)",
+        "",
+        head,
+        "|---|" + "---:|" * (len(margins) + len(buckets) + 1),
+    ]
     for name, r in report["engines"].items():
         cells = [f"{100 * r['per_margin'][m]:.1f}" for m in margins] + [f"{100 * r['per_length'][b]:.1f}" for b in buckets]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | **{100 * r['overall']:.1f}** |")
@@ -163,8 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    folders = [Folder(f"{m:g}", Path(f"margin-{m:g}"), [f"{i:04d}.png" for i in range(len(samples))], [s.text for s in samples],
-                      [render(s, m) for s in samples]) for m in args.margins]
+    folders = [
+        Folder(f"{m:g}", Path(f"margin-{m:g}"), [f"{i:04d}.png" for i in range(len(samples))], [s.text for s in samples], [render(s, m) for s in samples])
+        for m in args.margins
+    ]
     peers, skipped = [], {}
     for peer in build_peers(args.peers, args.weights, [1], args.threads):
         try:
@@ -181,8 +189,14 @@ def main(argv: list[str] | None = None) -> int:
     for peer in peers:
         vr = results[peer.name][0]
         engines[peer.name] = score(samples, {m: vr.predictions[f.name] for m, f in zip(args.margins, folders)})
-    report = {"texts": len(samples), "seed": args.seed, "margins": args.margins, "engines": engines,
-              "info": {peer.name: peer.info() for peer in peers}, "skipped": skipped}
+    report = {
+        "texts": len(samples),
+        "seed": args.seed,
+        "margins": args.margins,
+        "engines": engines,
+        "info": {peer.name: peer.info() for peer in peers},
+        "skipped": skipped,
+    }
     print(to_markdown(report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -191,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
         rows = ["margin\tlabel\tfont\tinverted\t" + "\t".join(peer.name for peer in peers)]
         for m, f in zip(args.margins, folders):
             for i, s in enumerate(samples):
-                rows.append("\t".join([f"{m:g}", s.text, Path(s.font).name, str(s.inverted)] + [results[peer.name][0].predictions[f.name][i] for peer in peers]))
+                rows.append(
+                    "\t".join([f"{m:g}", s.text, Path(s.font).name, str(s.inverted)] + [results[peer.name][0].predictions[f.name][i] for peer in peers])
+                )
         args.predictions.write_text("\n".join(rows) + "\n")
     for peer in peers:
         peer.close()

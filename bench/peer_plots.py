@@ -90,8 +90,7 @@ def plot_latency(load: dict[str, Any], ax: Any) -> None:
         for key, name, style in PERCENTILES:
             if not all(key in r for r in pts):
                 continue
-            ax.plot([r["concurrency"] for r in pts], [r[key] for r in pts], style, marker="o", markersize=3, color=cmap(i % 10),
-                    label=f"{label} {name}")  # fmt: skip
+            ax.plot([r["concurrency"] for r in pts], [r[key] for r in pts], style, marker="o", markersize=3, color=cmap(i % 10), label=f"{label} {name}")
     levels = sorted({r["concurrency"] for r in rows})
     ax.set_xscale("log", base=2)
     ax.set_xticks(levels, [str(c) for c in levels])

@@ -301,8 +301,7 @@ class RapidOCRPeer(Peer):
         model = Path(sess._model_path).name if sess is not None and getattr(sess, "_model_path", None) else "?"
         opts = sess.get_session_options() if sess is not None else None
         threads = (
-            f"onnxruntime intra_op_num_threads={opts.intra_op_num_threads}, inter_op_num_threads={opts.inter_op_num_threads}; "
-            f"cv2.setNumThreads({self.threads})"
+            f"onnxruntime intra_op_num_threads={opts.intra_op_num_threads}, inter_op_num_threads={opts.inter_op_num_threads}; cv2.setNumThreads({self.threads})"
             if opts is not None
             else f"intra_op_num_threads={self.threads} requested"
         )
@@ -363,11 +362,13 @@ class RapidOCR3Peer(Peer):
         except ImportError as exc:
             raise PeerUnavailable(f"rapidocr 3.x is not installed ({exc}); pip install -r bench/requirements.txt") from None
         cv2.setNumThreads(self.threads)
-        self.engine = RapidOCR(params={
-            "Global.log_level": "error",
-            "EngineConfig.onnxruntime.intra_op_num_threads": self.threads,
-            "EngineConfig.onnxruntime.inter_op_num_threads": 1,
-        })
+        self.engine = RapidOCR(
+            params={
+                "Global.log_level": "error",
+                "EngineConfig.onnxruntime.intra_op_num_threads": self.threads,
+                "EngineConfig.onnxruntime.inter_op_num_threads": 1,
+            }
+        )
         from importlib.metadata import version
 
         self.version = version("rapidocr")
@@ -549,11 +550,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"## safl vs peers: {report['part']} part of each folder" + (f", first {report['limit']} crops" if report["limit"] else ""),
         "",
         f"{report['machine']['summary']}; every engine limited to {report['threads']} threads; run {report['created']}"
-        + (
-            f", load average {report['machine']['load_average_at_start'][0]:.1f} at the start"
-            if report["machine"].get("load_average_at_start")
-            else ""
-        )
+        + (f", load average {report['machine']['load_average_at_start'][0]:.1f} at the start" if report["machine"].get("load_average_at_start") else "")
         + ".",
         "",
         (
@@ -636,9 +633,7 @@ def to_markdown(report: dict[str, Any]) -> str:
 def _mismatch_text(report: dict[str, Any]) -> str:
     parts = []
     for name, variants in report["variants"].items():
-        counts = [
-            f"b{v['batch_size']} {v['all']['mismatches_vs_batch1']}" for v in variants if v["all"].get("mismatches_vs_batch1") is not None
-        ]
+        counts = [f"b{v['batch_size']} {v['all']['mismatches_vs_batch1']}" for v in variants if v["all"].get("mismatches_vs_batch1") is not None]
         if counts:
             parts.append(f"{name} {', '.join(counts)}")
     return f"Predictions that differ from batch 1 at larger batches: {'; '.join(parts)}." if parts else ""
@@ -677,8 +672,14 @@ def machine_info() -> dict[str, Any]:
     except OSError:
         load = None
     summary = f"{cpu}, {usable} usable cores, Python {platform.python_version()}, torch {torch.__version__}"
-    return {"cpu": cpu, "usable_cores": usable, "python": platform.python_version(), "platform": platform.platform(),
-            "load_average_at_start": load, "summary": summary}  # fmt: skip
+    return {
+        "cpu": cpu,
+        "usable_cores": usable,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_average_at_start": load,
+        "summary": summary,
+    }
 
 
 def _load_plots() -> Any:
@@ -710,14 +711,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help=f"safl checkpoint (default: {DEFAULT_WEIGHTS.relative_to(REPO)})")
     p.add_argument("--data", type=Path, nargs="+", required=True, help="labelled folders (labels.tsv: file<TAB>text per line)")
-    p.add_argument("--part", choices=["val-unseen", "val", "train", "all"], default=FAIR_PART,
-                   help="val-unseen (default): the validation crops no model of the shipped lineage trained on; val: the "
-                        "validation part (model.training.split); all: every crop")
+    p.add_argument(
+        "--part",
+        choices=["val-unseen", "val", "train", "all"],
+        default=FAIR_PART,
+        help="val-unseen (default): the validation crops no model of the shipped lineage trained on; val: the "
+        "validation part (model.training.split); all: every crop",
+    )
     p.add_argument("--limit", type=int, help="at most N crops per folder (the first N of the part)")
     p.add_argument("--peers", nargs="+", choices=PEERS, default=list(PEERS), help="engines to run (default: all)")
-    p.add_argument(
-        "--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 64], help="batch sizes for safl and rapidocr (default: 1 8 32 64)"
-    )
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 64], help="batch sizes for safl and rapidocr (default: 1 8 32 64)")
     p.add_argument("--threads", type=int, default=2, help="thread budget of every engine (default: 2)")
     p.add_argument("--json", type=Path, help="write the full results here")
     p.add_argument("--markdown", type=Path, help="write the tables here")

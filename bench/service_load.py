@@ -81,8 +81,7 @@ def _batch_stats(metrics_text: str) -> tuple[float, float]:
     return total, count
 
 
-async def run_level(url: str, label: str, max_batch: int | None, concurrency: int, seconds: float, files_per_request: int,
-                    api_key: str | None) -> LevelResult:  # fmt: skip
+async def run_level(url: str, label: str, max_batch: int | None, concurrency: int, seconds: float, files_per_request: int, api_key: str | None) -> LevelResult:
     """Drive ``concurrency`` closed-loop clients for ``seconds``; returns the level's numbers."""
     payloads = [_word_png(w) for w in WORDS]
     headers = {"X-API-Key": api_key} if api_key else {}
@@ -116,11 +115,19 @@ async def run_level(url: str, label: str, max_batch: int | None, concurrency: in
     latencies.sort()
     batches = after[1] - before[1]
     return LevelResult(
-        label=label, max_batch_size=max_batch, concurrency=concurrency, seconds=round(elapsed, 3), requests=len(latencies),
-        errors=errors, throughput_rps=len(latencies) / elapsed, crops_per_s=len(latencies) * files_per_request / elapsed,
-        p50_ms=_percentile(latencies, 50) * 1000, p95_ms=_percentile(latencies, 95) * 1000, p99_ms=_percentile(latencies, 99) * 1000,
+        label=label,
+        max_batch_size=max_batch,
+        concurrency=concurrency,
+        seconds=round(elapsed, 3),
+        requests=len(latencies),
+        errors=errors,
+        throughput_rps=len(latencies) / elapsed,
+        crops_per_s=len(latencies) * files_per_request / elapsed,
+        p50_ms=_percentile(latencies, 50) * 1000,
+        p95_ms=_percentile(latencies, 95) * 1000,
+        p99_ms=_percentile(latencies, 99) * 1000,
         mean_batch=(after[0] - before[0]) / batches if batches else None,
-    )  # fmt: skip
+    )
 
 
 def _free_port() -> int:
@@ -148,10 +155,27 @@ class ServerProcess:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.cmd = [
-            sys.executable, "-m", "service", "serve", "--weights", str(weights), "--port", str(self.port),
-            "--max-batch-size", str(max_batch), "--max-wait-ms", str(args.max_wait_ms), "--max-queue", "4096",
-            "--max-files", str(max(64, args.files_per_request)), "--log-level", "warning", "--device", args.device,
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "service",
+            "serve",
+            "--weights",
+            str(weights),
+            "--port",
+            str(self.port),
+            "--max-batch-size",
+            str(max_batch),
+            "--max-wait-ms",
+            str(args.max_wait_ms),
+            "--max-queue",
+            "4096",
+            "--max-files",
+            str(max(64, args.files_per_request)),
+            "--log-level",
+            "warning",
+            "--device",
+            args.device,
+        ]
         if args.server_threads:
             self.cmd += ["--threads", str(args.server_threads)]
         self.proc: subprocess.Popen[bytes] | None = None

@@ -38,9 +38,7 @@ class MultiHeadAttention(nn.Module):
     def attend(self, query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
         """Attend ``query`` [B, Lq, D] to pre-projected keys/values."""
         q = self.split(self.q_proj(query))
-        out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
-        )
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=self.dropout if self.training else 0.0)
         b, _, n, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, -1))
 

@@ -110,9 +110,11 @@ class Charset:
             elif len(text) > max_len:
                 counts["long"] += 1
         shown = ", ".join(repr(c) for c in list(outside)[:8]) + (", …" if len(outside) > 8 else "")
-        parts = [f"{counts['outside']} with characters outside the charset ({shown})" if counts["outside"] else "",
-                 f"{counts['long']} longer than {max_len}" if counts["long"] else "",
-                 f"{counts['empty']} empty" if counts["empty"] else ""]
+        parts = [
+            f"{counts['outside']} with characters outside the charset ({shown})" if counts["outside"] else "",
+            f"{counts['long']} longer than {max_len}" if counts["long"] else "",
+            f"{counts['empty']} empty" if counts["empty"] else "",
+        ]
         dropped = ", ".join(p for p in parts if p)
         if not counts["folded"]:
             return dropped

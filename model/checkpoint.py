@@ -160,8 +160,7 @@ def read_info(path: str | os.PathLike[str], verify: bool = True) -> CheckpointIn
     sha = file_sha256(weights) if verify else str(meta.get("sha256", ""))
     if verify and meta.get("sha256") not in (None, sha):
         raise CheckpointError(
-            f"weights file {weights} is corrupt, truncated or not the one its sidecar describes: "
-            f"sha256 {sha[:12]}… != {str(meta['sha256'])[:12]}…"
+            f"weights file {weights} is corrupt, truncated or not the one its sidecar describes: sha256 {sha[:12]}… != {str(meta['sha256'])[:12]}…"
         )
     return CheckpointInfo(weights, sha, str(meta.get("name", "safl")), config, dict(meta.get("training") or {}))
 
@@ -182,8 +181,7 @@ def _check_embedded_config(info: CheckpointInfo) -> None:
     stored.setdefault("tps_monotone", False)  # written before the field existed (format 2)
     if stored != info.config.to_dict():
         raise CheckpointError(
-            f"the sidecar of {info.weights_path.name} does not match the config stored in the weights "
-            "(was the charset or another field edited?)"
+            f"the sidecar of {info.weights_path.name} does not match the config stored in the weights (was the charset or another field edited?)"
         )
 
 
@@ -206,9 +204,7 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise CheckpointError(
-            f"weights {info.weights_path.name} do not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
+        raise CheckpointError(f"weights {info.weights_path.name} do not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
     for key, tensor in expected.items():
         if state[key].shape != tensor.shape:
             raise CheckpointError(

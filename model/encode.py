@@ -40,12 +40,7 @@ class ShallowStem(nn.Module):
         def conv(cin: int, cout: int, stride: int) -> list[nn.Module]:
             return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
-        self.net = nn.Sequential(
-            *conv(in_channels, 32, 2),
-            *conv(32, 64, 2),
-            *conv(64, d_model, 1),
-            nn.MaxPool2d(kernel_size=((height // 4) // grid_h, 1)),
-        )
+        self.net = nn.Sequential(*conv(in_channels, 32, 2), *conv(32, 64, 2), *conv(64, d_model, 1), nn.MaxPool2d(kernel_size=((height // 4) // grid_h, 1)))
         self.grid = (grid_h, width // 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,17 +115,7 @@ class SATRNEncoder(nn.Module):
     """Image ``[B, C, H, W]`` → memory tokens ``[B, grid_h * W/4, d_model]``."""
 
     def __init__(
-        self,
-        in_channels: int,
-        height: int,
-        width: int,
-        d_model: int,
-        heads: int,
-        layers: int,
-        d_ff: int,
-        grid_h: int,
-        locality_ffn: bool,
-        dropout: float,
+        self, in_channels: int, height: int, width: int, d_model: int, heads: int, layers: int, d_ff: int, grid_h: int, locality_ffn: bool, dropout: float
     ) -> None:
         super().__init__()
         self.stem = ShallowStem(in_channels, d_model, height, width, grid_h)

@@ -73,9 +73,7 @@ PRESETS: dict[str, SAFLConfig] = {
     # For 2-core CPU training: the stride-2 stem and a 2x32 token grid keep a step cheap.
     "small": SAFLConfig(preset="small"),
     # Close to the paper (SATRN-sized encoder, H/4 x W/4 grid, locality-aware FFN): for GPUs.
-    "base": SAFLConfig(
-        preset="base", d_model=512, heads=8, enc_layers=9, dec_layers=3, ffn_mult=4, grid_h=8, locality_ffn=True
-    ),
+    "base": SAFLConfig(preset="base", d_model=512, heads=8, enc_layers=9, dec_layers=3, ffn_mult=4, grid_h=8, locality_ffn=True),
 }
 
 
@@ -92,9 +90,7 @@ class SAFL(nn.Module):
         self.encoder = SATRNEncoder(
             c.channels, c.height, c.width, c.d_model, c.heads, c.enc_layers, c.d_model * c.ffn_mult, c.grid_h, c.locality_ffn, c.dropout
         )
-        self.decoder = TransformerDecoder(
-            self.charset.vocab_size, c.d_model, c.heads, c.dec_layers, c.d_model * c.ffn_mult, c.max_len, c.dropout
-        )
+        self.decoder = TransformerDecoder(self.charset.vocab_size, c.d_model, c.heads, c.dec_layers, c.d_model * c.ffn_mult, c.max_len, c.dropout)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images ``[B, C, H, W]`` (normalised) → memory tokens."""

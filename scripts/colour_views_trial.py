@@ -99,7 +99,13 @@ def score(readings: dict, names: set[str], confident_at: float = 0.6) -> dict:
             inputs += len(cands)
             right[i % 2] += max(cands, key=lambda r: r[1])[0] == truth
         n = [len(crops[0::2]), len(crops[1::2])]
-        res[name] = {"0": 100 * right[0] / n[0], "1": 100 * right[1] / n[1], "all": 100 * sum(right) / sum(n), "right": right, "inputs_per_crop": inputs / len(crops)}
+        res[name] = {
+            "0": 100 * right[0] / n[0],
+            "1": 100 * right[1] / n[1],
+            "all": 100 * sum(right) / sum(n),
+            "right": right,
+            "inputs_per_crop": inputs / len(crops),
+        }
     for h in ("0", "1", "all"):
         res[f"mean/{h}"] = sum(res[s][h] for s in readings) / len(readings)
     res["right/0"], res["right/1"] = (sum(res[s]["right"][k] for s in readings) for k in (0, 1))
@@ -130,10 +136,20 @@ def main() -> None:
         chosen.add(pick)
         best = trials[pick]
         rows["greedy: + " + ", ".join(sorted(chosen - set(DEFAULT)))] = score(readings, chosen)
-    rounded = {k: {s: (round(v, 2) if isinstance(v, float) else v) if not isinstance(v, dict) else {a: round(b, 2) if isinstance(b, float) else b for a, b in v.items()} for s, v in r.items()} for k, r in rows.items()}
+    rounded = {
+        k: {
+            s: (round(v, 2) if isinstance(v, float) else v)
+            if not isinstance(v, dict)
+            else {a: round(b, 2) if isinstance(b, float) else b for a, b in v.items()}
+            for s, v in r.items()
+        }
+        for k, r in rows.items()
+    }
     args.json.write_text(json.dumps({"weights": args.weights, "note": __doc__.split("\n\n")[2].replace("\n", " "), "results": rounded}, indent=1) + "\n")
     for k, r in rounded.items():
-        print(f"{k:45s} mean even {r['mean/0']:6.2f} odd {r['mean/1']:6.2f} all {r['mean/all']:6.2f}  right {r['right/0']}/{r['right/1']}  svt {r['svt']['all']:6.2f}")
+        print(
+            f"{k:45s} mean even {r['mean/0']:6.2f} odd {r['mean/1']:6.2f} all {r['mean/all']:6.2f}  right {r['right/0']}/{r['right/1']}  svt {r['svt']['all']:6.2f}"
+        )
 
 
 if __name__ == "__main__":

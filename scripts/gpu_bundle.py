@@ -118,7 +118,23 @@ def pack_real(real: Path, out: Path) -> None:
 def pack_wheels(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     plats = [f"--platform=manylinux_2_{n}_x86_64" for n in (17, 27, 28)] + ["--platform=manylinux2014_x86_64"]
-    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp", *plats, "-d", str(out), "rapidfuzz==3.14.3"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "-q",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--python-version",
+        "3.12",
+        "--implementation",
+        "cp",
+        *plats,
+        "-d",
+        str(out),
+        "rapidfuzz==3.14.3",
+    ]
     subprocess.run(cmd, check=True)
 
 

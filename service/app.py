@@ -20,18 +20,7 @@ from .metrics import Metrics
 from .middleware import BodyLimitMiddleware, ConcurrencyLimitMiddleware, RequestMetricsMiddleware
 from .predictor import Predictor
 from .runtime import Runtime
-from .schemas import (
-    CONFIDENCE_DOC,
-    BatchingInfo,
-    ErrorResponse,
-    InfoResponse,
-    InputInfo,
-    LimitsInfo,
-    RecognizeJSON,
-    RecognizeResponse,
-    Status,
-    ViewsInfo,
-)
+from .schemas import CONFIDENCE_DOC, BatchingInfo, ErrorResponse, InfoResponse, InputInfo, LimitsInfo, RecognizeJSON, RecognizeResponse, Status, ViewsInfo
 from .settings import Settings
 
 _DESCRIPTION = f"""
@@ -125,8 +114,9 @@ def create_app(settings: Settings | None = None, *, predictor: Predictor | None 
     # Added last = outermost: the latency histogram also times the 503s and 413s answered
     # by the request and body limits.
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, on_reject=metrics.error)
-    app.add_middleware(ConcurrencyLimitMiddleware, limit=settings.max_connections, exempt=UNLIMITED_PATHS,
-                       retry_after_s=settings.retry_after_s, on_reject=metrics.error)  # fmt: skip
+    app.add_middleware(
+        ConcurrencyLimitMiddleware, limit=settings.max_connections, exempt=UNLIMITED_PATHS, retry_after_s=settings.retry_after_s, on_reject=metrics.error
+    )
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics, known_paths=known_paths)
 
     auth = api_key_dependency(settings.api_key.get_secret_value()) if settings.api_key else None
@@ -195,13 +185,16 @@ def create_app(settings: Settings | None = None, *, predictor: Predictor | None 
             precision=p.precision,
             threads=p.threads or torch.get_num_threads(),
             batching=BatchingInfo(
-                max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms,
-                max_queue=settings.max_queue, timeout_ms=settings.timeout_ms,
+                max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue, timeout_ms=settings.timeout_ms
             ),
             limits=LimitsInfo(
-                max_files=settings.max_files, max_file_bytes=settings.max_file_bytes, max_body_bytes=settings.max_body_bytes,
-                max_pixels=settings.max_pixels, max_request_pixels=settings.request_pixel_budget(), formats=list(ALLOWED_FORMATS),
+                max_files=settings.max_files,
+                max_file_bytes=settings.max_file_bytes,
+                max_body_bytes=settings.max_body_bytes,
+                max_pixels=settings.max_pixels,
+                max_request_pixels=settings.request_pixel_budget(),
+                formats=list(ALLOWED_FORMATS),
             ),
-        )  # fmt: skip
+        )
 
     return app

@@ -24,10 +24,7 @@ def api_key_dependency(key: str, on_reject: Callable[[], None] | None = None) ->
     """A FastAPI dependency that accepts only ``key``, compared in constant time."""
     expected = _digest(key)
 
-    async def require_api_key(
-        bearer: HTTPAuthorizationCredentials | None = Security(_bearer),
-        header: str | None = Security(_header),
-    ) -> None:
+    async def require_api_key(bearer: HTTPAuthorizationCredentials | None = Security(_bearer), header: str | None = Security(_header)) -> None:
         supplied = [c for c in ((bearer.credentials if bearer else None), header) if c]
         # Check every credential sent (no early exit), so timing does not say which one matched.
         ok = False
@@ -37,8 +34,7 @@ def api_key_dependency(key: str, on_reject: Callable[[], None] | None = None) ->
             if on_reject:
                 on_reject()
             raise APIError(
-                "unauthorized", "missing or wrong API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
-                headers={"WWW-Authenticate": "Bearer"},
-            )  # fmt: skip
+                "unauthorized", "missing or wrong API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'", headers={"WWW-Authenticate": "Bearer"}
+            )
 
     return require_api_key

@@ -77,8 +77,14 @@ class _Crop(Generic[R]):
 class DynamicBatcher(Generic[R]):
     """Queue + supervised worker around a synchronous ``run_batch(list[Tensor]) -> list[R]``."""
 
-    def __init__(self, run_batch: Callable[[list[torch.Tensor]], list[R]], config: BatcherConfig, executor: Executor,
-                 metrics: Metrics | None = None, clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+    def __init__(
+        self,
+        run_batch: Callable[[list[torch.Tensor]], list[R]],
+        config: BatcherConfig,
+        executor: Executor,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.run_batch = run_batch
         self.config = config
         self._executor = executor

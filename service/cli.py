@@ -49,9 +49,10 @@ def _flag_type(annotation: Any) -> tuple[Any, Sequence[str] | None]:
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     """``safl serve``: one flag per ``Settings`` field; a flag beats its ``SAFL_*`` variable."""
     p = sub.add_parser(
-        "serve", help="run the HTTP recognition service",
+        "serve",
+        help="run the HTTP recognition service",
         description="Serve the model over HTTP. Every flag can also be set as the environment variable shown; the flag wins.",
-    )  # fmt: skip
+    )
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         default = "unset" if field.default is None else field.default
@@ -95,12 +96,16 @@ def serve(settings: Settings, predictor: Predictor | None = None) -> int:
             return 2
     app = create_app(settings, predictor=predictor)
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level, lifespan="on",
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        lifespan="on",
         timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
         # A backstop only: the app answers requests beyond max_connections itself (JSON 503,
         # probes exempt); this caps idle keep-alive connections and anything else.
         limit_concurrency=2 * settings.max_connections,
-    )  # fmt: skip
+    )
     # After uvicorn.Config, which (re)configures uvicorn's loggers.
     configure_probe_access_log(settings.access_log_probes)
     server = GracefulServer(config, app.state.runtime)
@@ -149,23 +154,36 @@ def add_recognize_parser(sub: argparse._SubParsersAction) -> None:
     from .recognize_cli import FORMATS, PROGRESS_MIN_FILES
 
     p = sub.add_parser(
-        "recognize", help="recognise word images locally (no server)",
+        "recognize",
+        help="recognise word images locally (no server)",
         description="Read word crops and print file<TAB>text<TAB>confidence for each (confidence: see the API docs). "
-                    "Exit status: 0 all read, 1 some files could not be read (one line each on standard error), "
-                    "2 no image found or the model cannot load.",
-    )  # fmt: skip
-    p.add_argument("inputs", nargs="*", metavar="PATH",
-                   help="an image file; a folder (its .png/.jpg/.jpeg/.webp/.bmp/.tif/.tiff/.gif files, recursively, sorted; "
-                        "hidden ones skipped); a glob pattern such as 'crops/*.png' (expanded here too, so it may be quoted; "
-                        "** matches folders); or - to read paths from standard input, one per line")  # fmt: skip
+        "Exit status: 0 all read, 1 some files could not be read (one line each on standard error), "
+        "2 no image found or the model cannot load.",
+    )
+    p.add_argument(
+        "inputs",
+        nargs="*",
+        metavar="PATH",
+        help="an image file; a folder (its .png/.jpg/.jpeg/.webp/.bmp/.tif/.tiff/.gif files, recursively, sorted; "
+        "hidden ones skipped); a glob pattern such as 'crops/*.png' (expanded here too, so it may be quoted; "
+        "** matches folders); or - to read paths from standard input, one per line",
+    )
     p.add_argument("--stdin-image", action="store_true", help="also read one image's bytes from standard input, shown as -")
-    p.add_argument("--format", choices=FORMATS, default="tsv",
-                   help="tsv: file<TAB>text<TAB>confidence, a tab, newline, carriage return or backslash in a file name written \\t \\n \\r \\\\; csv: the same with a "
-                        "header row; jsonl: one object per file (file, text, confidence, char_confidences, or error); "
-                        "json: one document, the API's response shape plus errors (default: %(default)s)")  # fmt: skip
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="tsv",
+        help="tsv: file<TAB>text<TAB>confidence, a tab, newline, carriage return or backslash in a file name written \\t \\n \\r \\\\; csv: the same with a "
+        "header row; jsonl: one object per file (file, text, confidence, char_confidences, or error); "
+        "json: one document, the API's response shape plus errors (default: %(default)s)",
+    )
     p.add_argument("--json", dest="format", action="store_const", const="json", help="same as --format json")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help=f"progress bar on standard error (default: for {PROGRESS_MIN_FILES} files or more when standard error is a terminal)")
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"progress bar on standard error (default: for {PROGRESS_MIN_FILES} files or more when standard error is a terminal)",
+    )
     p.add_argument("--weights", type=Path, default=default_weights(), help="checkpoint (env SAFL_WEIGHTS; default: %(default)s)")
     p.add_argument("--device", default=os.environ.get("SAFL_DEVICE", "auto"), help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="PyTorch intra-op threads (default: PyTorch's)")
@@ -188,11 +206,7 @@ def run_recognize(args: argparse.Namespace) -> int:
 
 
 #: Modules of the ``train`` extra each training command needs; checked before any work starts.
-TRAIN_EXTRA_MODULES = {
-    "synth": ("fontTools", "wordfreq", "lmdb"),
-    "train": ("fontTools", "wordfreq", "lmdb", "rapidfuzz"),
-    "eval": ("rapidfuzz",),
-}
+TRAIN_EXTRA_MODULES = {"synth": ("fontTools", "wordfreq", "lmdb"), "train": ("fontTools", "wordfreq", "lmdb", "rapidfuzz"), "eval": ("rapidfuzz",)}
 
 
 def _missing_train_extra(command: str) -> str | None:
@@ -201,8 +215,7 @@ def _missing_train_extra(command: str) -> str | None:
     missing = [m for m in TRAIN_EXTRA_MODULES.get(command, ()) if importlib.util.find_spec(m) is None]
     if not missing:
         return None
-    return (f"safl {command}: needs the training extra ({', '.join(missing)} not installed): "
-            "pip install 'safl[train]' (in a clone: pip install -e '.[train]')")
+    return f"safl {command}: needs the training extra ({', '.join(missing)} not installed): pip install 'safl[train]' (in a clone: pip install -e '.[train]')"
 
 
 def _version() -> str:

@@ -43,7 +43,11 @@ ERRORS: dict[str, ErrorCode] = {
     "too_many_files": ErrorCode(413, False, "more images in one request than `SAFL_MAX_FILES`"),
     "file_too_large": ErrorCode(413, False, "an image over `SAFL_MAX_FILE_BYTES`"),
     "body_too_large": ErrorCode(413, False, "a body over `SAFL_MAX_BODY_BYTES` (declared or streamed)"),
-    "too_many_pixels": ErrorCode(413, False, "an image over `SAFL_MAX_PIXELS`, or the request's images together over `SAFL_MAX_REQUEST_PIXELS` (read from the image headers, before decoding)"),
+    "too_many_pixels": ErrorCode(
+        413,
+        False,
+        "an image over `SAFL_MAX_PIXELS`, or the request's images together over `SAFL_MAX_REQUEST_PIXELS` (read from the image headers, before decoding)",
+    ),
     "unsupported_content_type": ErrorCode(415, False, "neither `multipart/form-data` nor `application/json`"),
     "unsupported_content_encoding": ErrorCode(415, False, "a compressed body (`Content-Encoding`); send it uncompressed"),
     "unsupported_image": ErrorCode(415, False, "not a PNG, JPEG, WebP, BMP, TIFF or GIF, or a pixel mode with no conversion"),
@@ -65,7 +69,9 @@ ERRORS: dict[str, ErrorCode] = {
     "worker_crashed": ErrorCode(503, True, "the inference worker restarted while this request's images were in its batch"),
     "out_of_memory": ErrorCode(503, True, "the model ran out of memory on this request's batch"),
     "unhealthy": ErrorCode(503, False, "`/healthz`: the process must be restarted"),
-    "deadline_exceeded": ErrorCode(504, False, "the deadline passed; the message names the stage (receiving the body, decoding, queued, or queued/in the model)"),
+    "deadline_exceeded": ErrorCode(
+        504, False, "the deadline passed; the message names the stage (receiving the body, decoding, queued, or queued/in the model)"
+    ),
 }
 
 #: Codes for the errors FastAPI and Starlette raise themselves (routing, validation).

@@ -136,8 +136,13 @@ def load_crop(data: bytes, filename: str, limits: ImageLimits, cfg: PreprocessCo
     return to_model_input(decode_image(data, filename, limits), filename, cfg, view_cfg)
 
 
-def load_crops(files: Sequence[tuple[bytes, str]], limits: ImageLimits, cfg: PreprocessConfig, view_cfg: ViewConfig = ViewConfig(),
-               before_each: Callable[[], None] = lambda: None) -> list[list[torch.Tensor]]:  # fmt: skip
+def load_crops(
+    files: Sequence[tuple[bytes, str]],
+    limits: ImageLimits,
+    cfg: PreprocessConfig,
+    view_cfg: ViewConfig = ViewConfig(),
+    before_each: Callable[[], None] = lambda: None,
+) -> list[list[torch.Tensor]]:
     """``load_crop`` for a request's ``(bytes, filename)`` pairs, in order.
 
     Every header is read first, so the request's pixel budget

@@ -12,9 +12,7 @@ from dataclasses import dataclass, field
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 #: Sub-millisecond to 30 s: request, queue-wait and inference durations.
-LATENCY_BUCKETS: tuple[float, ...] = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0,
-)  # fmt: skip
+LATENCY_BUCKETS: tuple[float, ...] = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
 #: Crops per batch; powers of two up to the largest sensible ``max_batch_size``.
 BATCH_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -22,9 +20,16 @@ BATCH_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 #: Other codes appear when first counted; all come from the service's own code, never
 #: from client input, so the label set stays bounded.
 COMMON_ERRORS: tuple[str, ...] = (
-    "overloaded", "deadline_exceeded", "client_disconnected", "inference_failed", "out_of_memory",
-    "worker_crashed", "shutting_down", "unauthorized", "internal_error",
-)  # fmt: skip
+    "overloaded",
+    "deadline_exceeded",
+    "client_disconnected",
+    "inference_failed",
+    "out_of_memory",
+    "worker_crashed",
+    "shutting_down",
+    "unauthorized",
+    "internal_error",
+)
 
 
 @dataclass
@@ -36,28 +41,23 @@ class Metrics:
     def __post_init__(self) -> None:
         r = self.registry
         self.request_duration = Histogram(
-            "safl_request_duration_seconds", "HTTP request latency, arrival to last byte sent.",
-            ["route", "status"], buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.crops_recognized = Counter("safl_crops_recognized_total", "Model inputs recognised and returned (a crop taller than wide is read as 3 turned views).", registry=r)
-        self.crops_dropped = Counter(
-            "safl_crops_dropped_total", "Queued crops dropped before the model ran (expired deadline, cancelled request).",
-            ["reason"], registry=r,
-        )  # fmt: skip
-        self.queue_wait = Histogram(
-            "safl_queue_wait_seconds", "Time a crop waited in the queue before its batch started.", buckets=LATENCY_BUCKETS, registry=r
+            "safl_request_duration_seconds", "HTTP request latency, arrival to last byte sent.", ["route", "status"], buckets=LATENCY_BUCKETS, registry=r
         )
+        self.crops_recognized = Counter(
+            "safl_crops_recognized_total", "Model inputs recognised and returned (a crop taller than wide is read as 3 turned views).", registry=r
+        )
+        self.crops_dropped = Counter(
+            "safl_crops_dropped_total", "Queued crops dropped before the model ran (expired deadline, cancelled request).", ["reason"], registry=r
+        )
+        self.queue_wait = Histogram("safl_queue_wait_seconds", "Time a crop waited in the queue before its batch started.", buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("safl_batch_size", "Crops per model batch.", buckets=BATCH_BUCKETS, registry=r)
         self.inference_duration = Histogram(
-            "safl_inference_duration_seconds", "Model time per batch (collate, transfer, forward, decode).",
-            buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
+            "safl_inference_duration_seconds", "Model time per batch (collate, transfer, forward, decode).", buckets=LATENCY_BUCKETS, registry=r
+        )
         self.queue_depth = Gauge("safl_queue_depth", "Crops waiting for the model.", registry=r)
         self.in_flight_requests = Gauge("safl_in_flight_requests", "Recognition requests being handled.", registry=r)
         self.in_flight_crops = Gauge("safl_in_flight_crops", "Crops in the batch the model is running now.", registry=r)
-        self.errors = Counter(
-            "safl_errors_total", "Error replies (and requests abandoned by their client), by error code.", ["reason"], registry=r
-        )
+        self.errors = Counter("safl_errors_total", "Error replies (and requests abandoned by their client), by error code.", ["reason"], registry=r)
         self.worker_restarts = Counter("safl_worker_restarts_total", "Times the supervised batching worker was restarted.", registry=r)
         self.model_info = Gauge("safl_model_info", "The model being served (value is always 1).", ["name", "sha", "device"], registry=r)
         for reason in COMMON_ERRORS:

@@ -70,8 +70,7 @@ class ConcurrencyLimitMiddleware:
     it also caps the request bodies being received at once.
     """
 
-    def __init__(self, app: ASGIApp, limit: int, exempt: frozenset[str], retry_after_s: int,
-                 on_reject: Callable[[str], None] | None = None) -> None:  # fmt: skip
+    def __init__(self, app: ASGIApp, limit: int, exempt: frozenset[str], retry_after_s: int, on_reject: Callable[[str], None] | None = None) -> None:
         self.app = app
         self.limit = limit
         self.exempt = exempt

@@ -57,8 +57,7 @@ def _warmup_image(cfg: PreprocessConfig) -> Image.Image:
 class Predictor:
     """A loaded model, its device and precision."""
 
-    def __init__(self, model: Recognizer, info: CheckpointInfo, device: torch.device, amp_dtype: torch.dtype | None = None,
-                 threads: int | None = None) -> None:  # fmt: skip
+    def __init__(self, model: Recognizer, info: CheckpointInfo, device: torch.device, amp_dtype: torch.dtype | None = None, threads: int | None = None) -> None:
         self.model = model
         self.info = info
         self.device = device
@@ -86,8 +85,7 @@ class Predictor:
             raise StartupError(f"cannot load model weights {path}: {exc}") from None
         except Exception as exc:  # e.g. a sidecar config the model cannot be built from (d_model 0 or negative)
             raise StartupError(
-                f"cannot load model weights {path}: building the model failed ({type(exc).__name__}: {exc}); "
-                "check the config in its .json sidecar"
+                f"cannot load model weights {path}: building the model failed ({type(exc).__name__}: {exc}); check the config in its .json sidecar"
             ) from None
         # A diverged training run saves NaN weights that load fine and then answer "" with confidence 1.0.
         broken = [name for name, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]

@@ -257,4 +257,3 @@ def run(args: argparse.Namespace) -> int:
     if unread and total > 1:  # after a long run the lines above may have scrolled away
         print(f"safl recognize: {unread} of {total} files could not be read", file=sys.stderr)
     return 1 if failed else 0
-

@@ -44,13 +44,14 @@ class Settings(BaseSettings):
         description="also read a crop taller than wide turned 90° each way; the most confident reading is the answer (x3 model inputs for such a crop)",
     )
     contrast_views: bool = Field(
-        default=True,
-        description="also read each crop contrast-stretched and histogram-equalised; the most confident reading is the answer (x3 model inputs)",
+        default=True, description="also read each crop contrast-stretched and histogram-equalised; the most confident reading is the answer (x3 model inputs)"
     )
     views_confident_at: float = Field(
-        default=ViewConfig().confident_at, ge=0.0, le=1.0,
+        default=ViewConfig().confident_at,
+        ge=0.0,
+        le=1.0,
         description="read a crop's further views only when the crop alone reads less confidently than this; 1 reads every view",
-    )  # fmt: skip
+    )
 
     # --- dynamic batching
     max_batch_size: int = Field(default=32, ge=1, le=1024, description="most crops in one model batch (1 turns batching off)")
@@ -61,7 +62,9 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(default=30.0, ge=0, description="on SIGTERM, longest wait for admitted requests to finish")
 
     max_connections: int = Field(
-        default=512, ge=1, description="requests in progress at once, /healthz, /readyz and /metrics aside (so it also caps the bodies being received); beyond it a JSON 503 'overloaded'. uvicorn refuses connections beyond twice this (plain 503)"
+        default=512,
+        ge=1,
+        description="requests in progress at once, /healthz, /readyz and /metrics aside (so it also caps the bodies being received); beyond it a JSON 503 'overloaded'. uvicorn refuses connections beyond twice this (plain 503)",
     )
 
     # --- input limits
@@ -70,9 +73,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=50 * 2**20, ge=1, description="largest request body, bytes (Content-Length and streamed)")
     max_pixels: int = Field(default=16_000_000, ge=1, description="most pixels (width x height) in one image, checked before decoding")
     max_request_pixels: int | None = Field(
-        default=None, ge=1,
-        description="most pixels of a request's images together, checked from their headers before any is decoded (unset: 4 x max_pixels)",
-    )  # fmt: skip
+        default=None, ge=1, description="most pixels of a request's images together, checked from their headers before any is decoded (unset: 4 x max_pixels)"
+    )
 
     # --- access
     api_key: SecretStr | None = Field(default=None, description="when set, requests need 'Authorization: Bearer KEY' or 'X-API-Key: KEY'")

@@ -106,7 +106,7 @@ async def _read_multipart(request: Request, max_files: int, max_file_bytes: int)
                     "not_a_file",
                     f"image part #{index} is a plain form field: its Content-Disposition has no filename= parameter "
                     "(filename*= alone is not read), so it carries no file",
-                )  # fmt: skip
+                )
             name = value.filename or f"file-{index}"
             if value.size is not None and value.size > max_file_bytes:
                 raise APIError("file_too_large", f"file {name!r} is {value.size} bytes; the limit is {max_file_bytes}")
@@ -135,7 +135,7 @@ def _read_json(body: bytes, max_files: int, max_file_bytes: int) -> list[Upload]
         where = ".".join(str(p) for p in err.get("loc", ())) or "body"
         if err.get("type") == "too_short" and where == "images":
             raise APIError("no_files", f"'images' is empty: {_HOW}") from None
-        raise APIError("validation_error", f"{where}: {err.get('msg')} (expected {{\"images\": [\"<base64>\", ...]}})") from None
+        raise APIError("validation_error", f'{where}: {err.get("msg")} (expected {{"images": ["<base64>", ...]}})') from None
     images = payload.images
     if len(images) > max_files:
         raise APIError("too_many_files", f"{len(images)} images in one request; the limit is {max_files}")

@@ -162,7 +162,12 @@ def nasty_images() -> list[Nasty]:
     i16 = Image.fromarray(np.asarray(word).astype(np.uint16) * 257)  # mode I;16
     f32 = Image.fromarray(np.asarray(word).astype(np.float32) / 255.0)  # mode F
     ok = {
-        "png": png, "jpeg": jpg, "gif": gif, "bmp": bmp, "tiff": tif, "webp": webp,
+        "png": png,
+        "jpeg": jpg,
+        "gif": gif,
+        "bmp": bmp,
+        "tiff": tif,
+        "webp": webp,
         "1x1": encode(Image.new("L", (1, 1), 0)),
         "1x20000": encode(Image.new("L", (1, 20000), 255)),
         "20000x1": encode(Image.new("L", (20000, 1), 255)),
@@ -185,7 +190,7 @@ def nasty_images() -> list[Nasty]:
         "exif_rotated_90": _exif_rotated(6),
         "exif_rotated_270": _exif_rotated(8),
         "exif_invalid_orientation": _exif_rotated(9),
-    }  # fmt: skip
+    }
     cases = [Nasty(name, data, frozenset({200})) for name, data in ok.items()]
 
     def bad(name: str, data: bytes, status: int | set[int], code: str | None) -> Nasty:

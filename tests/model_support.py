@@ -30,8 +30,7 @@ class Memorised:
     matched_at: int | None = None
 
 
-def memorise(words: list[str] = WORDS, max_steps: int = 300, lr: float = 3e-3, seed: int = 0, check_every: int = 10,
-             use_tps: bool = True) -> Memorised:
+def memorise(words: list[str] = WORDS, max_steps: int = 300, lr: float = 3e-3, seed: int = 0, check_every: int = 10, use_tps: bool = True) -> Memorised:
     """Train ``tiny`` on one fixed batch of rendered ``words`` (no augmentation).
 
     Stops ``check_every`` steps after greedy decoding first reproduces every label, so

@@ -73,9 +73,14 @@ ONE_VIEW = ViewConfig(turn_tall=False, contrast=False)
 def settings_for(checkpoint: Path, **overrides: Any) -> Settings:
     """Test settings: CPU, one thread, small batches, a short batching window, ``ONE_VIEW``."""
     values: dict[str, Any] = {
-        "weights": checkpoint, "device": "cpu", "threads": 1, "max_batch_size": 8, "max_wait_ms": 2.0,
-        "turn_tall": ONE_VIEW.turn_tall, "contrast_views": ONE_VIEW.contrast,
-    }  # fmt: skip
+        "weights": checkpoint,
+        "device": "cpu",
+        "threads": 1,
+        "max_batch_size": 8,
+        "max_wait_ms": 2.0,
+        "turn_tall": ONE_VIEW.turn_tall,
+        "contrast_views": ONE_VIEW.contrast,
+    }
     values.update(overrides)
     return Settings(**values)
 

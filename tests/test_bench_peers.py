@@ -69,8 +69,27 @@ def test_cli_report_skips_missing_peers(peers, folder: Path, tiny_checkpoint: Pa
     monkeypatch.setitem(sys.modules, "rapidocr_onnxruntime", None)  # import fails
     monkeypatch.setitem(sys.modules, "rapidocr", None)
     out_json, out_md, out_tsv = tmp_path / "peers.json", tmp_path / "peers.md", tmp_path / "predictions.tsv"
-    rc = peers.main(["--weights", str(tiny_checkpoint), "--data", str(folder), "--part", "all", "--batch-sizes", "2", "--threads", "1",
-                     "--json", str(out_json), "--markdown", str(out_md), "--predictions", str(out_tsv), "--no-progress"])  # fmt: skip
+    rc = peers.main(
+        [
+            "--weights",
+            str(tiny_checkpoint),
+            "--data",
+            str(folder),
+            "--part",
+            "all",
+            "--batch-sizes",
+            "2",
+            "--threads",
+            "1",
+            "--json",
+            str(out_json),
+            "--markdown",
+            str(out_md),
+            "--predictions",
+            str(out_tsv),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     err = capsys.readouterr().err
     assert "tesseract: skipped" in err and "apt-get install tesseract-ocr" in err
@@ -96,13 +115,30 @@ def test_plot(peers, folder: Path, tiny_checkpoint: Path, tmp_path: Path) -> Non
     png = tmp_path / "peers.png"
     load = tmp_path / "load.json"
     rows = [
-        {"label": lab, "concurrency": c, "p50_ms": 10.0 * c, "p95_ms": 20.0 * c, "p99_ms": 30.0 * c}
-        for lab in ("batch 1 (off)", "batch 8")
-        for c in (1, 4)
+        {"label": lab, "concurrency": c, "p50_ms": 10.0 * c, "p95_ms": 20.0 * c, "p99_ms": 30.0 * c} for lab in ("batch 1 (off)", "batch 8") for c in (1, 4)
     ]
     load.write_text(json.dumps({"argv": [], "results": rows}))
-    rc = peers.main(["--weights", str(tiny_checkpoint), "--data", str(folder), "--limit", "2", "--peers", "safl", "--batch-sizes", "1",
-                     "--threads", "1", "--plot", str(png), "--service-load", str(load), "--no-progress"])  # fmt: skip
+    rc = peers.main(
+        [
+            "--weights",
+            str(tiny_checkpoint),
+            "--data",
+            str(folder),
+            "--limit",
+            "2",
+            "--peers",
+            "safl",
+            "--batch-sizes",
+            "1",
+            "--threads",
+            "1",
+            "--plot",
+            str(png),
+            "--service-load",
+            str(load),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

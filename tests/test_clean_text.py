@@ -80,8 +80,24 @@ def test_score_counts_exact_case_sensitive_readings(clean_text) -> None:
 def test_a_run_with_the_tiny_model(clean_text, faces, tiny_checkpoint: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.setattr(clean_text, "discover_fonts", lambda charset, families="train": faces)
     out = tmp_path / "clean.json"
-    rc = clean_text.main(["--weights", str(tiny_checkpoint), "--peers", "safl", "--per-bucket", "2", "--margins", "0", "0.4",
-                          "--threads", "1", "--json", str(out), "--no-progress"])
+    rc = clean_text.main(
+        [
+            "--weights",
+            str(tiny_checkpoint),
+            "--peers",
+            "safl",
+            "--per-bucket",
+            "2",
+            "--margins",
+            "0",
+            "0.4",
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     report = json.loads(out.read_text())
     assert report["texts"] == 8 and set(report["engines"]) == {"safl"}

@@ -14,17 +14,7 @@ from PIL import Image
 
 from model import Charset, PreprocessConfig
 from model.preprocess import ViewConfig, resize
-from model.training.data import (
-    ArrayDataset,
-    augment,
-    degrade,
-    load_any,
-    load_folder,
-    load_folder_part,
-    load_lmdb,
-    load_shards,
-    read_labels_tsv,
-)
+from model.training.data import ArrayDataset, augment, degrade, load_any, load_folder, load_folder_part, load_lmdb, load_shards, read_labels_tsv
 from model.training.split import SplitConfig, split_indices
 
 CFG = PreprocessConfig()

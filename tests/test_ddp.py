@@ -30,8 +30,19 @@ from model.training.distributed import Ranks, derived_seed, stream_seed
 from model.training.train import BatchSampler, TrainConfig, Trainer
 
 N_STEPS = 8
-TRAIN_FLAGS = {"preset": "tiny", "total_steps": N_STEPS, "batch_size": 16, "lr": 2e-3, "warmup_steps": 3, "threads": 1,
-               "val_every": 0, "log_every": 1, "checkpoint_minutes": 1e9, "amp": "off", "ddp_timeout": 60.0}  # fmt: skip
+TRAIN_FLAGS = {
+    "preset": "tiny",
+    "total_steps": N_STEPS,
+    "batch_size": 16,
+    "lr": 2e-3,
+    "warmup_steps": 3,
+    "threads": 1,
+    "val_every": 0,
+    "log_every": 1,
+    "checkpoint_minutes": 1e9,
+    "amp": "off",
+    "ddp_timeout": 60.0,
+}
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +69,14 @@ def _training(out: Path, log: Path, shards: Path, ddp_timeout: float) -> Iterato
     torchrun's process and rank 1's ``psutil.Process``. Whatever is left is killed after."""
     psutil = pytest.importorskip("psutil")
     with open(log, "w") as fh:
-        proc = subprocess.Popen(_torchrun(_flags(out, shards, total_steps=100000, ddp_timeout=ddp_timeout)), cwd=REPO, env=subprocess_env(),
-                                stdout=fh, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        proc = subprocess.Popen(
+            _torchrun(_flags(out, shards, total_steps=100000, ddp_timeout=ddp_timeout)),
+            cwd=REPO,
+            env=subprocess_env(),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
     try:
         deadline = time.monotonic() + 90
         while not ((out / "log.jsonl").is_file() and (out / "log.jsonl").read_text().count("\n") >= 2):

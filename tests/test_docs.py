@@ -41,7 +41,7 @@ def test_compose_defaults_are_valid_settings(compose_file: str) -> None:
         for name, value in (service.get("environment") or {}).items():
             if name.startswith("SAFL_") and value is not None:
                 match = re.fullmatch(r"\$\{\w+:-(.*)\}", str(value))
-                env[name[len("SAFL_"):].lower()] = match.group(1) if match else str(value)
+                env[name[len("SAFL_") :].lower()] = match.group(1) if match else str(value)
     env.pop("device", None)  # cuda in the GPU file: checked at load time, not by Settings
     assert env, f"no SAFL_* settings found in {compose_file}"
     Settings(**env)
@@ -66,13 +66,13 @@ def test_readme_lists_exactly_the_servers_error_codes() -> None:
     assert block == errors_table(), "README's error table differs from service.errors.ERRORS: paste errors_table()"
 
 
-def test_the_code_passes_the_linter() -> None:
+@pytest.mark.parametrize("command", [["check", "--output-format", "concise"], ["format", "--check"]], ids=["lint", "format"])
+def test_the_code_passes_the_linter_and_the_formatter(command: list[str]) -> None:
     import subprocess
     import sys
 
     ruff = Path(sys.executable).with_name("ruff")
     if not ruff.is_file():
         pytest.skip("ruff is not installed in this environment (pip install -e '.[dev]')")
-    out = subprocess.run([str(ruff), "check", "--output-format", "concise", "model", "service", "bench", "scripts", "tests"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert out.returncode == 0, out.stdout + out.stderr
+    out = subprocess.run([str(ruff), *command, "model", "service", "bench", "scripts", "tests"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, f"run `ruff {' '.join(command)}`:\n" + out.stdout + out.stderr

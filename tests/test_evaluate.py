@@ -18,17 +18,7 @@ from PIL import Image
 from model import PreprocessConfig, save_checkpoint
 from model.training.cli import main as cli_main
 from model.training.data import ArrayDataset, load_folder, load_folder_part
-from model.training.evaluate import (
-    DatasetResult,
-    Example,
-    evaluate,
-    normalize_36,
-    normalize_cs,
-    predict,
-    score,
-    to_json,
-    to_markdown,
-)
+from model.training.evaluate import DatasetResult, Example, evaluate, normalize_36, normalize_cs, predict, score, to_json, to_markdown
 
 # (image of the word the model reads, label in the folder): what each case checks
 CASES = [

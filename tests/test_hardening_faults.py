@@ -135,8 +135,15 @@ async def test_random_batch_failures_fail_exactly_their_requests(tiny_checkpoint
     assert metric(text, "safl_errors_total", reason="inference_failed") == failed_requests
     assert faults >= 1 and failed_requests >= 1, "the schedule injected no fault: pick another seed"
     assert failed_requests < len(requests)
-    record_figures("batch_faults", seed=seed, requests=len(requests), batches=len(calls), failed_batches=faults,
-                   failed_requests=failed_requests, ok_requests=len(requests) - failed_requests)  # fmt: skip
+    record_figures(
+        "batch_faults",
+        seed=seed,
+        requests=len(requests),
+        batches=len(calls),
+        failed_batches=faults,
+        failed_requests=failed_requests,
+        ok_requests=len(requests) - failed_requests,
+    )
 
 
 # --- out of memory
@@ -191,8 +198,9 @@ def _runs_out_of_memory(n: int, limit: int, transient: int) -> bool:
 
 @given(n=st.integers(1, 16), limit=st.integers(0, 16), transient=st.integers(0, 3), cuda=st.booleans())
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
-def test_out_of_memory_splits_and_retries(tiny_info: Any, tiny_model: SAFL, crops: list[torch.Tensor], full_batch: list[Recognition],
-                                          n: int, limit: int, transient: int, cuda: bool) -> None:  # fmt: skip
+def test_out_of_memory_splits_and_retries(
+    tiny_info: Any, tiny_model: SAFL, crops: list[torch.Tensor], full_batch: list[Recognition], n: int, limit: int, transient: int, cuda: bool
+) -> None:
     model = OOMModel(tiny_model, limit, transient)
     # cuda=True runs the CUDA branch (empty_cache between retries) with CPU tensors: a simulated CUDA OOM.
     predictor = Predictor(model, tiny_info, torch.device("cuda" if cuda else "cpu"))
@@ -389,8 +397,9 @@ def bad_weights(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path)
 
 
 @pytest.mark.parametrize("kind", list(BAD_WEIGHTS))
-def test_bad_weights_fail_serve_with_one_clear_line(kind: str, bad_weights: dict[str, Path], capsys: pytest.CaptureFixture[str],
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_bad_weights_fail_serve_with_one_clear_line(
+    kind: str, bad_weights: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     def must_not_serve(self: Any, *args: Any, **kwargs: Any) -> None:
         raise AssertionError(f"safl serve started a server on bad weights ({kind})")
 
@@ -413,20 +422,7 @@ def test_same_length_charset_swap_is_refused(tiny_checkpoint: Path, tmp_path: Pa
 def _serve_subprocess(weights: Path, timeout: float = 60.0) -> tuple[int, str, float, int]:
     """``python -m service serve --weights WEIGHTS``: (exit code, output, seconds, port)."""
     port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "service",
-        "serve",
-        "--weights",
-        str(weights),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--device",
-        "cpu",
-    ]
+    cmd = [sys.executable, "-m", "service", "serve", "--weights", str(weights), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
     t0 = time.monotonic()
     proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout, check=False)
     return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - t0, port

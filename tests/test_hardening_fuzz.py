@@ -31,17 +31,7 @@ import pytest
 import schemathesis
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 from fastapi import FastAPI
-from hardening_support import (
-    CLIENT_ERRORS,
-    Nasty,
-    assert_error_json,
-    assert_results,
-    encode,
-    env_float,
-    nasty_images,
-    record_figures,
-    seed_images,
-)
+from hardening_support import CLIENT_ERRORS, Nasty, assert_error_json, assert_results, encode, env_float, nasty_images, record_figures, seed_images
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -117,11 +107,7 @@ def test_nasty_images_among_good_ones_fail_alone(client: httpx.Client) -> None:
     # One bad file fails its own request with its name; the next request is unaffected.
     good = NASTY[0].data
     for case in (n for n in NASTY if 200 not in n.statuses):
-        r = post(
-            client,
-            "nasty_images",
-            files=[("files", (n, d, "image/png")) for n, d in [("a.png", good), ("bad.img", case.data), ("c.png", good)]],
-        )
+        r = post(client, "nasty_images", files=[("files", (n, d, "image/png")) for n, d in [("a.png", good), ("bad.img", case.data), ("c.png", good)]])
         assert r.status_code in case.statuses and "bad.img" in assert_error_json(r)["message"]
     assert_results(post(client, "nasty_images", files=[("files", ("ok.png", good, "image/png"))] * 3), 3)
 
@@ -288,16 +274,36 @@ def test_random_multipart_bodies(client: httpx.Client, request: tuple[str, bytes
         assert 1 <= len(r.json()["results"]) <= LIMITS["max_files"]
 
 
-_MEDIA = ["application/json", "multipart/form-data", "application/x-www-form-urlencoded", "text/plain", "image/png",
-          "application/octet-stream", "application/problem+json", "application/json; charset=utf-16", "", "*/*",
-          "multipart/mixed"]  # fmt: skip
+_MEDIA = [
+    "application/json",
+    "multipart/form-data",
+    "application/x-www-form-urlencoded",
+    "text/plain",
+    "image/png",
+    "application/octet-stream",
+    "application/problem+json",
+    "application/json; charset=utf-16",
+    "",
+    "*/*",
+    "multipart/mixed",
+]
 
 
 def _fixed_bodies() -> list[bytes]:
     png = base64.b64encode(SEEDS[0])
-    return [b"", b"{}", b"[]", b"null", b'{"images": null}', b'{"images": [""]}', b'{"images": ["====="]}',
-            b'{"images": ["' + png + b'"], "filenames": []}', b'{"images": ["' + png + b'"], "x": 1}',
-            b"[" * 10_000, b'{"images": ["' + b"A" * 300_000 + b'"]}']  # fmt: skip
+    return [
+        b"",
+        b"{}",
+        b"[]",
+        b"null",
+        b'{"images": null}',
+        b'{"images": [""]}',
+        b'{"images": ["====="]}',
+        b'{"images": ["' + png + b'"], "filenames": []}',
+        b'{"images": ["' + png + b'"], "x": 1}',
+        b"[" * 10_000,
+        b'{"images": ["' + b"A" * 300_000 + b'"]}',
+    ]
 
 
 @st.composite
@@ -356,9 +362,20 @@ async def asgi_post(app: FastAPI, headers: list[tuple[bytes, bytes]], body: byte
         if message["type"] == "http.response.body" and not message.get("more_body"):
             replied.set()
 
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": "/recognize", "raw_path": b"/recognize", "root_path": "", "query_string": b"",
-             "headers": [(b"host", b"testserver"), *headers], "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}  # fmt: skip
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/recognize",
+        "raw_path": b"/recognize",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"testserver"), *headers],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
     await asyncio.wait_for(app(scope, receive, send), 30)
     start = next(m for m in sent if m["type"] == "http.response.start")
     reply_headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in start.get("headers", [])}
@@ -378,8 +395,9 @@ _NUMBERISH = st.lists(st.sampled_from(_NUMBERISH_PARTS), max_size=6).map(b"".joi
     as_json=st.booleans(),
 )
 @fuzz_settings(200)
-def test_raw_header_values(asgi_app: tuple[FastAPI, BlockingPortal], content_length: bytes | None, content_type: bytes,
-                           timeout: bytes | None, as_json: bool) -> None:  # fmt: skip
+def test_raw_header_values(
+    asgi_app: tuple[FastAPI, BlockingPortal], content_length: bytes | None, content_type: bytes, timeout: bytes | None, as_json: bool
+) -> None:
     app, portal = asgi_app
     if as_json:
         body = json_images([SEEDS[0]])
@@ -430,8 +448,7 @@ def documented_reply(ctx: Any, response: Any, case: Any) -> bool:
 def test_schemathesis(case: Any, server: tuple[FastAPI, str]) -> None:
     # positive_data_acceptance is left out: schema-valid bytes need not be an image (415/422 are right).
     # not_a_server_error is replaced by documented_reply: a client's own tiny X-Request-Timeout-Ms may give 504.
-    case.call_and_validate(base_url=server[1], excluded_checks=[positive_data_acceptance, not_a_server_error],
-                           additional_checks=[documented_reply])  # fmt: skip
+    case.call_and_validate(base_url=server[1], excluded_checks=[positive_data_acceptance, not_a_server_error], additional_checks=[documented_reply])
 
 
 # --- afterwards: the server's own account
@@ -446,5 +463,4 @@ def test_server_is_healthy_and_never_answered_500(server: tuple[FastAPI, str], c
     assert metric(text, "safl_errors_total", reason="internal_error") == 0
     assert metric(text, "safl_queue_depth") == 0 and metric(text, "safl_in_flight_requests") == 0
     assert metric(text, "safl_in_flight_crops") == 0 and metric(text, "safl_worker_restarts_total") == 0
-    record_figures("fuzz", inputs_tried=sum(TRIED.values()), by_test=dict(TRIED), statuses=dict(sorted(STATUSES.items())),
-                   nasty_images=len(NASTY), http_500=0)  # fmt: skip
+    record_figures("fuzz", inputs_tried=sum(TRIED.values()), by_test=dict(TRIED), statuses=dict(sorted(STATUSES.items())), nasty_images=len(NASTY), http_500=0)

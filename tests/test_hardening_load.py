@@ -133,9 +133,17 @@ async def test_burst_far_above_capacity_gets_fast_503_and_every_accepted_request
     assert metric(text, "safl_errors_total", reason="overloaded") == len(refused)
     assert metric(text, "safl_queue_depth") == 0 and metric(text, "safl_in_flight_requests") == 0
     refused_latency = [finished[i] - started[i] for i, r in enumerate(replies) if r.status_code == 503]
-    record_figures("overload_gated", burst=burst, max_queue=max_queue, accepted=len(ok), refused_503=len(refused),
-                   share_503=round(len(refused) / burst, 3), p95_503_s=round(_percentile(refused_latency, 0.95), 4),
-                   max_queue_depth=max(depths), lost=burst - len(ok) - len(refused))  # fmt: skip
+    record_figures(
+        "overload_gated",
+        burst=burst,
+        max_queue=max_queue,
+        accepted=len(ok),
+        refused_503=len(refused),
+        share_503=round(len(refused) / burst, 3),
+        p95_503_s=round(_percentile(refused_latency, 0.95), 4),
+        max_queue_depth=max(depths),
+        lost=burst - len(ok) - len(refused),
+    )
 
 
 @pytest.mark.anyio
@@ -181,13 +189,13 @@ def _raw_request(files: list[bytes], boundary: str = "hardening") -> tuple[bytes
     """(headers, body) of a multipart POST /recognize, to send over a bare socket."""
     body = (
         b"".join(
-            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="f{i}.png"\r\n\r\n'.encode() + f + b"\r\n"
-            for i, f in enumerate(files)
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="f{i}.png"\r\n\r\n'.encode() + f + b"\r\n" for i, f in enumerate(files)
         )
         + f"--{boundary}--\r\n".encode()
     )
-    head = (f"POST /recognize HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
+    head = (
+        f"POST /recognize HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
     return head, body
 
 
@@ -417,13 +425,26 @@ def test_burst_on_a_real_server(tiny_checkpoint: Path, tmp_path: Path) -> None:
     assert server_503 < server_200, (server_503, server_200)
     # Back to normal afterwards.
     assert statistics.median(after) <= 3 * statistics.median(before) + 0.1
-    record_figures("overload_real_server", burst=burst, crops_per_request=crops, max_queue=max_queue, ok=len(ok),
-                   refused_503=len(refused), share_503=round(len(refused) / burst, 3), lost=burst - len(ok) - len(refused),
-                   burst_seconds=round(burst_s, 2), p50_503_s=round(statistics.median(refused), 3),
-                   p95_503_s=round(_percentile(refused, 0.95), 3), p50_200_s=round(statistics.median(ok), 3),
-                   p95_200_s=round(_percentile(ok, 0.95), 3), max_queue_depth=max(depths),
-                   p50_before_s=round(statistics.median(before), 4), p50_after_s=round(statistics.median(after), 4),
-                   server_mean_503_s=round(server_503, 4), server_mean_200_s=round(server_200, 4))  # fmt: skip
+    record_figures(
+        "overload_real_server",
+        burst=burst,
+        crops_per_request=crops,
+        max_queue=max_queue,
+        ok=len(ok),
+        refused_503=len(refused),
+        share_503=round(len(refused) / burst, 3),
+        lost=burst - len(ok) - len(refused),
+        burst_seconds=round(burst_s, 2),
+        p50_503_s=round(statistics.median(refused), 3),
+        p95_503_s=round(_percentile(refused, 0.95), 3),
+        p50_200_s=round(statistics.median(ok), 3),
+        p95_200_s=round(_percentile(ok, 0.95), 3),
+        max_queue_depth=max(depths),
+        p50_before_s=round(statistics.median(before), 4),
+        p50_after_s=round(statistics.median(after), 4),
+        server_mean_503_s=round(server_503, 4),
+        server_mean_200_s=round(server_200, 4),
+    )
 
 
 def _mean_duration(before: str, after: str, status: str) -> float:
@@ -501,12 +522,25 @@ def test_soak(tiny_checkpoint: Path, tmp_path: Path) -> None:
     rss_growth_mib = (max(final_rss, *(s[1] for s in baseline)) - rss0) / 2**20
     fd_growth = max(final_fds, *(s[2] for s in baseline)) - fds0
     lost = sum(sent.values()) - sum(answered.values())
-    record_figures("soak", seconds=duration, warmup_s=warmup, concurrency=concurrency, sent=sum(sent.values()), by_kind=dict(sent),
-                   lost=lost, problems=len(problems), rss_after_warmup_mib=round(rss0 / 2**20, 1),
-                   rss_final_mib=round(final_rss / 2**20, 1), rss_max_mib=round(max(s[1] for s in samples) / 2**20, 1),
-                   rss_delta_mib=round((final_rss - rss0) / 2**20, 1), rss_max_growth_mib=round(rss_growth_mib, 1),
-                   fds_after_warmup=fds0, fds_max=fds0 + fd_growth, fds_final=final_fds,
-                   crops=metric(text, "safl_crops_recognized_total"))  # fmt: skip
+    record_figures(
+        "soak",
+        seconds=duration,
+        warmup_s=warmup,
+        concurrency=concurrency,
+        sent=sum(sent.values()),
+        by_kind=dict(sent),
+        lost=lost,
+        problems=len(problems),
+        rss_after_warmup_mib=round(rss0 / 2**20, 1),
+        rss_final_mib=round(final_rss / 2**20, 1),
+        rss_max_mib=round(max(s[1] for s in samples) / 2**20, 1),
+        rss_delta_mib=round((final_rss - rss0) / 2**20, 1),
+        rss_max_growth_mib=round(rss_growth_mib, 1),
+        fds_after_warmup=fds0,
+        fds_max=fds0 + fd_growth,
+        fds_final=final_fds,
+        crops=metric(text, "safl_crops_recognized_total"),
+    )
     assert lost == 0 and not problems, problems[:5]
     assert rss_growth_mib <= SOAK_RSS_BOUND_MIB
     assert fd_growth <= SOAK_FD_BOUND
@@ -573,6 +607,14 @@ def test_sigterm_under_load_real_server(tiny_checkpoint: Path, tmp_path: Path) -
     answered_after_signal = sum(1 for t0, t1, o, _ in outcomes if t0 < signalled < t1 and o == "200")
     assert answered_after_signal >= 1  # admitted work really was drained, not dropped
     assert "Traceback" not in log
-    record_figures("sigterm_under_load", requests=len(outcomes), outcomes=dict(counts), in_flight_at_signal=in_flight,
-                   sent_before_signal=len(before), drained_200_after_signal=answered_after_signal, exit_code=code,
-                   exit_seconds=round(exited - signalled, 2), lost=0)  # fmt: skip
+    record_figures(
+        "sigterm_under_load",
+        requests=len(outcomes),
+        outcomes=dict(counts),
+        in_flight_at_signal=in_flight,
+        sent_before_signal=len(before),
+        drained_200_after_signal=answered_after_signal,
+        exit_code=code,
+        exit_seconds=round(exited - signalled, 2),
+        lost=0,
+    )

@@ -56,7 +56,7 @@ async def test_a_multipart_body_cut_before_its_closing_boundary_is_refused(tiny_
         reply = await client.post("/recognize", content=whole, headers=CONTENT_TYPE)
         assert reply.status_code == 200 and [r["filename"] for r in reply.json()["results"]] == ["a.png", "b.png"]
         one_part = _body(_part("files", "a.png", _PNG))
-        for cut in (whole[:-len(closing)], whole[:-200], one_part[:-len(closing)], one_part[:-8]):
+        for cut in (whole[: -len(closing)], whole[:-200], one_part[: -len(closing)], one_part[:-8]):
             reply = await client.post("/recognize", content=cut, headers=CONTENT_TYPE)
             assert reply.status_code == 400, reply.text
             assert _code(reply) == "malformed_multipart" and "closing boundary" in reply.json()["error"]["message"]
@@ -99,7 +99,7 @@ async def test_the_request_pixel_budget_is_checked_before_decoding(tiny_checkpoi
     white = encode(Image.new("L", (1000, 1000), 255))
     settings = settings_for(tiny_checkpoint, max_pixels=1_000_000, max_request_pixels=2_500_000)
     async with running_app(settings) as (_, client):
-        assert (await client.post("/recognize", files=[("files", (f"{i}.png", white))for i in range(2)])).status_code == 200
+        assert (await client.post("/recognize", files=[("files", (f"{i}.png", white)) for i in range(2)])).status_code == 200
         reply = await client.post("/recognize", files=[("files", (f"{i}.png", white)) for i in range(3)])
         assert reply.status_code == 413 and _code(reply) == "too_many_pixels" and "3000000" in reply.text
 

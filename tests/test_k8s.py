@@ -55,14 +55,16 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[st
     # What the cpu overlay's commented `components:` line gives.
     combo = tmp_path_factory.mktemp("cpu-queue-depth")
     (combo / "kustomization.yaml").write_text(
-        yaml.safe_dump({
-            "apiVersion": "kustomize.config.k8s.io/v1beta1",
-            "kind": "Kustomization",
-            # Relative: kustomize refuses absolute paths to other kustomizations.
-            "resources": [os.path.relpath(K8S / "overlays" / "cpu", combo)],
-            "components": [os.path.relpath(QUEUE_DEPTH, combo)],
-        })
-    )  # fmt: skip
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                # Relative: kustomize refuses absolute paths to other kustomizations.
+                "resources": [os.path.relpath(K8S / "overlays" / "cpu", combo)],
+                "components": [os.path.relpath(QUEUE_DEPTH, combo)],
+            }
+        )
+    )
     out["cpu+queue-depth"] = kustomize(combo)
     return out
 
@@ -165,8 +167,9 @@ def test_probes_hit_the_apps_routes(rendered: dict[str, list[dict[str, Any]]], v
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_env_is_valid_settings_and_threads_match_the_cpu_request(rendered: dict[str, list[dict[str, Any]]], variant: str,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_env_is_valid_settings_and_threads_match_the_cpu_request(
+    rendered: dict[str, list[dict[str, Any]]], variant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     c = container(rendered[variant])
     names = [v["name"] for v in c["env"] if v["name"].startswith(ENV_PREFIX)]
     fields = {ENV_PREFIX + f.upper() for f in Settings.model_fields}

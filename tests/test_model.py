@@ -95,8 +95,7 @@ def test_preset_sizes_grow() -> None:
 
 
 @pytest.mark.parametrize(
-    "overrides,match",
-    [({"heads": 3}, "not divisible"), ({"grid_h": 3}, "grid_h"), ({"height": 30}, "multiples of 4"), ({"channels": 2}, "channels")],
+    "overrides,match", [({"heads": 3}, "not divisible"), ({"grid_h": 3}, "grid_h"), ({"height": 30}, "multiples of 4"), ({"channels": 2}, "channels")]
 )
 def test_invalid_configs_rejected(overrides: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):

@@ -25,14 +25,17 @@ def test_a_wheel_install_serves_the_shipped_weights(tmp_path: Path) -> None:
     build = [sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels)]
     subprocess.run(build, check=True, capture_output=True, timeout=300)
     (wheel,) = wheels.glob("safl-*.whl")
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)], check=True, capture_output=True, timeout=300
+    )
     probe = (
         "import json, model, service; from model.checkpoint import read_info; from service import Settings; "
         "w = Settings().weights; info = read_info(w); "
         "print(json.dumps({'model': model.__file__, 'weights': str(w), 'name': info.name, 'sha': info.sha256}))"
     )
-    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env={"PYTHONPATH": str(target), "PATH": ""},
-                         check=True, capture_output=True, text=True, timeout=120)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, env={"PYTHONPATH": str(target), "PATH": ""}, check=True, capture_output=True, text=True, timeout=120
+    )
     found = json.loads(out.stdout.strip().splitlines()[-1])
     assert found["model"].startswith(str(target)), found  # the installed copy, not this checkout
     assert found["weights"].startswith(str(target)) and found["weights"].endswith("safl.safetensors"), found

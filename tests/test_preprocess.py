@@ -15,16 +15,7 @@ import torch
 from conftest import render_word
 from PIL import Image, ImageOps
 
-from model.preprocess import (
-    PreprocessConfig,
-    ViewConfig,
-    canonicalize,
-    collate,
-    preprocess,
-    resize,
-    to_tensor,
-    views,
-)
+from model.preprocess import PreprocessConfig, ViewConfig, canonicalize, collate, preprocess, resize, to_tensor, views
 
 CFG = PreprocessConfig()
 SIZE = (160, 40)  # not the model size: every case is also resized

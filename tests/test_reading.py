@@ -48,11 +48,14 @@ def test_the_steps() -> None:
         merge(first, CROPS, crops, [READS["b1"], READS["b2"]])
 
 
-@pytest.mark.parametrize(("confident_at", "calls", "texts"), [
-    (0.0, [["a0", "b0", "c0", "d0"]], ["sure", "faint", "alone", "tie"]),  # never unsure
-    (0.6, [["a0", "b0", "c0", "d0"], ["b1", "b2", "d1"]], ["sure", "better", "alone", "tie"]),
-    (1.0, [["a0", "b0", "c0", "d0"], ["a1", "b1", "b2", "d1"]], ["never", "better", "alone", "tie"]),  # every view
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("confident_at", "calls", "texts"),
+    [
+        (0.0, [["a0", "b0", "c0", "d0"]], ["sure", "faint", "alone", "tie"]),  # never unsure
+        (0.6, [["a0", "b0", "c0", "d0"], ["b1", "b2", "d1"]], ["sure", "better", "alone", "tie"]),
+        (1.0, [["a0", "b0", "c0", "d0"], ["a1", "b1", "b2", "d1"]], ["never", "better", "alone", "tie"]),  # every view
+    ],
+)
 def test_read_views_reads_at_most_twice(confident_at: float, calls: list[list[str]], texts: list[str]) -> None:
     seen: list[list[str]] = []
 

@@ -35,9 +35,15 @@ def _flags(checkpoint: Path) -> list[str]:
 def crops(tmp_path: Path) -> Path:
     """A folder of crops: nested, mixed-case endings, a hidden folder, a non-image file."""
     root = tmp_path / "crops"
-    for rel, word, fmt in [("b.png", "beta", "PNG"), ("a.JPG", "Alpha", "JPEG"), ("sub/c.png", "gamma", "PNG"),
-                           ("sub/deeper/d.webp", "delta", "WEBP"), ("a-z/e.png", "eps", "PNG"),
-                           (".cache/x.png", "hidden", "PNG"), (".y.png", "hidden", "PNG")]:  # fmt: skip
+    for rel, word, fmt in [
+        ("b.png", "beta", "PNG"),
+        ("a.JPG", "Alpha", "JPEG"),
+        ("sub/c.png", "gamma", "PNG"),
+        ("sub/deeper/d.webp", "delta", "WEBP"),
+        ("a-z/e.png", "eps", "PNG"),
+        (".cache/x.png", "hidden", "PNG"),
+        (".y.png", "hidden", "PNG"),
+    ]:
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(encode(render_word(word, mode="RGB" if fmt == "JPEG" else "L"), fmt))
@@ -121,8 +127,12 @@ def test_a_bad_file_does_not_stop_the_batch(tiny_checkpoint: Path, crops: Path, 
     objs = [json.loads(line) for line in captured.out.splitlines()]
     # The pattern that matched nothing first, then every file in order, errors in place.
     assert [(o["file"], o.get("error", {}).get("code")) for o in objs] == [
-        (named[4], "no_match"), (named[0], None), (named[1], "corrupt_image"), (named[2], "unreadable"), (named[3], None),
-    ]  # fmt: skip
+        (named[4], "no_match"),
+        (named[0], None),
+        (named[1], "corrupt_image"),
+        (named[2], "unreadable"),
+        (named[3], None),
+    ]
     err = captured.err.splitlines()
     assert len(err) == 4 and all(line.startswith("safl recognize: ") for line in err)
     assert "no*.gif" in err[0] and "broken.png" in err[1] and "missing.png" in err[2]

@@ -85,14 +85,18 @@ async def test_a_vertical_sign_is_read_turned(memorised_checkpoint_without_tps: 
         assert texts[len(words) :] != words
 
 
-@pytest.mark.parametrize(("contrast_views", "confident_at", "reads_words", "inputs_per_crop"), [
-    (True, 1.0, True, 3),  # every view of every crop
-    (True, 0.6, True, 3),  # the default: a faded crop reads unsure, so its contrast views are read too
-    (True, 0.0, False, 1),  # every first reading counts as sure: no further views
-    (False, 1.0, False, 1),
-])  # fmt: skip
-async def test_a_faded_crop_is_read_contrast_stretched(memorised_checkpoint: tuple[Path, list[str]], contrast_views: bool,
-                                                       confident_at: float, reads_words: bool, inputs_per_crop: int) -> None:  # fmt: skip
+@pytest.mark.parametrize(
+    ("contrast_views", "confident_at", "reads_words", "inputs_per_crop"),
+    [
+        (True, 1.0, True, 3),  # every view of every crop
+        (True, 0.6, True, 3),  # the default: a faded crop reads unsure, so its contrast views are read too
+        (True, 0.0, False, 1),  # every first reading counts as sure: no further views
+        (False, 1.0, False, 1),
+    ],
+)
+async def test_a_faded_crop_is_read_contrast_stretched(
+    memorised_checkpoint: tuple[Path, list[str]], contrast_views: bool, confident_at: float, reads_words: bool, inputs_per_crop: int
+) -> None:
     checkpoint, words = memorised_checkpoint
     # Grey on grey (levels 120..140): a washed-out photo of each word.
     files = [encode(render_word(w).point(lambda v: 120 + v * 20 // 255)) for w in words]

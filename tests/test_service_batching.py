@@ -15,18 +15,7 @@ import httpx
 import pytest
 import torch
 from conftest import render_word
-from service_support import (
-    assert_matches,
-    encode,
-    expected,
-    gated_predictor,
-    metric,
-    multipart,
-    running_app,
-    runtime_of,
-    settings_for,
-    wait_until,
-)
+from service_support import assert_matches, encode, expected, gated_predictor, metric, multipart, running_app, runtime_of, settings_for, wait_until
 
 from model import SAFL
 

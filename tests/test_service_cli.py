@@ -40,7 +40,9 @@ def test_recognize_prints_file_text_confidence(tiny_checkpoint: Path, tiny_model
         assert float(conf) == pytest.approx(ref.confidence, rel=1e-4, abs=1e-30)
 
 
-def test_recognize_turns_tall_crops_unless_told_not_to(memorised_checkpoint_without_tps: tuple[Path, list[str]], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_recognize_turns_tall_crops_unless_told_not_to(
+    memorised_checkpoint_without_tps: tuple[Path, list[str]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     checkpoint, words = memorised_checkpoint_without_tps
     paths = []
     for i, w in enumerate(words):
@@ -122,6 +124,10 @@ def test_bad_training_settings_are_refused_before_any_data_loads(tmp_path: Path)
 
     with pytest.raises(ValueError, match="--real-ratio must be between 0 and 1.*--lr must be positive|--lr must be positive.*--real-ratio"):
         TrainConfig(real_ratio=1.5, lr=0)
-    out = subprocess.run([sys.executable, "-m", "service", "train", "--out", str(tmp_path / "r"), "--synth", "does-not-exist", "--lr", "-1"],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "service", "train", "--out", str(tmp_path / "r"), "--synth", "does-not-exist", "--lr", "-1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode != 0 and out.stderr.strip() == "safl train: --lr must be positive, got -1.0", out.stderr

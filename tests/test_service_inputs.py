@@ -82,7 +82,13 @@ CASES: list[tuple[str, Callable[[], dict[str, Any]], int, str, str]] = [
     ("json_not_image", lambda: {"json": {"images": [base64.b64encode(b"plain text").decode()]}}, 415, "unsupported_image", "image-0"),
     ("json_too_many", lambda: {"json": {"images": [base64.b64encode(_PNG).decode()] * 5}}, 413, "too_many_files", "5"),
     ("wrong_content_type", lambda: {"content": b"abc", "headers": {"content-type": "text/plain"}}, 415, "unsupported_content_type", "text/plain"),
-    ("multipart_no_boundary", lambda: {"content": b"--xyz\r\nnonsense", "headers": {"content-type": "multipart/form-data"}}, 400, "malformed_multipart", "boundary"),
+    (
+        "multipart_no_boundary",
+        lambda: {"content": b"--xyz\r\nnonsense", "headers": {"content-type": "multipart/form-data"}},
+        400,
+        "malformed_multipart",
+        "boundary",
+    ),
     ("bad_timeout_header", lambda: {"files": multipart([_PNG]), "headers": {"X-Request-Timeout-Ms": "soon"}}, 422, "invalid_timeout", "X-Request-Timeout-Ms"),
 ]
 
@@ -108,10 +114,7 @@ def test_declared_body_too_large_is_refused_unread(server: str) -> None:
     host, port = server.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:
         # Only the headers are sent: the reply must come without the server waiting for the body.
-        sock.sendall(
-            b"POST /recognize HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-            b"Content-Length: 2000000\r\n\r\n"
-        )
+        sock.sendall(b"POST /recognize HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: 2000000\r\n\r\n")
         reply = b""
         while b'"}}' not in reply:
             data = sock.recv(65536)
@@ -135,7 +138,7 @@ async def test_streamed_body_over_limit(tiny_checkpoint: Path) -> None:
     async def chunks() -> Any:
         # No Content-Length (chunked): the limit is enforced by counting what streams in.
         nonlocal sent
-        head = b"--b\r\nContent-Disposition: form-data; name=\"files\"; filename=\"big.png\"\r\n\r\n"
+        head = b'--b\r\nContent-Disposition: form-data; name="files"; filename="big.png"\r\n\r\n'
         yield head
         for _ in range(40):
             sent += 65536

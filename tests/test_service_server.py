@@ -14,17 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import render_word
-from service_support import (
-    encode,
-    free_port,
-    gated_predictor,
-    metric,
-    multipart,
-    serve_in_thread,
-    settings_for,
-    subprocess_env,
-    wait_process_ready,
-)
+from service_support import encode, free_port, gated_predictor, metric, multipart, serve_in_thread, settings_for, subprocess_env, wait_process_ready
 
 from service import create_app
 
@@ -80,8 +70,22 @@ def test_head_probes_answer_like_get_without_a_body(tiny_checkpoint: Path) -> No
 def test_python_m_service_serve_exits_0_on_sigterm(tiny_checkpoint: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "service", "serve", "--weights", str(tiny_checkpoint), "--port", str(port),
-           "--threads", "1", "--max-batch-size", "4", "--log-level", "warning"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "service",
+        "serve",
+        "--weights",
+        str(tiny_checkpoint),
+        "--port",
+        str(port),
+        "--threads",
+        "1",
+        "--max-batch-size",
+        "4",
+        "--log-level",
+        "warning",
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_process_ready(url, proc, 60.0, lambda: proc.stderr.read() if proc.stderr and proc.poll() is not None else "")
@@ -125,8 +129,14 @@ def test_sigterm_drains_admitted_work_and_refuses_new(tiny_checkpoint: Path, tmp
     script.write_text(_SLOW_SERVER)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, str(script), str(tiny_checkpoint), str(port)], cwd=REPO, env=subprocess_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tiny_checkpoint), str(port)],
+        cwd=REPO,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_process_ready(url, proc, 60.0, lambda: proc.stderr.read() if proc.stderr and proc.poll() is not None else "")
         replies: list[httpx.Response] = []
@@ -156,8 +166,22 @@ def test_access_log_leaves_out_successful_probes_and_scrapes(tiny_checkpoint: Pa
     # lines and failed probes (here a scrape without the API key) must still be logged.
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "service", "serve", "--weights", str(tiny_checkpoint), "--port", str(port),
-           "--threads", "1", "--no-warmup", "--log-level", "info", "--auth-metrics"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "service",
+        "serve",
+        "--weights",
+        str(tiny_checkpoint),
+        "--port",
+        str(port),
+        "--threads",
+        "1",
+        "--no-warmup",
+        "--log-level",
+        "info",
+        "--auth-metrics",
+    ]
     if log_probes:
         cmd.append("--access-log-probes")
     env = subprocess_env() | {"SAFL_API_KEY": "k"}

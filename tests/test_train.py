@@ -245,8 +245,26 @@ def test_reset_tps_keeps_the_rest_and_makes_the_rectifier_the_identity() -> None
 
 def test_resume_refuses_a_flag_that_contradicts_the_saved_run(tmp_path: Path, shards: Path) -> None:
     out = tmp_path / "focal"
-    base = ["train", "--out", str(out), "--preset", "tiny", "--synth", str(shards), "--batch-size", "4", "--threads", "1",
-            "--no-progress", "--val-every", "0", "--amp", "off", "--warmup-steps", "1"]
+    base = [
+        "train",
+        "--out",
+        str(out),
+        "--preset",
+        "tiny",
+        "--synth",
+        str(shards),
+        "--batch-size",
+        "4",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--val-every",
+        "0",
+        "--amp",
+        "off",
+        "--warmup-steps",
+        "1",
+    ]
     assert cli_main([*base, "--total-steps", "1"]) == 0
     with pytest.raises(SystemExit) as exc:
         cli_main([*base, "--total-steps", "2", "--resume", "--loss", "ce", "--gamma", "0"])
@@ -285,8 +303,28 @@ def test_labels_left_out_of_training_are_reported(tmp_path: Path, shards: Path, 
 def test_resume_without_flags_keeps_the_saved_schedule(tmp_path: Path, shards: Path) -> None:
     # A bare --resume once fell back to the default --total-steps (100000): the lr never decayed.
     out = tmp_path / "bare"
-    base = ["train", "--out", str(out), "--preset", "tiny", "--synth", str(shards), "--batch-size", "4", "--threads", "1",
-            "--no-progress", "--val-every", "0", "--amp", "off", "--warmup-steps", "1", "--total-steps", "3"]
+    base = [
+        "train",
+        "--out",
+        str(out),
+        "--preset",
+        "tiny",
+        "--synth",
+        str(shards),
+        "--batch-size",
+        "4",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--val-every",
+        "0",
+        "--amp",
+        "off",
+        "--warmup-steps",
+        "1",
+        "--total-steps",
+        "3",
+    ]
     assert cli_main([*base, "--stop-at-step", "1"]) == 0
     assert cli_main(["train", "--out", str(out), "--resume", "--no-progress"]) == 0  # the stop step was for one invocation
     assert load_checkpoint(out / "last.safetensors")[1].training["step"] == 3
@@ -306,9 +344,32 @@ def test_a_short_fine_tune_does_not_end_below_its_start(tmp_path: Path, shards: 
         render_word(w).save(folder / f"{i}.png")
     (folder / "labels.tsv").write_text("".join(f"{i}.png\t{w}\n" for i, w in enumerate(labels)))
     out = tmp_path / "ft"
-    args = ["train", "--out", str(out), "--init", str(ckpt), "--synth", str(shards), "--real", str(folder), "--real-ratio", "0.5",
-            "--val", str(folder), "--total-steps", "60", "--warmup-steps", "5", "--val-every", "20", "--batch-size", "8", "--threads", "1",
-            "--no-progress"]  # fmt: skip
+    args = [
+        "train",
+        "--out",
+        str(out),
+        "--init",
+        str(ckpt),
+        "--synth",
+        str(shards),
+        "--real",
+        str(folder),
+        "--real-ratio",
+        "0.5",
+        "--val",
+        str(folder),
+        "--total-steps",
+        "60",
+        "--warmup-steps",
+        "5",
+        "--val-every",
+        "20",
+        "--batch-size",
+        "8",
+        "--threads",
+        "1",
+        "--no-progress",
+    ]
     assert cli_main(args) == 0
     printed = capsys.readouterr().out
     assert "fine-tuning from --init: --lr 0.0001, --min-lr-ratio 0.1, --tps-lr-scale 0" in printed  # flags given are not listed

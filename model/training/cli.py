@@ -41,11 +41,10 @@ TRAIN_HELP = {
     "out": "run folder: config.json, log.jsonl, state.pt, last/best.safetensors",
     "preset": "model size for a new model: tiny (tests), small (CPU), base (GPU)",
     "init": "checkpoint to start from (fine-tuning or a warm restart); the fine-tune recipe then sets --lr, --warmup-steps, "
-            "--total-steps, --min-lr-ratio and --tps-lr-scale where not given, and the start is validated at step 0",
+    "--total-steps, --min-lr-ratio and --tps-lr-scale where not given, and the start is validated at step 0",
     "reset_tps": "with --init: re-initialise the rectifier's last layer as the identity (monotone points)",
     "synth": "synthetic data: shard folders (safl synth), LMDBs or labels.tsv folders",
-    "stream_workers": "render synthetic crops on the fly in this many processes instead of --synth (under torchrun: per process, "
-                      "each with a seed of its own)",
+    "stream_workers": "render synthetic crops on the fly in this many processes instead of --synth (under torchrun: per process, each with a seed of its own)",
     "stream_seed": "renderer seed of the stream (seed 0 is the default `safl synth` set)",
     "real": "labels.tsv folders of real crops: their fine-tune part is trained on (model.training.split)",
     "real_ratio": "share of each batch drawn from --real",
@@ -55,8 +54,7 @@ TRAIN_HELP = {
     "split_block": "crops per contiguous block of the split (a scene's crops stay on one side)",
     "loss": "focal (the paper) or ce (cross entropy)",
     "gamma": "focal loss exponent; 0 is cross entropy",
-    "batch_size": "crops per step, in all: under torchrun the global batch, each process training on its 1/N share "
-                  "(64 gives the most updates per CPU-second)",
+    "batch_size": "crops per step, in all: under torchrun the global batch, each process training on its 1/N share (64 gives the most updates per CPU-second)",
     "lr": "peak learning rate (AdamW)",
     "tps_lr_scale": "the rectifier's learning rate as a multiple of --lr",
     "weight_decay": "AdamW weight decay (not on biases, norms or positions)",
@@ -77,7 +75,7 @@ TRAIN_HELP = {
     "stop_at_step": "stop (and save) at this step without changing the schedule",
     "progress": "",
     "ddp_timeout": "under torchrun: seconds a process waits for the others (a validation pass on rank 0 included) before "
-                   "the run ends with an error naming the lost rank",
+    "the run ends with an error naming the lost rank",
 }
 
 
@@ -109,8 +107,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         else:
             p.add_argument(flag, type=type(value), default=argparse.SUPPRESS, help=text)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its state.pt (a missing state starts afresh)")
-    p.add_argument("--override-saved", action="store_true",
-                   help="with --resume: the run-defining flags given win over the saved run's (refused without it)")
+    p.add_argument("--override-saved", action="store_true", help="with --resume: the run-defining flags given win over the saved run's (refused without it)")
     twin = p.add_argument_group("lockstep twin", "a second run trained on the very same batches, differing only in loss and/or init")
     twin.add_argument("--twin-out", help="the twin's run folder (enables the twin)")
     twin.add_argument("--twin-loss", choices=("focal", "ce"), help="the twin's loss (default: the same as --loss)")
@@ -142,22 +139,30 @@ def run_train(args: argparse.Namespace) -> int:
         raise refuse(f"safl train: {exc}") from None
     if ranks.launched and ranks.is_main:
         low, high = cfg.batch_size // ranks.world_size, -(-cfg.batch_size // ranks.world_size)
-        print(f"ddp world_size={ranks.world_size}: --batch-size {cfg.batch_size} is the global batch, {low if low == high else f'{low}-{high}'} "
-              "crops per process; rank 0 validates, logs and saves", flush=True)
+        print(
+            f"ddp world_size={ranks.world_size}: --batch-size {cfg.batch_size} is the global batch, {low if low == high else f'{low}-{high}'} "
+            "crops per process; rank 0 validates, logs and saves",
+            flush=True,
+        )
     # --resume with no saved state starts afresh (README's commands end in --resume): the
     # recipe applies then too.
     if not (args.resume and (Path(cfg.out) / "state.pt").is_file()):
         tuned = with_finetune_defaults(cfg, set(given))
         changed = {k: getattr(tuned, k) for k in FINETUNE_DEFAULTS if getattr(tuned, k) != getattr(cfg, k)}
         if changed and ranks.is_main:
-            print("fine-tuning from --init: " + ", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in changed.items())
-                  + " (the fine-tune recipe; flags given win)", flush=True)
+            print(
+                "fine-tuning from --init: "
+                + ", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in changed.items())
+                + " (the fine-tune recipe; flags given win)",
+                flush=True,
+            )
         cfg = tuned
     if args.resume:
         conflicts = resume_conflicts(cfg.out, given)
         if conflicts and not args.override_saved:
-            raise refuse(f"safl train: --resume keeps the saved run's settings, but {'; '.join(conflicts)}: "
-                         "drop the flag, or add --override-saved to change the run")
+            raise refuse(
+                f"safl train: --resume keeps the saved run's settings, but {'; '.join(conflicts)}: drop the flag, or add --override-saved to change the run"
+            )
         if conflicts:
             _override_saved(Path(cfg.out), given)
     twin = None
@@ -198,12 +203,18 @@ def _override_saved(out: Path, given: dict) -> None:
 
 
 def add_eval_parser(sub: argparse._SubParsersAction, default_weights: Path | None) -> None:
-    p = sub.add_parser("eval", help="word accuracy of a checkpoint on labelled folders", description="Evaluate a checkpoint (STR 36-char protocol and case-sensitive).")
+    p = sub.add_parser(
+        "eval", help="word accuracy of a checkpoint on labelled folders", description="Evaluate a checkpoint (STR 36-char protocol and case-sensitive)."
+    )
     p.add_argument("--weights", type=Path, default=default_weights, required=default_weights is None, help="checkpoint (.safetensors)")
     p.add_argument("--data", type=Path, nargs="+", required=True, metavar="DIR", help="labels.tsv folders, shard folders or LMDBs")
-    p.add_argument("--part", choices=PARTS, default="all",
-                   help="which part of a labels.tsv folder (model.training.split); val-unseen: the validation crops no model "
-                        "warm-started from safl-small@a659eaef27c4 trained on")
+    p.add_argument(
+        "--part",
+        choices=PARTS,
+        default="all",
+        help="which part of a labels.tsv folder (model.training.split); val-unseen: the validation crops no model "
+        "warm-started from safl-small@a659eaef27c4 trained on",
+    )
     add_split_flags(p)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
@@ -231,12 +242,25 @@ def add_view_flags(p: argparse.ArgumentParser) -> None:
     """``--turn-tall/--no-turn-tall`` and ``--contrast-views/--no-contrast-views``: the
     ``model.preprocess.ViewConfig`` a reader uses (``view_config(args)``)."""
     default = ViewConfig()
-    p.add_argument("--turn-tall", action=argparse.BooleanOptionalAction, default=default.turn_tall,
-                   help="also read a crop taller than wide turned 90° each way (default: %(default)s)")
-    p.add_argument("--contrast-views", action=argparse.BooleanOptionalAction, default=default.contrast,
-                   help="also read each crop contrast-stretched and histogram-equalised (default: %(default)s)")
-    p.add_argument("--views-confident-at", type=_fraction, default=default.confident_at, metavar="P",
-                   help="read a crop's further views only when it alone reads less confidently than P; 1 reads them all (default: %(default)s)")  # fmt: skip
+    p.add_argument(
+        "--turn-tall",
+        action=argparse.BooleanOptionalAction,
+        default=default.turn_tall,
+        help="also read a crop taller than wide turned 90° each way (default: %(default)s)",
+    )
+    p.add_argument(
+        "--contrast-views",
+        action=argparse.BooleanOptionalAction,
+        default=default.contrast,
+        help="also read each crop contrast-stretched and histogram-equalised (default: %(default)s)",
+    )
+    p.add_argument(
+        "--views-confident-at",
+        type=_fraction,
+        default=default.confident_at,
+        metavar="P",
+        help="read a crop's further views only when it alone reads less confidently than P; 1 reads them all (default: %(default)s)",
+    )
 
 
 def _fraction(text: str) -> float:

@@ -52,17 +52,27 @@ def compare(path_a: Path, path_b: Path, folders: list[Path], split: SplitConfig 
         cb = [normalize_36(p) == g for p, g in zip(pb, gold)]
         lo, hi = paired_bootstrap(ca, cb)
         n = len(gold)
-        rows.append({
-            "set": ds.name, "n": n, "acc_a": sum(ca) / n, "acc_b": sum(cb) / n, "diff": (sum(ca) - sum(cb)) / n,
-            "ci95": [lo, hi], "only_a": sum(x and not y for x, y in zip(ca, cb)), "only_b": sum(y and not x for x, y in zip(ca, cb)),
-        })
+        rows.append(
+            {
+                "set": ds.name,
+                "n": n,
+                "acc_a": sum(ca) / n,
+                "acc_b": sum(cb) / n,
+                "diff": (sum(ca) - sum(cb)) / n,
+                "ci95": [lo, hi],
+                "only_a": sum(x and not y for x, y in zip(ca, cb)),
+                "only_b": sum(y and not x for x, y in zip(ca, cb)),
+            }
+        )
     return rows
 
 
 def to_markdown(rows: list[dict], name_a: str, name_b: str) -> str:
     """The comparison as a markdown table."""
-    lines = [f"| set | n | {name_a} | {name_b} | difference | 95 % CI (paired bootstrap) | only {name_a} right | only {name_b} right |",
-             "|---|---:|---:|---:|---:|---|---:|---:|"]
+    lines = [
+        f"| set | n | {name_a} | {name_b} | difference | 95 % CI (paired bootstrap) | only {name_a} right | only {name_b} right |",
+        "|---|---:|---:|---:|---:|---|---:|---:|",
+    ]
     for r in rows:
         lines.append(
             f"| {r['set']} | {r['n']} | {100 * r['acc_a']:.2f} % | {100 * r['acc_b']:.2f} % | {100 * r['diff']:+.2f} | "
@@ -79,8 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--names", nargs=2, default=["focal", "CE"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path)
-    p.add_argument("--part", choices=("val", "val-unseen"), default=FAIR_PART,
-                   help="val-unseen (default while the shipped model is of the legacy lineage, which trained on most of val) or val")
+    p.add_argument(
+        "--part",
+        choices=("val", "val-unseen"),
+        default=FAIR_PART,
+        help="val-unseen (default while the shipped model is of the legacy lineage, which trained on most of val) or val",
+    )
     add_split_flags(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

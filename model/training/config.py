@@ -14,8 +14,19 @@ __all__ = ["FINETUNE_DEFAULTS", "RUNTIME_FIELDS", "TrainConfig", "resume_conflic
 
 
 #: Fields that may change when a run is resumed (they do not change what is learnt).
-RUNTIME_FIELDS = {"max_minutes", "threads", "checkpoint_minutes", "val_every", "log_every", "stop_at_step", "progress", "total_steps",
-                  "device", "amp", "ddp_timeout"}
+RUNTIME_FIELDS = {
+    "max_minutes",
+    "threads",
+    "checkpoint_minutes",
+    "val_every",
+    "log_every",
+    "stop_at_step",
+    "progress",
+    "total_steps",
+    "device",
+    "amp",
+    "ddp_timeout",
+}
 
 
 @dataclass

@@ -54,14 +54,21 @@ class ArrayDataset:
                 labels.append(ok)
         if len(keep) == len(self.labels) and labels == self.labels:
             return self  # nothing dropped: avoid copying a large image array
-        return ArrayDataset(self.name, self.images[np.asarray(keep, dtype=np.int64)] if keep else self.images[:0], labels, self._views_at(keep),
-                            self._sources_at(keep), self.folder)  # fmt: skip
+        return ArrayDataset(
+            self.name,
+            self.images[np.asarray(keep, dtype=np.int64)] if keep else self.images[:0],
+            labels,
+            self._views_at(keep),
+            self._sources_at(keep),
+            self.folder,
+        )
 
     def subset(self, indices: list[int], name: str | None = None) -> ArrayDataset:
         """The samples at ``indices``."""
         idx = np.asarray(indices, dtype=np.int64)
-        return ArrayDataset(name or self.name, self.images[idx], [self.labels[i] for i in indices], self._views_at(indices),
-                            self._sources_at(indices), self.folder)  # fmt: skip
+        return ArrayDataset(
+            name or self.name, self.images[idx], [self.labels[i] for i in indices], self._views_at(indices), self._sources_at(indices), self.folder
+        )
 
     def _views_at(self, indices: list[int]) -> dict[int, np.ndarray]:
         return {new: self.extra_views[old] for new, old in enumerate(indices) if old in self.extra_views}
@@ -114,8 +121,9 @@ def _views(img: Image.Image, cfg: PreprocessConfig, view_cfg: ViewConfig | None)
     return [resize(img, cfg)] if view_cfg is None else views(img, cfg, view_cfg)
 
 
-def _from_views(name: str, per_image: list[list[np.ndarray]], labels: list[str], cfg: PreprocessConfig,
-                sources: list[str] | None = None, folder: str = "") -> ArrayDataset:  # fmt: skip
+def _from_views(
+    name: str, per_image: list[list[np.ndarray]], labels: list[str], cfg: PreprocessConfig, sources: list[str] | None = None, folder: str = ""
+) -> ArrayDataset:
     if not per_image:
         shape = (0, cfg.height, cfg.width) + ((3,) if cfg.channels == 3 else ())
         return ArrayDataset(name, np.zeros(shape, np.uint8), labels, sources=sources or [], folder=folder)
@@ -123,8 +131,9 @@ def _from_views(name: str, per_image: list[list[np.ndarray]], labels: list[str],
     return ArrayDataset(name, np.stack([v[0] for v in per_image]), labels, extra, sources or [], folder)
 
 
-def load_folder_part(folder: str | Path, cfg: PreprocessConfig, part: str, split: SplitConfig = DEFAULT_SPLIT,
-                     view_cfg: ViewConfig | None = ViewConfig()) -> ArrayDataset:
+def load_folder_part(
+    folder: str | Path, cfg: PreprocessConfig, part: str, split: SplitConfig = DEFAULT_SPLIT, view_cfg: ViewConfig | None = ViewConfig()
+) -> ArrayDataset:
     """``part`` (``model.training.split.part_indices``) of a labelled folder: ``"val"``,
     ``"train"`` (the fine-tune part), ``"all"``, or ``"val-unseen"`` (the validation crops
     no model of the legacy lineage trained on, ``model.training.split.unseen_val_indices``).
@@ -204,7 +213,9 @@ def load_any(path: str | Path, cfg: PreprocessConfig, view_cfg: ViewConfig | Non
         if meta.is_file():
             m = json.loads(meta.read_text())
             if (m.get("height"), m.get("width"), m.get("channels")) != (cfg.height, cfg.width, cfg.channels):
-                raise ValueError(f"{p} was rendered at {m.get('height')}x{m.get('width')}x{m.get('channels')}, the model takes {cfg.height}x{cfg.width}x{cfg.channels}")
+                raise ValueError(
+                    f"{p} was rendered at {m.get('height')}x{m.get('width')}x{m.get('channels')}, the model takes {cfg.height}x{cfg.width}x{cfg.channels}"
+                )
         return load_shards(p)
     if (p / "data.mdb").is_file():
         return load_lmdb(p, cfg, view_cfg=view_cfg)

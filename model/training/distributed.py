@@ -104,8 +104,13 @@ class Ranks:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         with self.failures("the start (joining the process group)"):
-            dist.init_process_group(self.backend, rank=self.rank, world_size=self.world_size, timeout=timedelta(seconds=timeout),
-                                    device_id=device if device.type == "cuda" else None)  # fmt: skip
+            dist.init_process_group(
+                self.backend,
+                rank=self.rank,
+                world_size=self.world_size,
+                timeout=timedelta(seconds=timeout),
+                device_id=device if device.type == "cuda" else None,
+            )
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """``model`` under DistributedDataParallel (its gradients averaged over the ranks)."""
@@ -165,9 +170,11 @@ class _Failures:
         # gloo's first sentence without its source location: "Read error [127.0.0.1]:28574: Connection reset by peer"
         first = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", str(exc).strip()).split(". ")[0].splitlines()[0] if str(exc).strip() else type(exc).__name__
         where = self.where() if callable(self.where) else self.where
-        message = (f"ddp rank {r.rank} of {r.world_size}: lost contact with the other ranks at {where} ({first[:200]}); "
-                   f"a rank died, was killed or stalled longer than --ddp-timeout {r.timeout:g} s. The run stops; --resume "
-                   "continues from the last saved state with the same number of processes")  # fmt: skip
+        message = (
+            f"ddp rank {r.rank} of {r.world_size}: lost contact with the other ranks at {where} ({first[:200]}); "
+            f"a rank died, was killed or stalled longer than --ddp-timeout {r.timeout:g} s. The run stops; --resume "
+            "continues from the last saved state with the same number of processes"
+        )
         print(f"safl train: {message}", file=sys.stderr, flush=True)
         raise DistributedError(message) from None
 

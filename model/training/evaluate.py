@@ -89,9 +89,14 @@ def read_batched(model: SAFL, images: np.ndarray, batch_size: int, amp_dtype: to
     return out
 
 
-def predict(model: SAFL, images, batch_size: int = 128, amp_dtype: torch.dtype | None = None,
-            extra_views: dict[int, np.ndarray] | None = None,
-            confident_at: float = ViewConfig().confident_at) -> tuple[list[str], list[float]]:  # fmt: skip
+def predict(
+    model: SAFL,
+    images,
+    batch_size: int = 128,
+    amp_dtype: torch.dtype | None = None,
+    extra_views: dict[int, np.ndarray] | None = None,
+    confident_at: float = ViewConfig().confident_at,
+) -> tuple[list[str], list[float]]:
     """Texts and confidences for a uint8 image array, in batches.
 
     With ``extra_views`` (``ArrayDataset.extra_views``) the samples are read as the
@@ -106,8 +111,9 @@ def predict(model: SAFL, images, batch_size: int = 128, amp_dtype: torch.dtype |
     return [r.text for r in readings], [r.confidence for r in readings]
 
 
-def evaluate(model: SAFL, datasets: list[ArrayDataset], batch_size: int = 128, worst: int = 5,
-             confident_at: float = ViewConfig().confident_at) -> list[DatasetResult]:  # fmt: skip
+def evaluate(
+    model: SAFL, datasets: list[ArrayDataset], batch_size: int = 128, worst: int = 5, confident_at: float = ViewConfig().confident_at
+) -> list[DatasetResult]:
     """Metrics per data set, with the ``worst`` most confident mistakes of each; the
     samples are read in their views (``predict``)."""
     results = []

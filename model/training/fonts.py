@@ -47,10 +47,26 @@ _SKIP_WORDS = ("emoji", "symbol", "dingbat", "math", "music", "braille", "color"
 #: Families the renderer never trains on: the clean-text benchmark (``bench/clean_text.py``)
 #: reads words in these, so it measures fonts the model has not seen. Metric clones go
 #: together (Liberation 2 = Arimo / Tinos / Cousine; Carlito is derived from Lato).
-HELD_OUT_FAMILIES = frozenset({
-    "Liberation Sans", "Liberation Sans Narrow", "Liberation Serif", "Liberation Mono", "Arimo", "Tinos", "Cousine",
-    "Lato", "Carlito", "Vollkorn", "PT Sans", "PT Sans Caption", "PT Sans Narrow", "PT Serif", "PT Serif Caption", "PT Mono",
-})
+HELD_OUT_FAMILIES = frozenset(
+    {
+        "Liberation Sans",
+        "Liberation Sans Narrow",
+        "Liberation Serif",
+        "Liberation Mono",
+        "Arimo",
+        "Tinos",
+        "Cousine",
+        "Lato",
+        "Carlito",
+        "Vollkorn",
+        "PT Sans",
+        "PT Sans Caption",
+        "PT Sans Narrow",
+        "PT Serif",
+        "PT Serif Caption",
+        "PT Mono",
+    }
+)
 FAMILY_SETS = ("train", "held_out", "all")
 
 
@@ -91,8 +107,11 @@ def discover_fonts(wanted: str, dirs: tuple[Path, ...] = FONT_DIRS, cache: Path 
         raise ValueError(f"families must be one of {FAMILY_SETS}, got {families!r}")
     if cache is not None and cache.is_file():
         data = json.loads(cache.read_text())
-        cached = [FontFace(d["path"], d["family"], frozenset(d["chars"])) for d in data
-                  if Path(d["path"]).is_file() and not any(w in d["family"].lower() for w in _SKIP_WORDS)]
+        cached = [
+            FontFace(d["path"], d["family"], frozenset(d["chars"]))
+            for d in data
+            if Path(d["path"]).is_file() and not any(w in d["family"].lower() for w in _SKIP_WORDS)
+        ]
         return _of_families(cached, families)
     faces = list(_scan(wanted, tuple(dirs)))
     if cache is not None:
@@ -144,8 +163,9 @@ if __name__ == "__main__":
 
         found = discover_fonts(DEFAULT_CHARS, families="all")
         held = discover_fonts(DEFAULT_CHARS, families="held_out")
-        print(f"{len(found)} font files in {len(by_family(found))} families "
-              f"({len(by_family(held))} families held out of training for bench/clean_text.py)")
+        print(f"{len(found)} font files in {len(by_family(found))} families ({len(by_family(held))} families held out of training for bench/clean_text.py)")
         if len(by_family(found)) < 20:
-            print("few fonts: synthetic data in few families generalises poorly. Install Debian's font packages with\n"
-                  "  apt-get install --no-install-recommends $(python -m model.training.fonts --packages)")
+            print(
+                "few fonts: synthetic data in few families generalises poorly. Install Debian's font packages with\n"
+                "  apt-get install --no-install-recommends $(python -m model.training.fonts --packages)"
+            )

@@ -123,8 +123,11 @@ def plot_continuations(runs: list[Path], metrics: Path, out: Path, since_step: d
         if val:
             ax.plot([r["images"] / 1e3 for r in val], [100 * r["val"]["mean_acc36"] for r in val], "o-", lw=1.5, label=run.name)
     ax.axhline(baseline, color="black", ls="--", lw=1, label=f"shipped {shipped['model']}: {baseline:.2f} %")
-    ax.set(xlabel="images trained since the shipped checkpoint (thousands)", ylabel="mean word accuracy, 36-char (%)",
-           title="CPU continuations of the shipped model (validation, default views)")  # fmt: skip
+    ax.set(
+        xlabel="images trained since the shipped checkpoint (thousands)",
+        ylabel="mean word accuracy, 36-char (%)",
+        title="CPU continuations of the shipped model (validation, default views)",
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, out)

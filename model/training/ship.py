@@ -38,8 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("candidate", type=Path)
     p.add_argument("--val", type=Path, nargs="+", required=True)
     p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
-    p.add_argument("--part", choices=("val", "val-unseen"), default=FAIR_PART,
-                   help="val-unseen (default while the shipped model is of the legacy lineage, which trained on most of val) or val")
+    p.add_argument(
+        "--part",
+        choices=("val", "val-unseen"),
+        default=FAIR_PART,
+        help="val-unseen (default while the shipped model is of the legacy lineage, which trained on most of val) or val",
+    )
     add_split_flags(p)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
@@ -62,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     model, info = load_checkpoint(args.candidate)
     shipped = save_checkpoint(model, args.weights, name=info.name, training=info.training)
     cand_meta["model"] = shipped.model_id
-    to_json(cand_results, args.weights.parent / "metrics.json", {"model": cand_meta["model"], "split": {"part": args.part, **asdict(split)}, "training": cand_meta})
+    to_json(
+        cand_results, args.weights.parent / "metrics.json", {"model": cand_meta["model"], "split": {"part": args.part, **asdict(split)}, "training": cand_meta}
+    )
     print(f"shipped {shipped.model_id} → {args.weights} (sha256 {shipped.sha256})")
     return 0
 

@@ -262,9 +262,11 @@ class Renderer:
         mesh = []
         for i in range(strips):
             x0, x1 = w * i // strips, w * (i + 1) // strips
+
             def off(x: float) -> float:
                 t = 2 * x / max(w, 1) - 1
                 return sign * amp * (t * t - 0.5)
+
             mesh.append(((x0, 0, x1, h), (x0, off(x0), x0, h + off(x0), x1, h + off(x1), x1, off(x1))))
         return img.transform(img.size, Image.Transform.MESH, mesh, resample=Image.Resampling.BILINEAR, fillcolor=int(np.asarray(img)[0].mean()))
 

@@ -82,9 +82,16 @@ class BatchSampler:
     """
 
     def __init__(
-        self, synth: ArrayDataset | RenderStream, real: ArrayDataset | None, cfg: TrainConfig, charset: Charset, gen: torch.Generator, device: torch.device | None = None,
-        rank: int = 0, world_size: int = 1,
-    ) -> None:  # fmt: skip
+        self,
+        synth: ArrayDataset | RenderStream,
+        real: ArrayDataset | None,
+        cfg: TrainConfig,
+        charset: Charset,
+        gen: torch.Generator,
+        device: torch.device | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         self.synth, self.real, self.cfg, self.charset, self.gen = synth, real, cfg, charset, gen
         self.device = device or torch.device("cpu")  # where augmentation runs (the training device)
         n_real = round(cfg.batch_size * cfg.real_ratio) if real is not None and len(real) else 0
@@ -303,7 +310,9 @@ class Trainer:
             from .synth import SynthConfig
 
             seed = stream_seed(cfg.stream_seed, self.dist.rank)  # each rank renders crops of its own
-            scfg = SynthConfig(seed=seed, charset=self.charset.chars, max_len=self.model_cfg.max_len, height=pcfg.height, width=pcfg.width, channels=pcfg.channels)
+            scfg = SynthConfig(
+                seed=seed, charset=self.charset.chars, max_len=self.model_cfg.max_len, height=pcfg.height, width=pcfg.width, channels=pcfg.channels
+            )
             synth: ArrayDataset | RenderStream = RenderStream(scfg, cfg.stream_workers)
             n_synth: int | str = "streamed"
         else:
@@ -457,8 +466,9 @@ class Trainer:
                 flush=True,
             )
         if cfg.warmup_steps >= cfg.total_steps and say:
-            print(f"warning: --warmup-steps {cfg.warmup_steps} is not below --total-steps {cfg.total_steps}: "
-                  "the learning rate never reaches its peak", flush=True)
+            print(
+                f"warning: --warmup-steps {cfg.warmup_steps} is not below --total-steps {cfg.total_steps}: the learning rate never reaches its peak", flush=True
+            )
         if cfg.init and self.val_sets and self.step == 0:
             # The start point is a candidate too: best.safetensors starts as --init's weights.
             self.start_val = self.validate()
@@ -532,8 +542,11 @@ class Trainer:
             print(self._val_line(val), flush=True)
         start, last = self.start_val.get("mean_acc36"), self.last_mean
         if start is not None and last is not None and last < start:
-            print(f"note: the last validation ({last:.4f}) is below the --init weights' ({start:.4f}); best.safetensors "
-                  f"holds the best seen ({self.best:.4f}), the start itself if nothing beat it", flush=True)
+            print(
+                f"note: the last validation ({last:.4f}) is below the --init weights' ({start:.4f}); best.safetensors "
+                f"holds the best seen ({self.best:.4f}), the start itself if nothing beat it",
+                flush=True,
+            )
         self.save_state()
         totals = loop.totals
         n = max(totals.n, 1)
