@@ -382,3 +382,44 @@ def test_a_short_fine_tune_does_not_end_below_its_start(tmp_path: Path, shards: 
     last = vals[-1]["val"]["mean_acc36"]
     assert ("note: the last validation" in printed) == (last < start), printed
     assert json.loads((out / "config.json").read_text())["tps_lr_scale"] == 0.0
+
+
+def test_a_new_charset_keeps_what_the_shared_characters_read(memorised_checkpoint, tmp_path: Path) -> None:
+    from model.training.train import read_charset, with_charset
+
+    ckpt, words = memorised_checkpoint
+    model, _ = load_checkpoint(ckpt)
+    images = torch.cat([m.unsqueeze(0) for m in _memorised_images(model, words)])
+    before = model.recognize(images)
+    # Added characters (accented letters, a space) and the old ones reordered: the same
+    # readings with the same confidences.
+    grown = with_charset(model, "äöü " + model.charset.chars[::-1])
+    assert grown.decoder.head.out_features == model.decoder.head.out_features + 4
+    after = grown.recognize(images)
+    assert [r.text for r in after] == [r.text for r in before] == list(words)
+    assert [r.confidence for r in after] == pytest.approx([r.confidence for r in before], rel=1e-3)
+    # Only the characters the words use: the same readings, the dropped characters' share of
+    # probability now going to the rest.
+    used = "".join(sorted(set("".join(words))))
+    shrunk = with_charset(model, used).recognize(images)
+    assert [r.text for r in shrunk] == list(words)
+    assert all(s.confidence >= b.confidence - 1e-6 for s, b in zip(shrunk, before, strict=True))
+    (tmp_path / "chars.txt").write_text("ab c\n", encoding="utf-8")
+    assert read_charset(str(tmp_path / "chars.txt")) == "ab c" and read_charset("xyz") == "xyz"
+    with pytest.raises(Exception, match="duplicate"):
+        read_charset("aa")
+
+
+def _memorised_images(model, words: list[str]) -> list[torch.Tensor]:
+    from model.preprocess import preprocess
+
+    return [preprocess(render_word(w), model.config.preprocess) for w in words]
+
+
+def test_cli_trains_a_model_over_its_own_charset(tmp_path: Path, shards: Path) -> None:
+    out = tmp_path / "digits"
+    args = ["train", "--out", str(out), "--preset", "tiny", "--synth", str(shards), "--charset", "0123456789abcdefghijklmnopqrstuvwxyz ",
+            "--total-steps", "1", "--batch-size", "4", "--threads", "1", "--no-progress", "--val-every", "0"]  # fmt: skip
+    assert cli_main(args) == 0
+    _, info = load_checkpoint(out / "last.safetensors")
+    assert info.config.charset == "0123456789abcdefghijklmnopqrstuvwxyz "

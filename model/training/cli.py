@@ -43,6 +43,8 @@ TRAIN_HELP = {
     "init": "checkpoint to start from (fine-tuning or a warm restart); the fine-tune recipe then sets --lr, --warmup-steps, "
     "--total-steps, --min-lr-ratio and --tps-lr-scale where not given, and the start is validated at step 0",
     "reset_tps": "with --init: re-initialise the rectifier's last layer as the identity (monotone points)",
+    "charset": "the characters the model reads, as a string or a UTF-8 file holding them (a space in it is a character too, so "
+    "multi-word crops read with their spaces); with --init, the characters both sets share keep their trained rows",
     "synth": "synthetic data: shard folders (safl synth), LMDBs or labels.tsv folders",
     "stream_workers": "render synthetic crops on the fly in this many processes instead of --synth (under torchrun: per process, each with a seed of its own)",
     "stream_seed": "renderer seed of the stream (seed 0 is the default `safl synth` set)",
@@ -98,7 +100,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
             p.add_argument(flag, type=float, default=argparse.SUPPRESS, help=text)
         elif f.name in ("stop_at_step",):
             p.add_argument(flag, type=int, default=argparse.SUPPRESS, help=text)
-        elif f.name in ("init",):
+        elif f.name in ("init", "charset"):
             p.add_argument(flag, default=argparse.SUPPRESS, help=TRAIN_HELP[f.name])
         elif f.name in ("val_fraction", "real_ratio", "degrade"):
             p.add_argument(flag, type=_fraction, default=argparse.SUPPRESS, help=text)

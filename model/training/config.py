@@ -37,6 +37,7 @@ class TrainConfig:
     preset: str = "small"
     init: str | None = None  # checkpoint to start from (fine-tuning), else random init
     reset_tps: bool = False  # with `init`: re-initialise the TPS head as the identity (bounded, monotone points)
+    charset: str | None = None  # the characters to read (a string, or a file holding them); None: the preset's / --init's
     synth: list[str] = field(default_factory=list)  # shard folders / LMDBs / labels.tsv folders
     stream_workers: int = 0  # >0: render synthetic crops on the fly in this many processes instead of --synth
     stream_seed: int = 1  # renderer seed of the stream (seed 0 is the pre-rendered data/synth set)

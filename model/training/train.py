@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from ..charset import Charset
+from ..charset import NUM_SPECIAL, Charset
 from ..checkpoint import load_checkpoint, read_info, save_checkpoint
 from ..device import DeviceUnavailable, resolve_device
 from ..loss import sequence_loss
@@ -259,12 +259,14 @@ class Trainer:
             model = SAFL(self.model_cfg)
         elif cfg.init:
             model, info = load_checkpoint(cfg.init)
-            self.model_cfg = info.config
             if cfg.reset_tps:
                 model = with_identity_tps(model)
-                self.model_cfg = model.config
+            if cfg.charset is not None:
+                model = with_charset(model, read_charset(cfg.charset))
+            self.model_cfg = model.config
         else:
-            self.model_cfg = SAFLConfig.from_preset(cfg.preset)
+            overrides = {} if cfg.charset is None else {"charset": read_charset(cfg.charset)}
+            self.model_cfg = SAFLConfig.from_preset(cfg.preset, **overrides)
             model = SAFL(self.model_cfg)
         self.charset = model.charset
         if share_data_with is not None:
@@ -620,6 +622,49 @@ def with_identity_tps(model: SAFL) -> SAFL:
     fresh = SAFL(cfg)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("rectifier.fc.")}
     fresh.load_state_dict(state, strict=False)
+    return fresh
+
+
+def read_charset(value: str) -> str:
+    """``--charset``: the characters of a UTF-8 file when ``value`` names one (its line ends
+    dropped), else ``value`` itself. Raises ``TrainingSetupError`` for an empty set or one
+    with a character twice."""
+    path = Path(value)
+    chars = path.read_text(encoding="utf-8").replace("\r", "").replace("\n", "") if path.is_file() else value
+    try:
+        Charset(chars)
+    except ValueError as exc:
+        raise TrainingSetupError(f"--charset: {exc}") from None
+    return chars
+
+
+def with_charset(model: SAFL, chars: str) -> SAFL:
+    """The same network reading ``chars``, as a new model on the CPU; ``model`` is left as it was.
+
+    Every weight is kept. The decoder's character embedding and output layer keep the rows
+    of the special tokens and of the characters both sets share, so a crop reads as before
+    (a dropped character's share of probability goes to the rest); a new character's
+    embedding starts as PyTorch's default and its output row at zero weights with a bias 10
+    below the lowest trained one, so it is not read until training raises it.
+    """
+    fresh = SAFL(replace(model.config, charset=chars))
+    old_ids, new_ids = [], []
+    for ch in chars:
+        if ch in model.charset:
+            old_ids.append(model.charset.encode(ch)[0])
+            new_ids.append(fresh.charset.encode(ch)[0])
+    keep_old = torch.tensor(list(range(NUM_SPECIAL)) + old_ids)
+    keep_new = torch.tensor(list(range(NUM_SPECIAL)) + new_ids)
+    state = model.state_dict()
+    remapped = {"decoder.embed.weight", "decoder.head.weight", "decoder.head.bias"}
+    fresh.load_state_dict({k: v for k, v in state.items() if k not in remapped}, strict=False)
+    with torch.no_grad():
+        dec = fresh.decoder
+        dec.embed.weight[keep_new] = state["decoder.embed.weight"][keep_old]
+        dec.head.weight.zero_()
+        dec.head.bias.fill_(float(state["decoder.head.bias"].min()) - 10.0)
+        dec.head.weight[keep_new] = state["decoder.head.weight"][keep_old]
+        dec.head.bias[keep_new] = state["decoder.head.bias"][keep_old]
     return fresh
 
 
