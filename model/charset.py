@@ -121,6 +121,25 @@ class Charset:
         pairs = ", ".join(f"{a!r} → {b!r}" for a, b in list(folded.items())[:6]) + (", …" if len(folded) > 6 else "")
         return "; ".join(p for p in (dropped, f"{counts['folded']} learnt with accents folded ({pairs})") if p)
 
+    def token_mask(self, allowlist: str | None = None, blocklist: str | None = None) -> torch.Tensor | None:
+        """The tokens a reading may emit, as bool ``[vocab_size]``: the characters of
+        ``allowlist`` (all when ``None``) minus those of ``blocklist``, and the end token;
+        ``None`` when neither is given. Raises ``ValueError`` naming a character outside the
+        charset, or for an allowlist that leaves no character."""
+        if allowlist is None and blocklist is None:
+            return None
+        for name, chars in (("allowlist", allowlist), ("blocklist", blocklist)):
+            unknown = sorted({c for c in chars or "" if c not in self._index})
+            if unknown:
+                raise ValueError(f"{name} has characters the model cannot read: {''.join(unknown)!r}")
+        keep = set(self.chars if allowlist is None else allowlist) - set(blocklist or "")
+        if not keep:
+            raise ValueError("the allowlist leaves no character to read" + (" once the blocklist is removed" if blocklist else ""))
+        mask = torch.zeros(self.vocab_size, dtype=torch.bool)
+        mask[[self._index[c] for c in keep]] = True
+        mask[EOS_ID] = True
+        return mask
+
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` (no BOS/EOS); raises ``KeyError`` on an unknown char."""
         try:

@@ -71,8 +71,14 @@ class TransformerDecoder(nn.Module):
         return self.head(self.norm(x))
 
     @torch.no_grad()
-    def greedy(self, memory: torch.Tensor, max_len: int | None = None, use_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def greedy(
+        self, memory: torch.Tensor, max_len: int | None = None, use_cache: bool = True, allowed: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Greedy decoding; returns token ids and their probabilities, both ``[B, L]``.
+
+        ``allowed`` (bool ``[B, V]``, ``Charset.token_mask`` rows) restricts each sequence to
+        its tokens: the others' logits are set to −inf before the softmax, so a constrained
+        reading's probabilities are renormalised over what it may say (EasyOCR's allowlist).
 
         Stops as soon as every sequence has produced EOS. Positions after a sequence's
         EOS hold PAD with probability 1. A sequence still running after ``max_len``
@@ -93,6 +99,8 @@ class TransformerDecoder(nn.Module):
             else:
                 logits = self._run(tokens, mem_kv, start=0, caches=None)[:, -1]
             logits = logits.float()
+            if allowed is not None:
+                logits = logits.masked_fill(~allowed, float("-inf"))
             logits[:, PAD_ID] = float("-inf")
             logits[:, BOS_ID] = float("-inf")
             dist = logits.softmax(-1)

@@ -103,19 +103,23 @@ class SAFL(nn.Module):
         return self.decoder(tokens, self.encode(images))
 
     @torch.no_grad()
-    def generate(self, images: torch.Tensor, use_cache: bool = True, amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Greedy token ids and probabilities ``[B, L]`` for a batch of images."""
+    def generate(
+        self, images: torch.Tensor, use_cache: bool = True, amp_dtype: torch.dtype | None = None, allowed: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy token ids and probabilities ``[B, L]`` for a batch of images; ``allowed``:
+        see ``TransformerDecoder.greedy``."""
         ctx = torch.autocast(images.device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
         with ctx:
-            return self.decoder.greedy(self.encode(images), use_cache=use_cache)
+            return self.decoder.greedy(self.encode(images), use_cache=use_cache, allowed=allowed)
 
     @torch.no_grad()
-    def recognize(self, images: torch.Tensor, amp_dtype: torch.dtype | None = None) -> list[Recognition]:
-        """Recognise a batch of preprocessed images (see ``model.preprocess``)."""
+    def recognize(self, images: torch.Tensor, amp_dtype: torch.dtype | None = None, allowed: torch.Tensor | None = None) -> list[Recognition]:
+        """Recognise a batch of preprocessed images (see ``model.preprocess``); ``allowed``
+        (bool ``[B, V]``) restricts each image's reading to its tokens."""
         was_training = self.training
         self.eval()
         try:
-            ids, probs = self.generate(images, amp_dtype=amp_dtype)
+            ids, probs = self.generate(images, amp_dtype=amp_dtype, allowed=allowed)
         finally:
             self.train(was_training)
         return self.charset.decode_batch(ids, probs)

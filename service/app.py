@@ -42,7 +42,11 @@ _RECOGNIZE_BODY: dict[str, Any] = {
                 "schema": {
                     "type": "object",
                     "required": ["files"],
-                    "properties": {"files": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"}}},
+                    "properties": {
+                        "files": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"}},
+                        "allowlist": {"type": "string", "description": "the only characters an answer may hold (at most 1,000)"},
+                        "blocklist": {"type": "string", "description": "characters an answer may not hold (at most 1,000)"},
+                    },
                     "description": "image parts named 'files' ('file' is accepted too); a file part under any other name is refused",
                 }
             },

@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 
@@ -68,7 +68,7 @@ class BatcherConfig:
 
 @dataclass(eq=False)
 class _Crop(Generic[R]):
-    tensor: torch.Tensor
+    tensor: Any  # what run_batch takes: a tensor, or the service's ModelInput
     future: asyncio.Future[R]
     arrived: float
     deadline: float
@@ -79,7 +79,7 @@ class DynamicBatcher(Generic[R]):
 
     def __init__(
         self,
-        run_batch: Callable[[list[torch.Tensor]], list[R]],
+        run_batch: Callable[[list[Any]], list[R]],
         config: BatcherConfig,
         executor: Executor,
         metrics: Metrics | None = None,
@@ -129,7 +129,7 @@ class DynamicBatcher(Generic[R]):
             self._purge()
         return len(self._queue) + n <= self.config.max_queue
 
-    def submit(self, tensors: Sequence[torch.Tensor], deadline: float) -> list[asyncio.Future[R]]:
+    def submit(self, tensors: Sequence[Any], deadline: float) -> list[asyncio.Future[R]]:
         """Queue one request's crops, all or none; returns one future per crop, in order.
 
         Raises ``QueueFull`` when they do not all fit and ``BatcherClosed`` after ``stop``.

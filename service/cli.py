@@ -187,6 +187,8 @@ def add_recognize_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", type=Path, default=default_weights(), help="checkpoint (env SAFL_WEIGHTS; default: %(default)s)")
     p.add_argument("--device", default=os.environ.get("SAFL_DEVICE", "auto"), help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="PyTorch intra-op threads (default: PyTorch's)")
+    p.add_argument("--allowlist", help="the only characters an answer may hold, e.g. 0123456789 (applied while decoding)")
+    p.add_argument("--blocklist", help="characters an answer may not hold")
     p.add_argument("--batch-size", type=int, default=32, help="crops per model batch; files are read 4 batches at a time (default: 32)")
     p.add_argument("--max-pixels", type=int, default=Settings.model_fields["max_pixels"].default, help="per-image pixel limit")
     p.add_argument("--max-file-bytes", type=int, default=Settings.model_fields["max_file_bytes"].default, help="per-image size limit")

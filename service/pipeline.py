@@ -27,6 +27,7 @@ from model.reading import aread_views
 from .batcher import BatcherClosed, CropFailed, QueueFull
 from .errors import APIError, error_response
 from .images import ImageLimits, load_crops
+from .predictor import ModelInput
 from .runtime import Runtime
 from .schemas import RecognitionResult, RecognizeResponse
 from .uploads import Upload, read_uploads
@@ -150,11 +151,15 @@ async def recognize(request: Request, runtime: Runtime, view_cfg: ViewConfig) ->
     with runtime.track_request():
         deadline = request_deadline(request, settings.timeout_ms / 1000.0)
         try:
-            uploads = await asyncio.wait_for(read_uploads(request, settings.max_files, settings.max_file_bytes), max(deadline.remaining(), 0.0))
+            uploads, options = await asyncio.wait_for(read_uploads(request, settings.max_files, settings.max_file_bytes), max(deadline.remaining(), 0.0))
         except TimeoutError:
             raise deadline.passed(UPLOAD) from None
         batcher, predictor = runtime.batcher, runtime.predictor
         assert batcher is not None and predictor is not None
+        try:
+            allowed = predictor.charset.token_mask(options.allowlist, options.blocklist)
+        except ValueError as exc:
+            raise APIError("invalid_option", str(exc)) from None
         # Decoded and validated before queueing: a bad image fails alone, and early.
         per_upload = await run_in_threadpool(decode_uploads, uploads, runtime.limits, predictor.preprocess_config, view_cfg, deadline)
         deadline.check(DECODE)  # the last image's decode may have taken it past
@@ -162,7 +167,8 @@ async def recognize(request: Request, runtime: Runtime, view_cfg: ViewConfig) ->
         async def read(inputs: list[torch.Tensor]) -> list[Recognition]:
             deadline.check(MODEL)
             try:
-                futures = batcher.submit(inputs, deadline=deadline.at)
+                items = inputs if allowed is None else [ModelInput(t, allowed) for t in inputs]
+                futures = batcher.submit(items, deadline=deadline.at)
             except QueueFull:
                 raise APIError("overloaded", "the recognition queue is full; retry later") from None
             except BatcherClosed:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -15,6 +17,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from model import CheckpointError, CheckpointInfo, Recognition, load_checkpoint
+from model.charset import Charset
 from model.device import DeviceUnavailable, resolve_device
 from model.preprocess import PreprocessConfig, collate, preprocess
 
@@ -23,6 +26,15 @@ log = logging.getLogger("service")
 
 class StartupError(RuntimeError):
     """The service cannot start (no weights, unusable device); the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """One crop view for the batcher: its ``[C, H, W]`` tensor and the tokens its reading
+    may use (bool ``[V]``, ``Charset.token_mask``; ``None``: all)."""
+
+    tensor: torch.Tensor
+    allowed: torch.Tensor | None = None
 
 
 class Recognizer(Protocol):
@@ -115,18 +127,33 @@ class Predictor:
         if self.threads:
             torch.set_num_threads(self.threads)
 
-    def recognize(self, crops: list[torch.Tensor]) -> list[Recognition]:
-        """Recognise preprocessed ``[C, H, W]`` crops; on CUDA out-of-memory, split and retry."""
-        batch = collate(crops)
+    @property
+    def charset(self) -> Charset:
+        """The characters the model reads."""
+        return Charset(self.info.config.charset)
+
+    def recognize(self, crops: Sequence[torch.Tensor | ModelInput]) -> list[Recognition]:
+        """Recognise preprocessed ``[C, H, W]`` crops, each a tensor or a ``ModelInput`` with
+        its own allowed tokens (crops with and without constraints share one batch); on CUDA
+        out-of-memory, split and retry."""
+        tensors = [c.tensor if isinstance(c, ModelInput) else c for c in crops]
+        masks = [c.allowed if isinstance(c, ModelInput) else None for c in crops]
+        batch = collate(tensors)
+        allowed = None
+        if any(m is not None for m in masks):
+            everything = torch.ones(self.charset.vocab_size, dtype=torch.bool)
+            allowed = torch.stack([everything if m is None else m for m in masks]).to(self.device)
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
         else:
             batch = batch.to(self.device)
-        return self._recognize(batch)
+        return self._recognize(batch, allowed)
 
-    def _recognize(self, batch: torch.Tensor) -> list[Recognition]:
+    def _recognize(self, batch: torch.Tensor, allowed: torch.Tensor | None = None) -> list[Recognition]:
         try:
-            return self.model.recognize(batch, amp_dtype=self.amp_dtype)
+            if allowed is None:  # the unconstrained call, as every Recognizer takes it
+                return self.model.recognize(batch, amp_dtype=self.amp_dtype)
+            return self.model.recognize(batch, amp_dtype=self.amp_dtype, allowed=allowed)
         except torch.OutOfMemoryError:
             if batch.shape[0] == 1:
                 raise
@@ -137,7 +164,8 @@ class Predictor:
             torch.cuda.empty_cache()
         half = batch.shape[0] // 2
         log.warning("out of memory on a batch of %d; retrying as %d + %d", batch.shape[0], half, batch.shape[0] - half)
-        return self._recognize(batch[:half]) + self._recognize(batch[half:])
+        halves = (None, None) if allowed is None else (allowed[:half], allowed[half:])
+        return self._recognize(batch[:half], halves[0]) + self._recognize(batch[half:], halves[1])
 
     def warmup(self, max_batch_size: int) -> list[int]:
         """Run every batch size of ``warmup_sizes`` once; returns the sizes run."""

@@ -173,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
 
     from .errors import APIError
     from .images import ImageLimits, ImageRejected, load_crop, treat_bomb_warning_as_error
-    from .predictor import Predictor, StartupError
+    from .predictor import ModelInput, Predictor, StartupError
 
     if STDIN in args.inputs and args.stdin_image:
         print("safl recognize: '-' (paths on standard input) and --stdin-image both read standard input; give one", file=sys.stderr)
@@ -191,6 +191,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         predictor = Predictor.load(args.weights, args.device, args.threads)
     except StartupError as exc:
+        print(f"safl recognize: {exc}", file=sys.stderr)
+        return 2
+    try:
+        allowed = predictor.charset.token_mask(args.allowlist, args.blocklist)
+    except ValueError as exc:
         print(f"safl recognize: {exc}", file=sys.stderr)
         return 2
     predictor.init_thread()
@@ -214,7 +219,8 @@ def run(args: argparse.Namespace) -> int:
         return load_crop(data, name, limits, predictor.preprocess_config, view_cfg)
 
     def read(views: list[torch.Tensor]) -> list[Recognition]:
-        return [r for i in range(0, len(views), size) for r in predictor.recognize(views[i : i + size])]
+        items = views if allowed is None else [ModelInput(v, allowed) for v in views]
+        return [r for i in range(0, len(items), size) for r in predictor.recognize(items[i : i + size])]
 
     writer = Writer(args.format, sys.stdout, predictor.info.model_id)
     bar = tqdm(total=total, file=sys.stderr, unit="file", disable=not show, dynamic_ncols=True)

@@ -37,6 +37,8 @@ class RecognizeJSON(BaseModel):
 
     images: list[str] = Field(min_length=1, description="base64-encoded image files (a data: URL prefix is allowed)")
     filenames: list[str] | None = Field(None, description="optional names echoed back in the results, one per image")
+    allowlist: str | None = Field(None, description="the only characters an answer may hold, e.g. 0123456789 (applied while decoding)")
+    blocklist: str | None = Field(None, description="characters an answer may not hold")
 
 
 class ErrorDetail(BaseModel):

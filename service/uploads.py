@@ -25,6 +25,20 @@ _MAX_FIELD_BYTES = 64 * 1024
 _HOW = "send multipart/form-data with one or more 'files' parts ('file' is an alias), or application/json {\"images\": [\"<base64>\", ...]}"
 
 
+#: Longest allowlist or blocklist accepted (characters).
+MAX_OPTION_CHARS = 1000
+
+
+@dataclass(frozen=True)
+class ReadingOptions:
+    """How a request's crops are read: the same names as form fields, JSON keys and
+    ``safl recognize`` flags. ``allowlist``: the only characters an answer may hold;
+    ``blocklist``: characters it may not (``model.charset.Charset.token_mask``)."""
+
+    allowlist: str | None = None
+    blocklist: str | None = None
+
+
 @dataclass(frozen=True)
 class Upload:
     """One image as sent: its name and raw bytes."""
@@ -49,8 +63,9 @@ class _MultiPartParser(MultiPartParser):
         self.complete = True
 
 
-async def read_uploads(request: Request, max_files: int, max_file_bytes: int) -> list[Upload]:
-    """The request's images in the order sent; ``APIError`` (4xx) for anything malformed."""
+async def read_uploads(request: Request, max_files: int, max_file_bytes: int) -> tuple[list[Upload], ReadingOptions]:
+    """The request's images in the order sent and its reading options; ``APIError`` (4xx)
+    for anything malformed."""
     content_type = request.headers.get("content-type", "")
     media = content_type.split(";", 1)[0].strip().lower()
     coding = request.headers.get("content-encoding", "identity").strip().lower()
@@ -76,7 +91,14 @@ def _multipart_problem(exc: MultiPartException) -> str:
     return f"{exc} ({cause})" if cause is not None and str(cause) else str(exc)
 
 
-async def _read_multipart(request: Request, max_files: int, max_file_bytes: int) -> list[Upload]:
+def _options(values: dict[str, str | None]) -> ReadingOptions:
+    for name, value in values.items():
+        if value is not None and len(value) > MAX_OPTION_CHARS:
+            raise APIError("invalid_option", f"{name} has {len(value)} characters; the limit is {MAX_OPTION_CHARS}")
+    return ReadingOptions(allowlist=values.get("allowlist"), blocklist=values.get("blocklist"))
+
+
+async def _read_multipart(request: Request, max_files: int, max_file_bytes: int) -> tuple[list[Upload], ReadingOptions]:
     if request.headers.get("content-length") == "0":
         raise APIError("no_files", f"the multipart body is empty: {_HOW}")
     parser = _MultiPartParser(request.headers, request.stream(), max_files=max_files, max_fields=_MAX_FIELDS, max_part_size=_MAX_FIELD_BYTES)
@@ -111,7 +133,13 @@ async def _read_multipart(request: Request, max_files: int, max_file_bytes: int)
             if value.size is not None and value.size > max_file_bytes:
                 raise APIError("file_too_large", f"file {name!r} is {value.size} bytes; the limit is {max_file_bytes}")
             uploads.append(Upload(name, await value.read()))
-        return uploads
+        fields: dict[str, str | None] = {}
+        for key, value in items:
+            if key in ("allowlist", "blocklist"):
+                if key in fields or not isinstance(value, str):
+                    raise APIError("invalid_option", f"{key} must be one plain form field")
+                fields[key] = value
+        return uploads, _options(fields)
     finally:
         await form.close()
 
@@ -125,7 +153,7 @@ def _b64decode(text: str) -> bytes:
     return base64.b64decode(text, validate=True)
 
 
-def _read_json(body: bytes, max_files: int, max_file_bytes: int) -> list[Upload]:
+def _read_json(body: bytes, max_files: int, max_file_bytes: int) -> tuple[list[Upload], ReadingOptions]:
     try:
         payload = RecognizeJSON.model_validate_json(body)
     except ValidationError as exc:
@@ -152,4 +180,4 @@ def _read_json(body: bytes, max_files: int, max_file_bytes: int) -> list[Upload]
         except (binascii.Error, ValueError):
             raise APIError("invalid_base64", f"image {name!r} is not valid base64") from None
         uploads.append(Upload(name, data))
-    return uploads
+    return uploads, _options({"allowlist": payload.allowlist, "blocklist": payload.blocklist})

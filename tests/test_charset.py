@@ -151,3 +151,17 @@ def test_only_accents_are_folded_never_compatibility_forms() -> None:
 
     assert Charset().fold("ACME™ m² ﬁne Ｈｉ") == "ACME™ m² ﬁne Ｈｉ"  # left for filter_label to refuse
     assert normalize_36("CAFÉ") == "cafe" and normalize_36("CAFÉ", fold=False) == "caf"
+
+
+def test_token_mask_allows_the_listed_characters_and_the_end() -> None:
+    cs = Charset()
+    assert cs.token_mask() is None
+    digits = cs.token_mask("0123456789")
+    assert digits is not None and digits.dtype == torch.bool and digits.shape == (cs.vocab_size,)
+    assert digits.sum() == 11 and digits[EOS_ID] and not digits[PAD_ID] and not digits[BOS_ID]
+    no_vowels = cs.token_mask(blocklist="aeiou")
+    assert no_vowels is not None and int(no_vowels.sum()) == len(DEFAULT_CHARS) - 5 + 1
+    with pytest.raises(ValueError, match="'é'"):
+        cs.token_mask("abé")
+    with pytest.raises(ValueError, match="leaves no character"):
+        cs.token_mask("ab", "ab")

@@ -198,3 +198,36 @@ async def test_an_empty_multipart_body_has_no_files(tiny_checkpoint: Path) -> No
     async with running_app(settings_for(tiny_checkpoint)) as (_, client):
         reply = await client.post("/recognize", content=b"", headers=CONTENT_TYPE)
     assert reply.status_code == 422 and _code(reply) == "no_files", reply.text
+
+
+@pytest.mark.anyio
+async def test_an_allowlist_holds_for_multipart_and_json_and_bad_lists_are_named(tiny_checkpoint: Path) -> None:
+    import base64
+
+    async with running_app(settings_for(tiny_checkpoint)) as (_, client):
+        free = await client.post("/recognize", files=[("files", ("a.png", _PNG))])
+        assert not set(free.json()["results"][0]["text"]) <= set("0123456789")  # this model reads letters unconstrained
+        reply = await client.post("/recognize", files=[("files", ("a.png", _PNG))], data={"allowlist": "0123456789"})
+        text = reply.json()["results"][0]["text"]
+        assert reply.status_code == 200 and text and set(text) <= set("0123456789"), reply.text
+        body = {"images": [base64.b64encode(_PNG).decode()], "allowlist": "abc", "blocklist": "c"}
+        text = (await client.post("/recognize", json=body)).json()["results"][0]["text"]
+        assert set(text) <= set("ab")
+        for options, named in (({"allowlist": "12é"}, "'é'"), ({"allowlist": "ab", "blocklist": "ab"}, "leaves no character"),
+                               ({"blocklist": "x" * 1001}, "1001 characters")):  # fmt: skip
+            reply = await client.post("/recognize", files=[("files", ("a.png", _PNG))], data=options)
+            assert reply.status_code == 422 and _code(reply) == "invalid_option" and named in reply.text, reply.text
+
+
+def test_crops_with_and_without_an_allowlist_share_one_batch(tiny_checkpoint: Path) -> None:
+    from model.preprocess import preprocess
+    from service.predictor import ModelInput, Predictor
+
+    predictor = Predictor.load(tiny_checkpoint, "cpu", threads=1)
+    crop = preprocess(render_word("ok"), predictor.preprocess_config)
+    digits = predictor.charset.token_mask("0123456789")
+    alone = predictor.recognize([crop])[0]
+    mixed = predictor.recognize([crop, ModelInput(crop, digits), ModelInput(crop)])
+    for same in (mixed[0], mixed[2]):  # as read alone, up to batch-size rounding
+        assert same.text == alone.text and same.confidence == pytest.approx(alone.confidence, rel=1e-4)
+    assert mixed[1].text and set(mixed[1].text) <= set("0123456789")

@@ -377,3 +377,14 @@ def test_monotone_tps_points_never_fold(scale: float) -> None:
         assert (span >= 2 * math.exp(-MAX_LOG_ZOOM) - 1e-5).all() and (span <= 2 * math.exp(MAX_LOG_ZOOM) + 1e-5).all()
         assert ((edge[:, 0, 0] + edge[:, -1, 0]).abs() / 2 <= MAX_SHIFT + 1e-5).all()
     assert (top[..., 1] < bottom[..., 1]).all()  # the top edge stays above the bottom one
+
+
+def test_an_allowlist_constrains_every_reading_of_the_batch_row_by_row(tiny_model) -> None:
+    images = torch.rand(4, 1, 32, 128)
+    digits = tiny_model.charset.token_mask("0123456789")
+    allowed = torch.stack([digits, digits, torch.ones_like(digits), digits])
+    free = tiny_model.recognize(images)
+    constrained = tiny_model.recognize(images, allowed=allowed)
+    assert not set(free[0].text) <= set("0123456789")  # unconstrained, this model reads letters and symbols
+    assert all(r.text and set(r.text) <= set("0123456789") for i, r in enumerate(constrained) if i != 2)
+    assert constrained[2] == free[2]  # an unconstrained row reads as without any mask

@@ -204,3 +204,18 @@ def test_nothing_to_read_is_one_line_and_exit_2(args: list[str], message: str, t
     err = out.stderr.decode().strip()
     assert out.returncode == 2 and out.stdout == b""
     assert len(err.splitlines()) == 1 and err.startswith(message)
+
+
+def test_cli_allowlist_constrains_the_reading_and_names_a_bad_character(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    image = tmp_path / "w.png"
+    render_word("ok").save(image)
+    base = [sys.executable, "-m", "service", "recognize", "--weights", str(tiny_checkpoint), "--device", "cpu", str(image)]
+    out = subprocess.run([*base, "--allowlist", "0123456789"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout.strip().split("\t")[1]
+    assert text and set(text) <= set("0123456789")
+    bad = subprocess.run([*base, "--allowlist", "12é"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip() == "safl recognize: allowlist has characters the model cannot read: 'é'"
