@@ -72,6 +72,7 @@ class Predictor:
     def __init__(self, model: Recognizer, info: CheckpointInfo, device: torch.device, amp_dtype: torch.dtype | None = None, threads: int | None = None) -> None:
         self.model = model
         self.info = info
+        self.charset = Charset(info.config.charset)  # the characters the model reads (token masks)
         self.device = device
         self.amp_dtype = amp_dtype
         self.threads = threads
@@ -126,11 +127,6 @@ class Predictor:
         """Run in the inference thread before its first batch (thread settings are per thread for OpenMP)."""
         if self.threads:
             torch.set_num_threads(self.threads)
-
-    @property
-    def charset(self) -> Charset:
-        """The characters the model reads."""
-        return Charset(self.info.config.charset)
 
     def recognize(self, crops: Sequence[torch.Tensor | ModelInput]) -> list[Recognition]:
         """Recognise preprocessed ``[C, H, W]`` crops, each a tensor or a ``ModelInput`` with

@@ -30,6 +30,11 @@ def _wait_metric(url: str, name: str, value: float, timeout: float = 10.0, **lab
         time.sleep(0.02)
 
 
+def _serve_command(checkpoint: Path, port: int, *flags: str) -> list[str]:
+    """``safl serve`` of ``checkpoint`` on ``port`` with one thread, as a subprocess command."""
+    return [sys.executable, "-m", "service", "serve", "--weights", str(checkpoint), "--port", str(port), "--threads", "1", *flags]
+
+
 def test_client_disconnect_drops_its_pending_crops(tiny_checkpoint: Path) -> None:
     predictor, gated = gated_predictor(tiny_checkpoint)
     app = create_app(settings_for(tiny_checkpoint, max_batch_size=1), predictor=predictor)
@@ -70,22 +75,7 @@ def test_head_probes_answer_like_get_without_a_body(tiny_checkpoint: Path) -> No
 def test_python_m_service_serve_exits_0_on_sigterm(tiny_checkpoint: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [
-        sys.executable,
-        "-m",
-        "service",
-        "serve",
-        "--weights",
-        str(tiny_checkpoint),
-        "--port",
-        str(port),
-        "--threads",
-        "1",
-        "--max-batch-size",
-        "4",
-        "--log-level",
-        "warning",
-    ]
+    cmd = _serve_command(tiny_checkpoint, port, "--max-batch-size", "4", "--log-level", "warning")
     proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_process_ready(url, proc, 60.0, lambda: proc.stderr.read() if proc.stderr and proc.poll() is not None else "")
@@ -166,22 +156,7 @@ def test_access_log_leaves_out_successful_probes_and_scrapes(tiny_checkpoint: Pa
     # lines and failed probes (here a scrape without the API key) must still be logged.
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [
-        sys.executable,
-        "-m",
-        "service",
-        "serve",
-        "--weights",
-        str(tiny_checkpoint),
-        "--port",
-        str(port),
-        "--threads",
-        "1",
-        "--no-warmup",
-        "--log-level",
-        "info",
-        "--auth-metrics",
-    ]
+    cmd = _serve_command(tiny_checkpoint, port, "--no-warmup", "--log-level", "info", "--auth-metrics")
     if log_probes:
         cmd.append("--access-log-probes")
     env = subprocess_env() | {"SAFL_API_KEY": "k"}

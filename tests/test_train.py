@@ -243,9 +243,9 @@ def test_reset_tps_keeps_the_rest_and_makes_the_rectifier_the_identity() -> None
     torch.testing.assert_close(fresh.decoder.head.weight, old.decoder.head.weight)
 
 
-def test_resume_refuses_a_flag_that_contradicts_the_saved_run(tmp_path: Path, shards: Path) -> None:
-    out = tmp_path / "focal"
-    base = [
+def _tiny_cli(out: Path, shards: Path) -> list[str]:
+    """``safl train`` arguments for a quick tiny run on ``shards``."""
+    return [
         "train",
         "--out",
         str(out),
@@ -265,6 +265,11 @@ def test_resume_refuses_a_flag_that_contradicts_the_saved_run(tmp_path: Path, sh
         "--warmup-steps",
         "1",
     ]
+
+
+def test_resume_refuses_a_flag_that_contradicts_the_saved_run(tmp_path: Path, shards: Path) -> None:
+    out = tmp_path / "focal"
+    base = _tiny_cli(out, shards)
     assert cli_main([*base, "--total-steps", "1"]) == 0
     with pytest.raises(SystemExit) as exc:
         cli_main([*base, "--total-steps", "2", "--resume", "--loss", "ce", "--gamma", "0"])
@@ -303,28 +308,7 @@ def test_labels_left_out_of_training_are_reported(tmp_path: Path, shards: Path, 
 def test_resume_without_flags_keeps_the_saved_schedule(tmp_path: Path, shards: Path) -> None:
     # A bare --resume once fell back to the default --total-steps (100000): the lr never decayed.
     out = tmp_path / "bare"
-    base = [
-        "train",
-        "--out",
-        str(out),
-        "--preset",
-        "tiny",
-        "--synth",
-        str(shards),
-        "--batch-size",
-        "4",
-        "--threads",
-        "1",
-        "--no-progress",
-        "--val-every",
-        "0",
-        "--amp",
-        "off",
-        "--warmup-steps",
-        "1",
-        "--total-steps",
-        "3",
-    ]
+    base = [*_tiny_cli(out, shards), "--total-steps", "3"]
     assert cli_main([*base, "--stop-at-step", "1"]) == 0
     assert cli_main(["train", "--out", str(out), "--resume", "--no-progress"]) == 0  # the stop step was for one invocation
     assert load_checkpoint(out / "last.safetensors")[1].training["step"] == 3
@@ -418,8 +402,7 @@ def _memorised_images(model, words: list[str]) -> list[torch.Tensor]:
 
 def test_cli_trains_a_model_over_its_own_charset(tmp_path: Path, shards: Path) -> None:
     out = tmp_path / "digits"
-    args = ["train", "--out", str(out), "--preset", "tiny", "--synth", str(shards), "--charset", "0123456789abcdefghijklmnopqrstuvwxyz ",
-            "--total-steps", "1", "--batch-size", "4", "--threads", "1", "--no-progress", "--val-every", "0"]  # fmt: skip
+    args = [*_tiny_cli(out, shards), "--charset", "0123456789abcdefghijklmnopqrstuvwxyz ", "--total-steps", "1"]
     assert cli_main(args) == 0
     _, info = load_checkpoint(out / "last.safetensors")
     assert info.config.charset == "0123456789abcdefghijklmnopqrstuvwxyz "
