@@ -62,9 +62,15 @@ class TransformerDecoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits ``[B, T, V]`` for input tokens ``[B, T]`` (BOS first)."""
-        return self._run(tokens, self.memory_kv(memory), start=0, caches=None)
+        return self.run(tokens, self.memory_kv(memory), start=0, caches=None)
 
-    def _run(self, tokens: torch.Tensor, mem_kv: list[KV], start: int, caches: list[list[torch.Tensor]] | None) -> torch.Tensor:
+    def run(self, tokens: torch.Tensor, mem_kv: list[KV], start: int, caches: list[list[torch.Tensor]] | None) -> torch.Tensor:
+        """Logits ``[B, T, V]`` for ``tokens`` ``[B, T]`` at positions ``start..start+T-1``.
+
+        ``mem_kv``: ``memory_kv`` of the image memory (rows may be repeated per beam).
+        ``caches``: per layer ``[k, v]`` of the positions before ``start``, extended in
+        place (``None``: a causal pass over the whole prefix, ``start`` 0).
+        """
         x = self.drop(self.embed(tokens) + self.pos[start : start + tokens.shape[1]])
         for i, layer in enumerate(self.layers):
             x = layer(x, mem_kv[i], None if caches is None else caches[i])
@@ -95,9 +101,9 @@ class TransformerDecoder(nn.Module):
         done = torch.zeros(b, dtype=torch.bool, device=memory.device)
         for t in range(max_len + 1):
             if use_cache:
-                logits = self._run(tokens[:, -1:], mem_kv, start=t, caches=caches)[:, -1]
+                logits = self.run(tokens[:, -1:], mem_kv, start=t, caches=caches)[:, -1]
             else:
-                logits = self._run(tokens, mem_kv, start=0, caches=None)[:, -1]
+                logits = self.run(tokens, mem_kv, start=0, caches=None)[:, -1]
             logits = logits.float()
             if allowed is not None:
                 logits = logits.masked_fill(~allowed, float("-inf"))

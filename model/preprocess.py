@@ -187,6 +187,13 @@ def to_tensor(arr: np.ndarray | torch.Tensor) -> torch.Tensor:
     return t.float().div_(127.5).sub_(1.0)
 
 
+def to_pixels(t: torch.Tensor) -> np.ndarray:
+    """The inverse of ``to_tensor``: float ``[..., C, H, W]`` in [-1, 1] → uint8
+    ``[..., H, W]`` (one channel) or ``[..., H, W, 3]``, rounded and clipped."""
+    px = t.detach().float().cpu().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+    return px.squeeze(-3).numpy() if px.shape[-3] == 1 else px.movedim(-3, -1).numpy()
+
+
 def preprocess(img: Image.Image, cfg: PreprocessConfig) -> torch.Tensor:
     """PIL image → normalised ``[C, H, W]`` tensor, exactly as the model was trained."""
     return to_tensor(resize(img, cfg))

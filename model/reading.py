@@ -14,10 +14,18 @@ service's batcher); both drive the same steps (``first_views`` â†’ ``unsure`` â†
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Generator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 View = TypeVar("View")
+
+
+@dataclass(frozen=True)
+class Alternative:
+    """One of the k most probable readings (``top_k``): its text and probability."""
+
+    text: str
+    confidence: float
 
 
 @dataclass(frozen=True)
@@ -27,11 +35,14 @@ class Recognition:
     ``confidence`` is the product of the per-character probabilities *and* the
     probability of the end-of-word token, so it is the model's probability of the
     whole string under greedy decoding (an empty string has the EOS probability).
+    ``alternatives``: with ``top_k``, the k most probable readings found by beam search,
+    most probable first (the first is ``text``); empty otherwise.
     """
 
     text: str
     confidence: float
     char_confidences: list[float]
+    alternatives: tuple[Alternative, ...] = field(default=())
 
 
 def most_confident(readings: Sequence[Recognition]) -> Recognition:

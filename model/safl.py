@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -16,6 +17,7 @@ from .encode import SATRNEncoder
 from .preprocess import PreprocessConfig, ViewConfig, collate, to_tensor, views
 from .reading import Recognition, read_views
 from .rectify import TPSRectifier
+from .search import DecodeOptions, read
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,20 @@ class SAFL(nn.Module):
         )
         self.decoder = TransformerDecoder(self.charset.vocab_size, c.d_model, c.heads, c.dec_layers, c.d_model * c.ffn_mult, c.max_len, c.dropout)
 
+    @torch.no_grad()
+    def rectify(self, images: torch.Tensor) -> torch.Tensor:
+        """What the encoder reads: the TPS rectifier's output ``[B, C, H, W]`` for
+        preprocessed images of the same shape (the images themselves without a rectifier);
+        ``model.preprocess.to_pixels`` turns it into pixels."""
+        if self.rectifier is None:
+            return images
+        was_training = self.training
+        self.eval()
+        try:
+            return self.rectifier(images)
+        finally:
+            self.train(was_training)
+
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images ``[B, C, H, W]`` (normalised) → memory tokens."""
         if self.rectifier is not None:
@@ -103,26 +119,36 @@ class SAFL(nn.Module):
         return self.decoder(tokens, self.encode(images))
 
     @torch.no_grad()
-    def generate(
-        self, images: torch.Tensor, use_cache: bool = True, amp_dtype: torch.dtype | None = None, allowed: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Greedy token ids and probabilities ``[B, L]`` for a batch of images; ``allowed``:
-        see ``TransformerDecoder.greedy``."""
+    def generate(self, images: torch.Tensor, use_cache: bool = True, amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy token ids and probabilities ``[B, L]`` for a batch of images."""
         ctx = torch.autocast(images.device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
         with ctx:
-            return self.decoder.greedy(self.encode(images), use_cache=use_cache, allowed=allowed)
+            return self.decoder.greedy(self.encode(images), use_cache=use_cache)
 
     @torch.no_grad()
-    def recognize(self, images: torch.Tensor, amp_dtype: torch.dtype | None = None, allowed: torch.Tensor | None = None) -> list[Recognition]:
-        """Recognise a batch of preprocessed images (see ``model.preprocess``); ``allowed``
-        (bool ``[B, V]``) restricts each image's reading to its tokens."""
+    def recognize(
+        self, images: torch.Tensor, amp_dtype: torch.dtype | None = None, options: DecodeOptions | Sequence[DecodeOptions] | None = None
+    ) -> list[Recognition]:
+        """Recognise a batch of preprocessed images ``[B, C, H, W]`` (see ``model.preprocess``).
+
+        ``options``: how to read them (``model.search.DecodeOptions``: allowlist, lexicon,
+        ``top_k``), one for all or one per image; ``None`` reads greedily. Raises
+        ``ValueError`` if a sequence of options is not one per image.
+        """
         was_training = self.training
         self.eval()
+        ctx = torch.autocast(images.device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
         try:
-            ids, probs = self.generate(images, amp_dtype=amp_dtype, allowed=allowed)
+            with ctx:
+                if options is None:
+                    return self.charset.decode_batch(*self.decoder.greedy(self.encode(images)))
+                if isinstance(options, DecodeOptions):
+                    options = [options] * images.shape[0]
+                elif len(options) != images.shape[0]:
+                    raise ValueError(f"{len(options)} decode options for {images.shape[0]} images")
+                return read(self.decoder, self.charset, self.encode(images), options)
         finally:
             self.train(was_training)
-        return self.charset.decode_batch(ids, probs)
 
     def recognize_images(self, images: list[Image.Image], view_cfg: ViewConfig = ViewConfig()) -> list[Recognition]:
         """Recognise PIL images, pre-processed here with the shared code path and read in

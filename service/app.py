@@ -12,7 +12,9 @@ from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from starlette.routing import Route
 
-from . import pipeline
+from model.search import MAX_TOP_K
+
+from . import page, pipeline
 from .auth import api_key_dependency
 from .errors import ERRORS, APIError, install_error_handlers
 from .images import ALLOWED_FORMATS, treat_bomb_warning_as_error
@@ -20,7 +22,20 @@ from .metrics import Metrics
 from .middleware import BodyLimitMiddleware, ConcurrencyLimitMiddleware, RequestMetricsMiddleware
 from .predictor import Predictor
 from .runtime import Runtime
-from .schemas import CONFIDENCE_DOC, BatchingInfo, ErrorResponse, InfoResponse, InputInfo, LimitsInfo, RecognizeJSON, RecognizeResponse, Status, ViewsInfo
+from .schemas import (
+    CONFIDENCE_DOC,
+    LEXICON_DOC,
+    TOP_K_DOC,
+    BatchingInfo,
+    ErrorResponse,
+    InfoResponse,
+    InputInfo,
+    LimitsInfo,
+    RecognizeJSON,
+    RecognizeResponse,
+    Status,
+    ViewsInfo,
+)
 from .settings import Settings
 
 _DESCRIPTION = f"""
@@ -46,6 +61,8 @@ _RECOGNIZE_BODY: dict[str, Any] = {
                         "files": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"}},
                         "allowlist": {"type": "string", "description": "the only characters an answer may hold (at most 1,000)"},
                         "blocklist": {"type": "string", "description": "characters an answer may not hold (at most 1,000)"},
+                        "lexicon": {"type": "string", "description": LEXICON_DOC},
+                        "top_k": {"type": "integer", "minimum": 1, "maximum": MAX_TOP_K, "description": TOP_K_DOC},
                     },
                     "description": "image parts named 'files' ('file' is accepted too); a file part under any other name is refused",
                 }
@@ -60,7 +77,14 @@ _RECOGNIZE_BODY: dict[str, Any] = {
             "required": False,
             "schema": {"type": "number", "exclusiveMinimum": 0},
             "description": "deadline in milliseconds; can only shorten the server's default",
-        }
+        },
+        {
+            "name": "debug",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "string", "enum": list(pipeline.DEBUG_VALUES)},
+            "description": "rectified: add each crop's rectified image (what the model read) to its result, as a PNG data: URL",
+        },
     ],
 }
 
@@ -131,6 +155,7 @@ def create_app(settings: Settings | None = None, *, predictor: Predictor | None 
     @app.post(
         "/recognize",
         response_model=RecognizeResponse,
+        response_model_exclude_none=True,  # alternatives and rectified only when asked for
         dependencies=protected,
         responses=_RECOGNIZE_ERRORS,
         openapi_extra=_RECOGNIZE_BODY,
@@ -168,6 +193,8 @@ def create_app(settings: Settings | None = None, *, predictor: Predictor | None 
     # see the probes' status. Left out of the schema: one operation per path and method there.
     for path, endpoint, deps in (("/healthz", healthz, health_deps), ("/readyz", readyz, health_deps), ("/metrics", prometheus_metrics, metrics_deps)):
         app.add_api_route(path, endpoint, methods=["HEAD"], dependencies=deps, include_in_schema=False)
+
+    app.include_router(page.router)  # the web page at /: no key needed, the calls it makes carry one
 
     @app.get("/info", response_model=InfoResponse, dependencies=protected)
     async def info() -> InfoResponse:

@@ -17,6 +17,7 @@ from typing import Any
 import uvicorn
 from pydantic import SecretStr, ValidationError
 
+from model.search import MAX_TOP_K
 from model.training.cli import add_eval_parser, add_synth_parser, add_train_parser, add_view_flags
 
 from .access_log import configure_probe_access_log
@@ -90,7 +91,7 @@ def serve(settings: Settings, predictor: Predictor | None = None) -> int:
     if predictor is None:
         try:
             # Loaded here, not in the lifespan, so a bad checkpoint is one clear line, not a traceback.
-            predictor = Predictor.load(settings.weights, settings.device, settings.threads, settings.bf16)
+            predictor = Predictor.load(settings.weights, settings.device, settings.threads, settings.bf16, settings.lexicon)
         except StartupError as exc:
             print(f"safl serve: {exc}", file=sys.stderr)
             return 2
@@ -189,6 +190,10 @@ def add_recognize_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="PyTorch intra-op threads (default: PyTorch's)")
     p.add_argument("--allowlist", help="the only characters an answer may hold, e.g. 0123456789 (applied while decoding)")
     p.add_argument("--blocklist", help="characters an answer may not hold")
+    p.add_argument("--lexicon", type=Path, metavar="FILE", help="closed vocabulary: a UTF-8 file of one word per line; each answer is its most probable word")
+    p.add_argument(
+        "--top-k", type=int, metavar="K", help=f"also give the K (1-{MAX_TOP_K}) most probable readings (beam search); in the json and jsonl formats"
+    )
     p.add_argument("--batch-size", type=int, default=32, help="crops per model batch; files are read 4 batches at a time (default: 32)")
     p.add_argument("--max-pixels", type=int, default=Settings.model_fields["max_pixels"].default, help="per-image pixel limit")
     p.add_argument("--max-file-bytes", type=int, default=Settings.model_fields["max_file_bytes"].default, help="per-image size limit")

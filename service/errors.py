@@ -58,7 +58,9 @@ ERRORS: dict[str, ErrorCode] = {
     "corrupt_image": ErrorCode(422, False, "a corrupt or truncated image"),
     "invalid_json": ErrorCode(422, False, "the JSON body does not parse"),
     "invalid_base64": ErrorCode(422, False, "an image in the JSON body is not base64"),
-    "invalid_option": ErrorCode(422, False, "an `allowlist` or `blocklist` that is too long, leaves no character, or has characters the model cannot read"),
+    "invalid_option": ErrorCode(
+        422, False, "an `allowlist`, `blocklist`, `lexicon`, `top_k` or `debug` value the service cannot use (the message names the limit or the character)"
+    ),
     "invalid_timeout": ErrorCode(422, False, "`X-Request-Timeout-Ms` is not a positive number"),
     "validation_error": ErrorCode(422, False, "a request that does not match the API's schema"),
     "client_disconnected": ErrorCode(499, False, "the client went away before the reply (counted in the metrics; nobody reads it)"),

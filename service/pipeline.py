@@ -10,6 +10,8 @@ decoded long past a client's deadline.
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import math
 import time
 from collections.abc import Sequence
@@ -18,18 +20,20 @@ from dataclasses import dataclass, field
 import torch
 from fastapi import Request
 from fastapi.responses import JSONResponse
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from model import Recognition
 from model.preprocess import PreprocessConfig, ViewConfig
 from model.reading import aread_views
+from model.search import PLAIN
 
 from .batcher import BatcherClosed, CropFailed, QueueFull
 from .errors import APIError, error_response
 from .images import ImageLimits, load_crops
 from .predictor import ModelInput
 from .runtime import Runtime
-from .schemas import RecognitionResult, RecognizeResponse
+from .schemas import Alternative, RecognitionResult, RecognizeResponse
 from .uploads import Upload, read_uploads
 
 #: Header a client may send to shorten the server's default deadline.
@@ -141,8 +145,13 @@ async def await_results(request: Request, futures: list[asyncio.Future[Recogniti
 
 
 async def recognize(request: Request, runtime: Runtime, view_cfg: ViewConfig) -> RecognizeResponse | JSONResponse:
-    """Answer one ``/recognize`` request: its results in the order sent, or an ``APIError``."""
+    """Answer one ``/recognize`` request: its results in the order sent, or an ``APIError``.
+
+    ``?debug=rectified`` adds each crop's rectified image (``Predictor.rectified``)."""
     settings = runtime.settings
+    debug = request.query_params.get("debug")
+    if debug is not None and debug not in DEBUG_VALUES:
+        raise APIError("invalid_option", f"debug must be one of {', '.join(DEBUG_VALUES)}, got {debug[:40]!r}")
     if runtime.draining or runtime.stopped:
         raise APIError("shutting_down", "the server is shutting down; retry on another instance")
     if runtime.batcher is not None and not runtime.batcher.has_room():
@@ -157,7 +166,7 @@ async def recognize(request: Request, runtime: Runtime, view_cfg: ViewConfig) ->
         batcher, predictor = runtime.batcher, runtime.predictor
         assert batcher is not None and predictor is not None
         try:
-            allowed = predictor.charset.token_mask(options.allowlist, options.blocklist)
+            decode = predictor.decode_options(options.allowlist, options.blocklist, options.lexicon, options.top_k)
         except ValueError as exc:
             raise APIError("invalid_option", str(exc)) from None
         # Decoded and validated before queueing: a bad image fails alone, and early.
@@ -167,7 +176,7 @@ async def recognize(request: Request, runtime: Runtime, view_cfg: ViewConfig) ->
         async def read(inputs: list[torch.Tensor]) -> list[Recognition]:
             deadline.check(MODEL)
             try:
-                items = inputs if allowed is None else [ModelInput(t, allowed) for t in inputs]
+                items = inputs if decode is PLAIN else [ModelInput(t, decode) for t in inputs]
                 futures = batcher.submit(items, deadline=deadline.at)
             except QueueFull:
                 raise APIError("overloaded", "the recognition queue is full; retry later") from None
@@ -186,10 +195,32 @@ async def recognize(request: Request, runtime: Runtime, view_cfg: ViewConfig) ->
             runtime.metrics.error("client_disconnected")
             # Nobody reads this; 499 (nginx's "client closed request") labels the metrics.
             return error_response("client_disconnected", "the client disconnected before the results were ready")
+        rectified: list[str | None] = [None] * len(uploads)
+        if debug == "rectified":
+            images = await run_in_threadpool(predictor.rectified, [views[0] for views in per_upload])
+            rectified = [png_data_url(im) for im in images]
     return RecognizeResponse(
         model=predictor.info.model_id,
         results=[
-            RecognitionResult(filename=u.filename, text=r.text, confidence=r.confidence, char_confidences=r.char_confidences)
-            for u, r in zip(uploads, answers, strict=True)
+            RecognitionResult(
+                filename=u.filename,
+                text=r.text,
+                confidence=r.confidence,
+                char_confidences=r.char_confidences,
+                alternatives=[Alternative(text=a.text, confidence=a.confidence) for a in r.alternatives] if options.top_k else None,
+                rectified=picture,
+            )
+            for u, r, picture in zip(uploads, answers, rectified, strict=True)
         ],
     )
+
+
+#: Values of the ``debug`` query parameter of ``/recognize``.
+DEBUG_VALUES = ("rectified",)
+
+
+def png_data_url(image: Image.Image) -> str:
+    """``image`` as a ``data:image/png;base64,...`` URL (what an <img src> shows)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")

@@ -19,7 +19,9 @@ from PIL import Image, ImageDraw
 from model import CheckpointError, CheckpointInfo, Recognition, load_checkpoint
 from model.charset import Charset
 from model.device import DeviceUnavailable, resolve_device
-from model.preprocess import PreprocessConfig, collate, preprocess
+from model.lexicon import Lexicon, read_lexicon
+from model.preprocess import PreprocessConfig, collate, preprocess, to_pixels
+from model.search import MAX_TOP_K, PLAIN, DecodeOptions
 
 log = logging.getLogger("service")
 
@@ -30,17 +32,19 @@ class StartupError(RuntimeError):
 
 @dataclass(frozen=True)
 class ModelInput:
-    """One crop view for the batcher: its ``[C, H, W]`` tensor and the tokens its reading
-    may use (bool ``[V]``, ``Charset.token_mask``; ``None``: all)."""
+    """One crop view for the batcher: its ``[C, H, W]`` tensor and how it is decoded
+    (``model.search.DecodeOptions``: allowlist, lexicon, top_k)."""
 
     tensor: torch.Tensor
-    allowed: torch.Tensor | None = None
+    options: DecodeOptions = PLAIN
 
 
 class Recognizer(Protocol):
     """What the predictor needs from a model: ``SAFL.recognize``'s signature."""
 
     def recognize(self, images: torch.Tensor, amp_dtype: torch.dtype | None = None) -> list[Recognition]: ...
+
+    def rectify(self, images: torch.Tensor) -> torch.Tensor: ...
 
 
 def warmup_sizes(max_batch_size: int) -> list[int]:
@@ -69,17 +73,35 @@ def _warmup_image(cfg: PreprocessConfig) -> Image.Image:
 class Predictor:
     """A loaded model, its device and precision."""
 
-    def __init__(self, model: Recognizer, info: CheckpointInfo, device: torch.device, amp_dtype: torch.dtype | None = None, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        model: Recognizer,
+        info: CheckpointInfo,
+        device: torch.device,
+        amp_dtype: torch.dtype | None = None,
+        threads: int | None = None,
+        lexicon: Lexicon | None = None,
+    ) -> None:
         self.model = model
         self.info = info
         self.charset = Charset(info.config.charset)  # the characters the model reads (token masks)
         self.device = device
         self.amp_dtype = amp_dtype
         self.threads = threads
+        #: Applied to requests that send no lexicon, allowlist or blocklist of their own.
+        self.default_lexicon = lexicon
 
     @classmethod
-    def load(cls, weights: str | os.PathLike[str], device: str = "auto", threads: int | None = None, bf16: bool = False) -> Predictor:
-        """Load a checkpoint onto the chosen device; raises ``StartupError`` with a fix in its message."""
+    def load(
+        cls,
+        weights: str | os.PathLike[str],
+        device: str = "auto",
+        threads: int | None = None,
+        bf16: bool = False,
+        lexicon: str | os.PathLike[str] | None = None,
+    ) -> Predictor:
+        """Load a checkpoint onto the chosen device, and the default ``lexicon`` file (one
+        word per line) if given; raises ``StartupError`` with a fix in its message."""
         path = Path(weights)
         if not path.exists():
             raise StartupError(
@@ -111,7 +133,31 @@ class Predictor:
         amp = torch.bfloat16 if bf16 and target.type == "cuda" else None
         if bf16 and amp is None:
             log.warning("bf16 requested but the device is %s; running in float32", target)
-        return cls(model, info, target, amp, threads)
+        default_lexicon = None
+        if lexicon is not None:
+            try:
+                default_lexicon = Lexicon.build(read_lexicon(lexicon), model.charset, info.config.max_len)
+            except (OSError, ValueError) as exc:
+                raise StartupError(f"cannot use the lexicon {lexicon} (--lexicon / SAFL_LEXICON): {exc}") from None
+        return cls(model, info, target, amp, threads, default_lexicon)
+
+    def decode_options(
+        self, allowlist: str | None = None, blocklist: str | None = None, lexicon: Sequence[str] | None = None, top_k: int | None = None
+    ) -> DecodeOptions:
+        """How a request's crops are read: its allowlist or blocklist (``Charset.token_mask``),
+        its lexicon (else the default lexicon, unless it sent an allowlist or blocklist) and
+        ``top_k``. Raises ``ValueError`` naming what is wrong (an unknown character, a word
+        too long, too many words, ``top_k`` out of range, a lexicon with an allowlist)."""
+        if top_k is not None and not 1 <= top_k <= MAX_TOP_K:
+            raise ValueError(f"top_k must be 1 to {MAX_TOP_K}, got {top_k}")
+        allowed = self.charset.token_mask(allowlist, blocklist)
+        if lexicon is not None:
+            words: Lexicon | None = Lexicon.build(lexicon, self.charset, self.info.config.max_len)
+        else:
+            words = self.default_lexicon if allowed is None else None
+        if allowed is None and words is None and not top_k:
+            return PLAIN  # read as every plain crop is: the batch takes the plain path
+        return DecodeOptions(allowed, words, top_k or 0)
 
     @property
     def preprocess_config(self) -> PreprocessConfig:
@@ -130,26 +176,22 @@ class Predictor:
 
     def recognize(self, crops: Sequence[torch.Tensor | ModelInput]) -> list[Recognition]:
         """Recognise preprocessed ``[C, H, W]`` crops, each a tensor or a ``ModelInput`` with
-        its own allowed tokens (crops with and without constraints share one batch); on CUDA
+        its own decode options (crops with different options share one batch); on CUDA
         out-of-memory, split and retry."""
         tensors = [c.tensor if isinstance(c, ModelInput) else c for c in crops]
-        masks = [c.allowed if isinstance(c, ModelInput) else None for c in crops]
+        options = [c.options if isinstance(c, ModelInput) else PLAIN for c in crops]
         batch = collate(tensors)
-        allowed = None
-        if any(m is not None for m in masks):
-            everything = torch.ones(self.charset.vocab_size, dtype=torch.bool)
-            allowed = torch.stack([everything if m is None else m for m in masks]).to(self.device)
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
         else:
             batch = batch.to(self.device)
-        return self._recognize(batch, allowed)
+        return self._recognize(batch, None if all(o is PLAIN for o in options) else options)
 
-    def _recognize(self, batch: torch.Tensor, allowed: torch.Tensor | None = None) -> list[Recognition]:
+    def _recognize(self, batch: torch.Tensor, options: list[DecodeOptions] | None = None) -> list[Recognition]:
         try:
-            if allowed is None:  # the unconstrained call, as every Recognizer takes it
+            if options is None:  # the plain call, as every Recognizer takes it
                 return self.model.recognize(batch, amp_dtype=self.amp_dtype)
-            return self.model.recognize(batch, amp_dtype=self.amp_dtype, allowed=allowed)
+            return self.model.recognize(batch, amp_dtype=self.amp_dtype, options=options)
         except torch.OutOfMemoryError:
             if batch.shape[0] == 1:
                 raise
@@ -160,8 +202,16 @@ class Predictor:
             torch.cuda.empty_cache()
         half = batch.shape[0] // 2
         log.warning("out of memory on a batch of %d; retrying as %d + %d", batch.shape[0], half, batch.shape[0] - half)
-        halves = (None, None) if allowed is None else (allowed[:half], allowed[half:])
+        halves = (None, None) if options is None else (options[:half], options[half:])
         return self._recognize(batch[:half], halves[0]) + self._recognize(batch[half:], halves[1])
+
+    def rectified(self, crops: Sequence[torch.Tensor]) -> list[Image.Image]:
+        """What the model reads of each preprocessed ``[C, H, W]`` crop: the TPS rectifier's
+        output as an image at the model's input size (``SAFL.rectify``). For debugging a
+        misreading; runs outside the batcher."""
+        batch = collate(list(crops)).to(self.device)
+        pixels = to_pixels(self.model.rectify(batch))
+        return [Image.fromarray(p) for p in pixels]
 
     def warmup(self, max_batch_size: int) -> list[int]:
         """Run every batch size of ``warmup_sizes`` once; returns the sizes run."""

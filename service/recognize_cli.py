@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from model.lexicon import read_lexicon
 from model.reading import Recognition, read_views
+from model.search import PLAIN
 from model.training.cli import view_config
 
 if TYPE_CHECKING:
@@ -121,6 +123,14 @@ def shown(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+def _reading(r: Recognition) -> dict[str, Any]:
+    # The HTTP API's result fields: alternatives only when asked for (--top-k).
+    out: dict[str, Any] = {"text": r.text, "confidence": r.confidence, "char_confidences": r.char_confidences}
+    if r.alternatives:
+        out["alternatives"] = [{"text": a.text, "confidence": a.confidence} for a in r.alternatives]
+    return out
+
+
 class Writer:
     """Writes one format to ``out``: a line per result as it comes (``json``: one document
     at ``close``). ``tsv`` and ``csv`` leave errors to standard error; ``jsonl`` and ``json``
@@ -140,10 +150,10 @@ class Writer:
         elif self._csv is not None:
             self._csv.writerow([shown(name), r.text, f"{r.confidence:.6g}"])
         elif self.fmt == "jsonl":
-            line = {"file": shown(name), "text": r.text, "confidence": r.confidence, "char_confidences": r.char_confidences}
+            line = {"file": shown(name), **_reading(r)}
             self.out.write(json.dumps(line, ensure_ascii=False) + "\n")
         else:
-            self.results.append({"filename": shown(name), "text": r.text, "confidence": r.confidence, "char_confidences": r.char_confidences})
+            self.results.append({"filename": shown(name), **_reading(r)})
 
     def error(self, problem: dict[str, str]) -> None:
         problem = {**problem, "filename": shown(problem["filename"]), "message": shown(problem["message"])}
@@ -194,9 +204,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"safl recognize: {exc}", file=sys.stderr)
         return 2
     try:
-        allowed = predictor.charset.token_mask(args.allowlist, args.blocklist)
-    except ValueError as exc:
-        print(f"safl recognize: {exc}", file=sys.stderr)
+        lexicon = read_lexicon(args.lexicon) if args.lexicon is not None else None
+        decode = predictor.decode_options(args.allowlist, args.blocklist, lexicon, args.top_k)
+    except (OSError, ValueError) as exc:
+        where = f"--lexicon {args.lexicon}: " if isinstance(exc, OSError) else ""
+        print(f"safl recognize: {where}{exc}", file=sys.stderr)
         return 2
     predictor.init_thread()
     treat_bomb_warning_as_error()
@@ -219,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
         return load_crop(data, name, limits, predictor.preprocess_config, view_cfg)
 
     def read(views: list[torch.Tensor]) -> list[Recognition]:
-        items = views if allowed is None else [ModelInput(v, allowed) for v in views]
+        items = views if decode is PLAIN else [ModelInput(v, decode) for v in views]
         return [r for i in range(0, len(items), size) for r in predictor.recognize(items[i : i + size])]
 
     writer = Writer(args.format, sys.stdout, predictor.info.model_id)

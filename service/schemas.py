@@ -4,12 +4,31 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from model.lexicon import MAX_LEXICON_WORDS
+from model.search import MAX_TOP_K
+
 CONFIDENCE_DOC = (
-    "Probability the model gives the whole string under greedy decoding: the product of "
-    "the per-character probabilities (char_confidences) and of the end-of-word token's "
-    "probability. An empty text's confidence is the end-of-word probability alone. "
-    "It is not calibrated on an untrained or domain-shifted model."
+    "Probability the model gives the whole string: the product of the per-character "
+    "probabilities (char_confidences) and of the end-of-word token's probability. An empty "
+    "text's confidence is the end-of-word probability alone. With an allowlist or blocklist "
+    "the probabilities are renormalised over the characters allowed; with a lexicon they are "
+    "not (the word's probability under the model). It is not calibrated on an untrained or "
+    "domain-shifted model."
 )
+
+
+LEXICON_DOC = (
+    f"closed vocabulary: the answer is the most probable of these words (at most {MAX_LEXICON_WORDS}, case counts); "
+    "its confidence is the model's probability of that word. Multipart: one word per line. Not with allowlist or blocklist"
+)
+TOP_K_DOC = f"1 to {MAX_TOP_K}: also return the k most probable readings (beam search) as alternatives; text is then the first of them"
+
+
+class Alternative(BaseModel):
+    """One of the k most probable readings."""
+
+    text: str
+    confidence: float = Field(description="the model's probability of this whole string")
 
 
 class RecognitionResult(BaseModel):
@@ -19,6 +38,8 @@ class RecognitionResult(BaseModel):
     text: str = Field(description="recognised word")
     confidence: float = Field(description=CONFIDENCE_DOC)
     char_confidences: list[float] = Field(description="probability of each recognised character, in order")
+    alternatives: list[Alternative] | None = Field(None, description="with top_k: the k most probable readings, most probable first (the first is text)")
+    rectified: str | None = Field(None, description="with ?debug=rectified: the image the model read (the TPS rectifier's output), a PNG data: URL")
 
 
 class RecognizeResponse(BaseModel):
@@ -39,6 +60,8 @@ class RecognizeJSON(BaseModel):
     filenames: list[str] | None = Field(None, description="optional names echoed back in the results, one per image")
     allowlist: str | None = Field(None, description="the only characters an answer may hold, e.g. 0123456789 (applied while decoding)")
     blocklist: str | None = Field(None, description="characters an answer may not hold")
+    lexicon: list[str] | None = Field(None, description=LEXICON_DOC)
+    top_k: int | None = Field(None, description=TOP_K_DOC)
 
 
 class ErrorDetail(BaseModel):

@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     contrast_views: bool = Field(
         default=True, description="also read each crop contrast-stretched and histogram-equalised; the most confident reading is the answer (x3 model inputs)"
     )
+    lexicon: Path | None = Field(
+        default=None,
+        description="default lexicon, a UTF-8 file of one word per line: answers are its most probable word, for requests that send no lexicon, allowlist or blocklist",
+    )
     views_confident_at: float = Field(
         default=ViewConfig().confident_at,
         ge=0.0,

@@ -33,10 +33,14 @@ MAX_OPTION_CHARS = 1000
 class ReadingOptions:
     """How a request's crops are read: the same names as form fields, JSON keys and
     ``safl recognize`` flags. ``allowlist``: the only characters an answer may hold;
-    ``blocklist``: characters it may not (``model.charset.Charset.token_mask``)."""
+    ``blocklist``: characters it may not (``model.charset.Charset.token_mask``);
+    ``lexicon``: the words an answer must be one of; ``top_k``: how many alternative
+    readings to return (``service.predictor.Predictor.decode_options`` checks them)."""
 
     allowlist: str | None = None
     blocklist: str | None = None
+    lexicon: tuple[str, ...] | None = None
+    top_k: int | None = None
 
 
 @dataclass(frozen=True)
@@ -91,11 +95,26 @@ def _multipart_problem(exc: MultiPartException) -> str:
     return f"{exc} ({cause})" if cause is not None and str(cause) else str(exc)
 
 
-def _options(values: dict[str, str | None]) -> ReadingOptions:
-    for name, value in values.items():
+#: The plain form fields of a multipart request (all optional).
+OPTION_FIELDS = ("allowlist", "blocklist", "lexicon", "top_k")
+
+
+def _options(allowlist: str | None, blocklist: str | None, lexicon: list[str] | None, top_k: int | None) -> ReadingOptions:
+    for name, value in (("allowlist", allowlist), ("blocklist", blocklist)):
         if value is not None and len(value) > MAX_OPTION_CHARS:
             raise APIError("invalid_option", f"{name} has {len(value)} characters; the limit is {MAX_OPTION_CHARS}")
-    return ReadingOptions(allowlist=values.get("allowlist"), blocklist=values.get("blocklist"))
+    return ReadingOptions(allowlist, blocklist, None if lexicon is None else tuple(lexicon), top_k)
+
+
+def _form_options(fields: dict[str, str]) -> ReadingOptions:
+    top_k = fields.get("top_k")
+    if top_k is not None:
+        try:
+            top_k = int(top_k.strip())
+        except ValueError:
+            raise APIError("invalid_option", f"top_k must be a whole number, got {top_k[:40]!r}") from None
+    lexicon = fields.get("lexicon")
+    return _options(fields.get("allowlist"), fields.get("blocklist"), None if lexicon is None else lexicon.splitlines(), top_k)
 
 
 async def _read_multipart(request: Request, max_files: int, max_file_bytes: int) -> tuple[list[Upload], ReadingOptions]:
@@ -133,13 +152,13 @@ async def _read_multipart(request: Request, max_files: int, max_file_bytes: int)
             if value.size is not None and value.size > max_file_bytes:
                 raise APIError("file_too_large", f"file {name!r} is {value.size} bytes; the limit is {max_file_bytes}")
             uploads.append(Upload(name, await value.read()))
-        fields: dict[str, str | None] = {}
+        fields: dict[str, str] = {}
         for key, value in items:
-            if key in ("allowlist", "blocklist"):
+            if key in OPTION_FIELDS:
                 if key in fields or not isinstance(value, str):
                     raise APIError("invalid_option", f"{key} must be one plain form field")
                 fields[key] = value
-        return uploads, _options(fields)
+        return uploads, _form_options(fields)
     finally:
         await form.close()
 
@@ -180,4 +199,4 @@ def _read_json(body: bytes, max_files: int, max_file_bytes: int) -> tuple[list[U
         except (binascii.Error, ValueError):
             raise APIError("invalid_base64", f"image {name!r} is not valid base64") from None
         uploads.append(Upload(name, data))
-    return uploads, _options({"allowlist": payload.allowlist, "blocklist": payload.blocklist})
+    return uploads, _options(payload.allowlist, payload.blocklist, payload.lexicon, payload.top_k)

@@ -18,7 +18,7 @@ from PIL import Image
 from model import PreprocessConfig, save_checkpoint
 from model.training.cli import main as cli_main
 from model.training.data import ArrayDataset, load_folder, load_folder_part
-from model.training.evaluate import DatasetResult, Example, evaluate, normalize_36, normalize_cs, predict, score, to_json, to_markdown
+from model.training.evaluate import DatasetResult, Example, evaluate, lexicon_accuracy, normalize_36, normalize_cs, predict, score, to_json, to_markdown
 
 # (image of the word the model reads, label in the folder): what each case checks
 CASES = [
@@ -142,6 +142,20 @@ def test_worst_mistakes_are_sorted_by_confidence(memorised: Memorised) -> None:
     assert confs == sorted(confs, reverse=True)
 
 
+def test_a_lexicon_of_the_label_and_distractors_corrects_a_near_miss(memorised: Memorised) -> None:
+    m = memorised
+    labels = ["Noon" if w == "Moon" else w for w in m.words]  # the "Moon" crop is labelled Noon: read greedily, it is wrong
+    ds = ArrayDataset("near", m.images.add(1).mul(127.5).round().byte().squeeze(1).numpy(), labels)
+    (plain,) = evaluate(m.model, [ds])
+    assert plain.acc36 == pytest.approx(5 / 6)
+    # Distractors this toy model never saw: it gives its six words' other crops high
+    # probabilities, so they would beat Noon (the model's 3e-7 for it; dog 2e-11, Tree42 9e-15).
+    n, acc = lexicon_accuracy(m.model, ds, 2, distractors_from=["dog", "Tree42"])
+    assert (n, acc) == (6, 1.0)  # Noon is the likeliest word of its lexicon for the crop
+    with pytest.raises(ValueError, match="fewer than a lexicon of 50"):
+        lexicon_accuracy(m.model, ds, 50)
+
+
 def test_samples_keep_their_file_names_through_subsets_and_filters(folder: Path) -> None:
     ds = load_folder(folder, PreprocessConfig(), view_cfg=None)
     assert ds.sources == [f"{i}.png" for i in range(len(CASES))] and ds.folder == str(folder)
@@ -182,19 +196,29 @@ def test_to_markdown_and_json(tmp_path: Path) -> None:
         "ned": 0.95,
         "worst": [{"index": 3, "label": "Hello", "prediction": "Hella", "confidence": 0.91, "file": "crops/3.png"}],
         "folder": "data/iiit5k",
+        "lexicon_size": 0,
+        "lexicon_n": 0,
+        "acc36_lexicon": None,
     }
     # ``one_minus_ned`` keeps the key and place "ned" has in every result file so far (docs/, weights/metrics.json).
-    assert list(data["datasets"][0]) == ["name", "n", "acc36", "acc_cs", "ned", "worst", "folder"]
+    assert list(data["datasets"][0])[:7] == ["name", "n", "acc36", "acc_cs", "ned", "worst", "folder"]
     assert to_json([DatasetResult("svt", 1000, 0.5, 0.4, 0.75)])["datasets"][0]["worst"] == []
 
 
 def test_safl_eval_cli(checkpoint: Path, folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out_json = tmp_path / "eval.json"
-    rc = cli_main(["eval", "--weights", str(checkpoint), "--data", str(folder), "--json", str(out_json), "--threads", "1", "--batch-size", "4"])
+    args = ["eval", "--weights", str(checkpoint), "--data", str(folder), "--json", str(out_json), "--threads", "1", "--batch-size", "4"]
+    rc = cli_main([*args, "--lexicon-size", "3"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "### memorised@" in out and "(all)" in out
-    assert "| handmade | 5 | 80.00 % | 33.33 % | 0.9500 |" in out
+    assert "| handmade | 5 | 80.00 % | 33.33 % | 0.9500 |" in out and "acc with a 3-word lexicon |" in out
+    assert json.loads(out_json.read_text())["datasets"][0]["lexicon_n"] == 5  # the 5 labels scored under the 36-char protocol
+    with pytest.raises(SystemExit, match="fewer than a lexicon of 9"):
+        cli_main([*args, "--lexicon-size", "9"])
+    rc = cli_main(args)
+    out = capsys.readouterr().out
+    assert "| handmade | 5 | 80.00 % | 33.33 % | 0.9500 |\n" in out
     assert f"Most confident mistakes on handmade (in `{folder}`):" in out
     assert "- `4.png`: `Noon` → `Moon`" in out
     data = json.loads(out_json.read_text())

@@ -219,15 +219,63 @@ async def test_an_allowlist_holds_for_multipart_and_json_and_bad_lists_are_named
             assert reply.status_code == 422 and _code(reply) == "invalid_option" and named in reply.text, reply.text
 
 
-def test_crops_with_and_without_an_allowlist_share_one_batch(tiny_checkpoint: Path) -> None:
+@pytest.mark.anyio
+async def test_a_lexicon_top_k_and_the_rectified_image_over_http(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    import base64
+    import io
+
+    one = [("files", ("a.png", _PNG))]
+    async with running_app(settings_for(tiny_checkpoint)) as (_, client):
+        plain = (await client.post("/recognize", files=one)).json()["results"][0]
+        assert "alternatives" not in plain and "rectified" not in plain
+        r = (await client.post("/recognize", files=one, data={"lexicon": "hello\r\nworld\n\nsafl\n", "top_k": "2"})).json()["results"][0]
+        assert r["text"] in ("hello", "world", "safl") and [a["text"] for a in r["alternatives"]][0] == r["text"]
+        assert len(r["alternatives"]) == 2 and r["alternatives"][0]["confidence"] >= r["alternatives"][1]["confidence"]
+        body = {"images": [base64.b64encode(_PNG).decode()], "lexicon": ["12", "34"], "top_k": 1}
+        r = (await client.post("/recognize", json=body)).json()["results"][0]
+        assert r["text"] in ("12", "34") and [a["text"] for a in r["alternatives"]] == [r["text"]]
+        reply = await client.post("/recognize?debug=rectified", files=one)
+        url = reply.json()["results"][0]["rectified"]
+        assert url.startswith("data:image/png;base64,")
+        assert Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).size == (128, 32)  # what the model read, at its input size
+        bad = [
+            ({"top_k": "0"}, "top_k must be 1 to 10"),
+            ({"top_k": "11"}, "top_k must be 1 to 10"),
+            ({"top_k": "two"}, "whole number"),
+            ({"lexicon": "ok\ncafé"}, "'é'"),
+            ({"lexicon": "x" * 26}, "at most 25"),
+            ({"lexicon": "\n".join(f"w{i}" for i in range(5001))}, "the limit is 5000"),
+            ({"lexicon": "12", "allowlist": "12"}, "cannot be combined"),
+            ({"lexicon": " \n "}, "no word"),
+        ]
+        for options, named in bad:
+            reply = await client.post("/recognize", files=one, data=options)
+            assert reply.status_code == 422 and _code(reply) == "invalid_option" and named in reply.text, (options, reply.text)
+        reply = await client.post("/recognize?debug=everything", files=one)
+        assert reply.status_code == 422 and _code(reply) == "invalid_option" and "rectified" in reply.text
+    words = tmp_path / "words.txt"
+    words.write_text("alpha\nbeta\n", encoding="utf-8")
+    async with running_app(settings_for(tiny_checkpoint, lexicon=words)) as (_, client):
+        assert (await client.post("/recognize", files=one)).json()["results"][0]["text"] in ("alpha", "beta")  # the server's default lexicon
+        own = (await client.post("/recognize", files=one, data={"lexicon": "gamma"})).json()["results"][0]["text"]
+        assert own == "gamma"  # a request's own lexicon replaces it
+        free = (await client.post("/recognize", files=one, data={"blocklist": "#"})).json()["results"][0]["text"]
+        assert free not in ("alpha", "beta")  # an allowlist or blocklist reads without it
+
+
+def test_crops_with_different_decode_options_share_one_batch(tiny_checkpoint: Path) -> None:
     from model.preprocess import preprocess
     from service.predictor import ModelInput, Predictor
 
     predictor = Predictor.load(tiny_checkpoint, "cpu", threads=1)
     crop = preprocess(render_word("ok"), predictor.preprocess_config)
-    digits = predictor.charset.token_mask("0123456789")
+    digits = predictor.decode_options(allowlist="0123456789")
+    words = predictor.decode_options(lexicon=["hello", "world"])
+    top3 = predictor.decode_options(top_k=3)
     alone = predictor.recognize([crop])[0]
-    mixed = predictor.recognize([crop, ModelInput(crop, digits), ModelInput(crop)])
+    mixed = predictor.recognize([crop, ModelInput(crop, digits), ModelInput(crop), ModelInput(crop, words), ModelInput(crop, top3)])
     for same in (mixed[0], mixed[2]):  # as read alone, up to batch-size rounding
         assert same.text == alone.text and same.confidence == pytest.approx(alone.confidence, rel=1e-4)
     assert mixed[1].text and set(mixed[1].text) <= set("0123456789")
+    assert mixed[3].text in ("hello", "world") and not mixed[3].alternatives
+    assert len(mixed[4].alternatives) == 3 and mixed[4].alternatives[0].text == mixed[4].text

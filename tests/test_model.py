@@ -17,6 +17,7 @@ from model.charset import EOS_ID, PAD_ID
 from model.loss import focal_loss, sequence_loss
 from model.preprocess import ViewConfig, collate, preprocess
 from model.rectify import TPSRectifier, fiducial_points
+from model.search import DecodeOptions
 
 
 @pytest.fixture(scope="module")
@@ -382,9 +383,9 @@ def test_monotone_tps_points_never_fold(scale: float) -> None:
 def test_an_allowlist_constrains_every_reading_of_the_batch_row_by_row(tiny_model) -> None:
     images = torch.rand(4, 1, 32, 128)
     digits = tiny_model.charset.token_mask("0123456789")
-    allowed = torch.stack([digits, digits, torch.ones_like(digits), digits])
+    only_digits = DecodeOptions(allowed=digits)
     free = tiny_model.recognize(images)
-    constrained = tiny_model.recognize(images, allowed=allowed)
+    constrained = tiny_model.recognize(images, options=[only_digits, only_digits, DecodeOptions(), only_digits])
     assert not set(free[0].text) <= set("0123456789")  # unconstrained, this model reads letters and symbols
     assert all(r.text and set(r.text) <= set("0123456789") for i, r in enumerate(constrained) if i != 2)
     assert constrained[2] == free[2]  # an unconstrained row reads as without any mask

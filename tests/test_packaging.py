@@ -30,8 +30,9 @@ def test_a_wheel_install_serves_the_shipped_weights(tmp_path: Path) -> None:
     )
     probe = (
         "import json, model, service; from model.checkpoint import read_info; from service import Settings; "
-        "w = Settings().weights; info = read_info(w); "
-        "print(json.dumps({'model': model.__file__, 'weights': str(w), 'name': info.name, 'sha': info.sha256}))"
+        "from service.page import ASSETS, _read; w = Settings().weights; info = read_info(w); "
+        "page = {n: len(_read(n)) for n in ['index.html', *ASSETS]}; "
+        "print(json.dumps({'model': model.__file__, 'weights': str(w), 'name': info.name, 'sha': info.sha256, 'page': page}))"
     )
     out = subprocess.run(
         [sys.executable, "-c", probe], cwd=tmp_path, env={"PYTHONPATH": str(target), "PATH": ""}, check=True, capture_output=True, text=True, timeout=120
@@ -41,3 +42,5 @@ def test_a_wheel_install_serves_the_shipped_weights(tmp_path: Path) -> None:
     assert found["weights"].startswith(str(target)) and found["weights"].endswith("safl.safetensors"), found
     shipped = json.loads((ROOT / "weights" / "safl.json").read_text())
     assert found["sha"] == shipped["sha256"]
+    # The web page's files travel as package data (service/static), read by importlib.resources.
+    assert found["page"] and all(found["page"].values()), found["page"]

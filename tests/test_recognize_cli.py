@@ -219,3 +219,25 @@ def test_cli_allowlist_constrains_the_reading_and_names_a_bad_character(tiny_che
     assert text and set(text) <= set("0123456789")
     bad = subprocess.run([*base, "--allowlist", "12é"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip() == "safl recognize: allowlist has characters the model cannot read: 'é'"
+
+
+def test_cli_lexicon_and_top_k(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    image = tmp_path / "w.png"
+    render_word("ok").save(image)
+    words = tmp_path / "words.txt"
+    words.write_text("alpha\nbeta\ngamma\n", encoding="utf-8")
+    base = [sys.executable, "-m", "service", "recognize", "--weights", str(tiny_checkpoint), "--device", "cpu", str(image)]
+    out = subprocess.run([*base, "--lexicon", str(words), "--top-k", "3", "--format", "jsonl"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    line = json.loads(out.stdout)
+    assert line["text"] in ("alpha", "beta", "gamma")
+    assert sorted(a["text"] for a in line["alternatives"]) == ["alpha", "beta", "gamma"] and line["alternatives"][0]["text"] == line["text"]
+    plain = json.loads(subprocess.run([*base, "--format", "jsonl"], capture_output=True, text=True, timeout=120).stdout)
+    assert "alternatives" not in plain
+    missing = subprocess.run([*base, "--lexicon", str(tmp_path / "none.txt")], capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and missing.stderr.startswith(f"safl recognize: --lexicon {tmp_path / 'none.txt'}: ")
+    bad = subprocess.run([*base, "--top-k", "11"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip() == "safl recognize: top_k must be 1 to 10, got 11"

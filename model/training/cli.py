@@ -222,6 +222,14 @@ def add_eval_parser(sub: argparse._SubParsersAction, default_weights: Path | Non
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
     p.add_argument("--worst", type=int, default=5, help="most confident mistakes to list per data set")
+    p.add_argument(
+        "--lexicon-size",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also report accuracy with a closed vocabulary per crop: its label and N-1 distractors drawn from the other labels "
+        "(the IIIT5K protocol uses 50); 0: off (default)",
+    )
     add_view_flags(p)
     p.set_defaults(func=run_eval)
 
@@ -305,7 +313,10 @@ def run_eval(args: argparse.Namespace) -> int:
     except (CheckpointError, OSError, ValueError) as exc:
         # A missing or broken checkpoint, a labels.tsv line without a tab, a missing image file.
         raise SystemExit(f"safl eval: {exc}") from None
-    results = evaluate(model, sets, args.batch_size, args.worst, view_cfg.confident_at)
+    try:
+        results = evaluate(model, sets, args.batch_size, args.worst, view_cfg.confident_at, args.lexicon_size)
+    except ValueError as exc:  # a data set with fewer distinct labels than --lexicon-size
+        raise SystemExit(f"safl eval: {exc}") from None
     print(to_markdown(results, f"{info.model_id} ({args.part})"))
     if args.json:
         to_json(results, args.json, {"model": info.model_id, "part": args.part, "split": asdict(split_config(args))})

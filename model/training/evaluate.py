@@ -13,6 +13,7 @@ case-sensitively.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,13 +21,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..lexicon import Lexicon
 from ..preprocess import ViewConfig, to_tensor
 from ..reading import Recognition, read_views
 from ..safl import SAFL
+from ..search import PLAIN, DecodeOptions
 from .data import ArrayDataset
 from .protocol import normalize_36, normalize_cs
 
-__all__ = ["normalize_36", "normalize_cs", "evaluate", "predict", "read_batched", "score"]
+__all__ = ["normalize_36", "normalize_cs", "evaluate", "lexicon_accuracy", "pooled", "predict", "read_batched", "score"]
 
 
 @dataclass
@@ -54,6 +57,11 @@ class DatasetResult:
     worst: list[Example] = field(default_factory=list)
     #: The folder (or LMDB) the data set was read from, as given; "" when not known.
     folder: str = ""
+    #: With ``lexicon_size`` > 0: acc36 with a closed vocabulary of that many words per
+    #: sample (``lexicon_accuracy``), over ``lexicon_n`` samples.
+    lexicon_size: int = 0
+    lexicon_n: int = 0
+    acc36_lexicon: float | None = None
 
 
 def score(predictions: list[str], labels: list[str]) -> tuple[int, float, float, float]:
@@ -77,15 +85,19 @@ def score(predictions: list[str], labels: list[str]) -> tuple[int, float, float,
 
 
 @torch.no_grad()
-def read_batched(model: SAFL, images: np.ndarray, batch_size: int, amp_dtype: torch.dtype | None) -> list[Recognition]:
+def read_batched(
+    model: SAFL, images: np.ndarray, batch_size: int, amp_dtype: torch.dtype | None, options: Sequence[DecodeOptions] | None = None
+) -> list[Recognition]:
     """One reading per image of ``images`` (``model.preprocess.resize`` output stacked:
     uint8 ``[N, H, W]`` or ``[N, H, W, 3]``), read ``batch_size`` at a time on the model's
-    device, with autocast to ``amp_dtype`` if given; each image as it is, no further
-    views (``predict`` reads those). Raises ``TypeError`` for pixels that are not uint8."""
+    device, with autocast to ``amp_dtype`` if given, each as its ``options`` say (one per
+    image; ``None``: greedy); each image as it is, no further views (``predict`` reads
+    those). Raises ``TypeError`` for pixels that are not uint8."""
     device = next(model.parameters()).device
     out: list[Recognition] = []
     for i in range(0, len(images), batch_size):
-        out += model.recognize(to_tensor(images[i : i + batch_size]).to(device), amp_dtype=amp_dtype)
+        opts = None if options is None else options[i : i + batch_size]
+        out += model.recognize(to_tensor(images[i : i + batch_size]).to(device), amp_dtype=amp_dtype, options=opts)
     return out
 
 
@@ -96,26 +108,73 @@ def predict(
     amp_dtype: torch.dtype | None = None,
     extra_views: dict[int, np.ndarray] | None = None,
     confident_at: float = ViewConfig().confident_at,
+    options: Sequence[DecodeOptions] | None = None,
 ) -> tuple[list[str], list[float]]:
-    """Texts and confidences for a uint8 image array, in batches.
+    """Texts and confidences for a uint8 image array, in batches, each sample read as its
+    ``options`` say (one per sample; ``None``: greedy).
 
     With ``extra_views`` (``ArrayDataset.extra_views``) the samples are read as the
     service reads them (``model.reading.read_views``): a sample whose image alone reads
     less confidently than ``confident_at`` is also read in its further views.
     """
-    if not extra_views:
-        readings = read_batched(model, images, batch_size, amp_dtype)
-    else:
-        per_sample = [[images[i], *extra_views.get(i, ())] for i in range(len(images))]
-        readings = read_views(lambda vs: read_batched(model, np.stack(vs), batch_size, amp_dtype), per_sample, confident_at)
+    opts = list(options) if options is not None else [PLAIN] * len(images)
+    per_sample = [[(view, opts[i]) for view in (images[i], *(extra_views or {}).get(i, ()))] for i in range(len(images))]
+
+    def read(views: list[tuple[np.ndarray, DecodeOptions]]) -> list[Recognition]:
+        return read_batched(model, np.stack([v for v, _ in views]), batch_size, amp_dtype, None if options is None else [o for _, o in views])
+
+    readings = read_views(read, per_sample, confident_at)
     return [r.text for r in readings], [r.confidence for r in readings]
 
 
+def lexicon_accuracy(
+    model: SAFL,
+    ds: ArrayDataset,
+    size: int,
+    batch_size: int = 128,
+    seed: int = 0,
+    confident_at: float = ViewConfig().confident_at,
+    distractors_from: Sequence[str] | None = None,
+) -> tuple[int, float]:
+    """``(n, acc36)`` with a closed vocabulary per sample, the IIIT5K protocol (Mishra et al.,
+    BMVC 2012, "small lexicon"): the sample's own label and ``size - 1`` distractors drawn
+    (``seed``) from the other labels of ``distractors_from`` (default: the data set's),
+    distinct under the 36-character protocol; read with ``DecodeOptions(lexicon=...)`` in
+    the sample's views.
+
+    Only samples whose label the model can read (``Charset.filter_label``) are scored.
+    Raises ``ValueError`` if there are fewer than ``size`` distinct readable labels to draw from.
+    """
+    charset, max_len = model.charset, model.config.max_len
+    words = [charset.filter_label(label, max_len) for label in ds.labels]
+    readable = [charset.filter_label(label, max_len) for label in (ds.labels if distractors_from is None else distractors_from)]
+    pool = list({normalize_36(w): w for w in readable if w and normalize_36(w)}.items())
+    if len(pool) < size:
+        raise ValueError(f"{len(pool)} distinct readable labels to draw from, fewer than a lexicon of {size}")
+    rng = np.random.default_rng(seed)
+    scored, options = [], []
+    for i, word in enumerate(words):
+        key = normalize_36(word or "")
+        if not key:
+            continue
+        picks = rng.choice(len(pool), size=size, replace=False)
+        distractors = [w for k, w in (pool[j] for j in picks) if k != key][: size - 1]
+        lexicon = Lexicon.build([word, *distractors], charset, max_len)
+        scored.append(i)
+        options.append(DecodeOptions(lexicon=lexicon))
+    extra = {n: ds.extra_views[i] for n, i in enumerate(scored) if i in ds.extra_views}
+    preds, _ = predict(model, ds.images[scored], batch_size, extra_views=extra, confident_at=confident_at, options=options)
+    correct = sum(normalize_36(p) == normalize_36(ds.labels[i]) for p, i in zip(preds, scored))
+    return len(scored), correct / max(len(scored), 1)
+
+
 def evaluate(
-    model: SAFL, datasets: list[ArrayDataset], batch_size: int = 128, worst: int = 5, confident_at: float = ViewConfig().confident_at
+    model: SAFL, datasets: list[ArrayDataset], batch_size: int = 128, worst: int = 5, confident_at: float = ViewConfig().confident_at, lexicon_size: int = 0
 ) -> list[DatasetResult]:
     """Metrics per data set, with the ``worst`` most confident mistakes of each; the
-    samples are read in their views (``predict``)."""
+    samples are read in their views (``predict``). With ``lexicon_size`` > 0, also the
+    accuracy with a lexicon of that many words per sample (``lexicon_accuracy``, the
+    distractors drawn from the labels of all ``datasets``)."""
     results = []
     for ds in datasets:
         preds, confs = predict(model, ds.images, batch_size, extra_views=ds.extra_views, confident_at=confident_at)
@@ -126,20 +185,40 @@ def evaluate(
             if normalize_36(ds.labels[i]) and normalize_36(preds[i]) != normalize_36(ds.labels[i])
         ]
         wrong.sort(key=lambda e: -e.confidence)
-        results.append(DatasetResult(ds.name, n, acc36, acc_cs, one_minus_ned, wrong[:worst], ds.folder))
+        result = DatasetResult(ds.name, n, acc36, acc_cs, one_minus_ned, wrong[:worst], ds.folder)
+        if lexicon_size:
+            result.lexicon_size = lexicon_size
+            # Distractors from every data set's labels: a small validation part alone has too few.
+            pool = [label for d in datasets for label in d.labels]
+            result.lexicon_n, result.acc36_lexicon = lexicon_accuracy(model, ds, lexicon_size, batch_size, confident_at=confident_at, distractors_from=pool)
+        results.append(result)
     return results
+
+
+def pooled(results: Sequence[DatasetResult], attr: str = "acc36") -> float:
+    """A metric over all the data sets' samples together (each set weighted by its ``n``):
+    the "weighted" figure of the STR literature. 0 when there are no samples."""
+    total = sum(r.n for r in results)
+    return sum(getattr(r, attr) * r.n for r in results) / max(total, 1)
 
 
 def to_markdown(results: list[DatasetResult], title: str = "") -> str:
     """A table (and the worst examples) in markdown."""
     lines = [f"### {title}", ""] if title else []
-    lines += ["| dataset | n | acc (36-char) | acc (case-sensitive) | 1 - NED |", "|---|---:|---:|---:|---:|"]
+    size = max((r.lexicon_size for r in results), default=0)
+    lex_head, lex_rule = (f" acc with a {size}-word lexicon |", "---:|") if size else ("", "")
+    lines += [f"| dataset | n | acc (36-char) | acc (case-sensitive) | 1 - NED |{lex_head}", f"|---|---:|---:|---:|---:|{lex_rule}"]
     for r in results:
-        lines.append(f"| {r.name} | {r.n} | {100 * r.acc36:.2f} % | {100 * r.acc_cs:.2f} % | {r.one_minus_ned:.4f} |")
+        lex = f" {100 * r.acc36_lexicon:.2f} % |" if size and r.acc36_lexicon is not None else (" |" if size else "")
+        lines.append(f"| {r.name} | {r.n} | {100 * r.acc36:.2f} % | {100 * r.acc_cs:.2f} % | {r.one_minus_ned:.4f} |{lex}")
     if len(results) > 1:
         total = sum(r.n for r in results)
-        w = lambda attr: sum(getattr(r, attr) * r.n for r in results) / max(total, 1)  # noqa: E731
-        lines.append(f"| **all (weighted)** | {total} | {100 * w('acc36'):.2f} % | {100 * w('acc_cs'):.2f} % | {w('one_minus_ned'):.4f} |")
+        w = lambda attr: pooled(results, attr)  # noqa: E731
+        lex = ""
+        if size:
+            lex_total = sum(r.lexicon_n for r in results)
+            lex = f" {100 * sum((r.acc36_lexicon or 0.0) * r.lexicon_n for r in results) / max(lex_total, 1):.2f} % |"
+        lines.append(f"| **all (weighted)** | {total} | {100 * w('acc36'):.2f} % | {100 * w('acc_cs'):.2f} % | {w('one_minus_ned'):.4f} |{lex}")
     for r in results:
         if r.worst:
             lines += ["", f"Most confident mistakes on {r.name}" + (f" (in `{r.folder}`)" if r.folder else "") + ":", ""]

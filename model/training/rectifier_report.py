@@ -32,7 +32,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..charset import DEFAULT_CHARS
 from ..checkpoint import load_checkpoint
-from ..preprocess import resize, to_tensor
+from ..preprocess import resize, to_pixels, to_tensor
 from ..rectify import fiducial_points
 from .fonts import by_family, discover_fonts
 from .synth import Renderer
@@ -93,7 +93,7 @@ def analyse(weights: Path, crops: dict[str, list[Image.Image]]) -> tuple[dict, d
                 "spread": float(p.std(dim=0).norm(dim=-1).mean()),
                 "outside": float((mid.abs() > 1).any(dim=-1).float().mean()),
             }
-            outputs[kind] = model.rectifier(x).add(1).mul(127.5).round().clamp(0, 255).byte().squeeze(1).numpy()
+            outputs[kind] = to_pixels(model.rectifier(x))
         numbers["curved"]["bend_response"] = float((points["curved"] - points["straight"]).norm(dim=-1).mean())
     return {"model": info.model_id, "kinds": numbers}, outputs
 
