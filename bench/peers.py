@@ -73,6 +73,7 @@ from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from model import CheckpointError, load_checkpoint  # noqa: E402
+from model.onnx_backend import OnnxRecognizer  # noqa: E402
 from model.training.data import read_labels_tsv  # noqa: E402
 from model.training.evaluate import as_json_dict, score  # noqa: E402
 from model.training.split import DEFAULT_SPLIT, FAIR_PART, part_indices  # noqa: E402
@@ -163,8 +164,8 @@ class SaflPeer(Peer):
 
     name = "safl"
 
-    def __init__(self, weights: Path, batch_sizes: list[int], threads: int) -> None:
-        self.weights, self.batch_sizes, self.threads = Path(weights), batch_sizes, threads
+    def __init__(self, weights: Path, batch_sizes: list[int], threads: int, backend: str = "auto") -> None:
+        self.weights, self.batch_sizes, self.threads, self.backend = Path(weights), batch_sizes, threads, backend
 
     def load(self) -> None:
         if not self.weights.exists():
@@ -172,6 +173,9 @@ class SaflPeer(Peer):
         torch.set_num_threads(self.threads)
         self.model, self.ckpt = load_checkpoint(self.weights, device="cpu")
         self.cfg = self.ckpt.config.preprocess
+        # The service's engine choice (service.predictor.resolve_backend): ONNX Runtime on the CPU by default.
+        self.engine = "torch" if self.backend == "torch" else "onnx"
+        self.reader = self.model if self.engine == "torch" else OnnxRecognizer(self.model, self.ckpt.model_id, self.threads)
 
     def info(self) -> dict[str, Any]:
         c = self.ckpt.config
@@ -183,8 +187,10 @@ class SaflPeer(Peer):
             "input": f"{self.cfg.height}x{self.cfg.width}x{self.cfg.channels}",
             "torch": torch.__version__,
             "device": "cpu",
-            "threads": f"torch.set_num_threads({torch.get_num_threads()})",
-            "call": "PIL.Image.open(bytes) -> SAFL.recognize_images (model.preprocess.views, most confident view; float32)",
+            "backend": self.engine,
+            "threads": f"torch.set_num_threads({torch.get_num_threads()})"
+            + (f", onnxruntime intra_op_num_threads={self.threads}" if self.engine == "onnx" else ""),
+            "call": f"PIL.Image.open(bytes) -> recognize_images on {self.engine} (model.preprocess.views, most confident view; float32)",
         }
 
     def _runner(self, batch_size: int) -> Callable[[list[bytes], Progress], list[str]]:
@@ -192,7 +198,7 @@ class SaflPeer(Peer):
             texts: list[str] = []
             for i in range(0, len(crops), batch_size):
                 chunk = crops[i : i + batch_size]
-                texts += [r.text for r in self.model.recognize_images([decode_image(c) for c in chunk])]
+                texts += [r.text for r in self.reader.recognize_images([decode_image(c) for c in chunk])]
                 progress(len(chunk))
             return texts
 
@@ -693,11 +699,11 @@ def _load_plots() -> Any:
     return mod
 
 
-def build_peers(names: list[str], weights: Path, batch_sizes: list[int], threads: int) -> list[Peer]:
+def build_peers(names: list[str], weights: Path, batch_sizes: list[int], threads: int, safl_backend: str = "auto") -> list[Peer]:
     out: list[Peer] = []
     for n in names:
         if n == "safl":
-            out.append(SaflPeer(weights, batch_sizes, threads))
+            out.append(SaflPeer(weights, batch_sizes, threads, safl_backend))
         elif n == "tesseract":
             out.append(TesseractPeer(threads))
         elif n == "rapidocr":
@@ -722,6 +728,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peers", nargs="+", choices=PEERS, default=list(PEERS), help="engines to run (default: all)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 64], help="batch sizes for safl and rapidocr (default: 1 8 32 64)")
     p.add_argument("--threads", type=int, default=2, help="thread budget of every engine (default: 2)")
+    p.add_argument(
+        "--safl-backend",
+        choices=("auto", "onnx", "torch"),
+        default="auto",
+        help="safl's inference engine, as `safl serve --backend` (default: auto, onnx on the CPU)",
+    )
     p.add_argument("--json", type=Path, help="write the full results here")
     p.add_argument("--markdown", type=Path, help="write the tables here")
     p.add_argument("--plot", type=Path, help="write a PNG here (needs matplotlib)")
@@ -748,7 +760,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     threads_before = torch.get_num_threads()
     peers, skipped = [], {}
-    for peer in build_peers(list(dict.fromkeys(args.peers)), args.weights, batch_sizes, args.threads):
+    for peer in build_peers(list(dict.fromkeys(args.peers)), args.weights, batch_sizes, args.threads, args.safl_backend):
         try:
             peer.load()
             peers.append(peer)

@@ -15,7 +15,13 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+    from .preprocess import PreprocessConfig, ViewConfig
 
 View = TypeVar("View")
 
@@ -112,3 +118,15 @@ async def aread_views(read: Callable[[list[View]], Awaitable[list[Recognition]]]
             views = steps.send(await read(views))
     except StopIteration as done:
         return done.value
+
+
+def read_images(
+    recognize: Callable[[torch.Tensor], list[Recognition]], images: Sequence[Image.Image], cfg: PreprocessConfig, view_cfg: ViewConfig, device: torch.device
+) -> list[Recognition]:
+    """One answer per PIL image: each pre-processed with the shared code path
+    (``model.preprocess.views``) and read in its views as the service reads them, by
+    ``recognize`` (a batch ``[B, C, H, W]`` on ``device`` → one reading per row)."""
+    from .preprocess import collate, to_tensor, views
+
+    per_image = [views(im, cfg, view_cfg) for im in images]
+    return read_views(lambda vs: recognize(collate([to_tensor(v) for v in vs]).to(device)), per_image, view_cfg.confident_at)

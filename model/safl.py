@@ -14,8 +14,8 @@ from torch import nn
 from .charset import DEFAULT_CHARS, Charset
 from .decode import TransformerDecoder
 from .encode import SATRNEncoder
-from .preprocess import PreprocessConfig, ViewConfig, collate, to_tensor, views
-from .reading import Recognition, read_views
+from .preprocess import PreprocessConfig, ViewConfig
+from .reading import Recognition, read_images
 from .rectify import TPSRectifier
 from .search import DecodeOptions, read
 
@@ -153,9 +153,7 @@ class SAFL(nn.Module):
     def recognize_images(self, images: list[Image.Image], view_cfg: ViewConfig = ViewConfig()) -> list[Recognition]:
         """Recognise PIL images, pre-processed here with the shared code path and read in
         the views ``view_cfg`` asks for, as the service reads them (``model.reading``)."""
-        device = next(self.parameters()).device
-        per_image = [views(im, self.config.preprocess, view_cfg) for im in images]
-        return read_views(lambda vs: self.recognize(collate([to_tensor(v) for v in vs]).to(device)), per_image, view_cfg.confident_at)
+        return read_images(self.recognize, images, self.config.preprocess, view_cfg, next(self.parameters()).device)
 
     def num_parameters(self) -> int:
         """Trainable parameter count."""

@@ -213,6 +213,7 @@ def create_app(settings: Settings | None = None, *, predictor: Predictor | None 
             input=InputInfo(height=cfg.height, width=cfg.width, channels=cfg.channels),
             views=ViewsInfo(turn_tall=view_cfg.turn_tall, contrast=view_cfg.contrast, confident_at=view_cfg.confident_at),
             device=str(p.device),
+            backend=p.backend,
             precision=p.precision,
             threads=p.threads or torch.get_num_threads(),
             batching=BatchingInfo(

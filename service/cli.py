@@ -91,7 +91,7 @@ def serve(settings: Settings, predictor: Predictor | None = None) -> int:
     if predictor is None:
         try:
             # Loaded here, not in the lifespan, so a bad checkpoint is one clear line, not a traceback.
-            predictor = Predictor.load(settings.weights, settings.device, settings.threads, settings.bf16, settings.lexicon)
+            predictor = Predictor.load(settings.weights, settings.device, settings.threads, settings.bf16, settings.lexicon, settings.backend)
         except StartupError as exc:
             print(f"safl serve: {exc}", file=sys.stderr)
             return 2
@@ -187,7 +187,13 @@ def add_recognize_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--weights", type=Path, default=default_weights(), help="checkpoint (env SAFL_WEIGHTS; default: %(default)s)")
     p.add_argument("--device", default=os.environ.get("SAFL_DEVICE", "auto"), help="auto, cpu, cuda or cuda:N (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=None, help="PyTorch intra-op threads (default: PyTorch's)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the engine's, one per core)")
+    p.add_argument(
+        "--backend",
+        choices=Settings.model_fields["backend"].annotation.__args__,
+        default=os.environ.get("SAFL_BACKEND", "auto"),
+        help="inference engine: onnx (ONNX Runtime, the CPU default), torch, auto (default: %(default)s)",
+    )
     p.add_argument("--allowlist", help="the only characters an answer may hold, e.g. 0123456789 (applied while decoding)")
     p.add_argument("--blocklist", help="characters an answer may not hold")
     p.add_argument("--lexicon", type=Path, metavar="FILE", help="closed vocabulary: a UTF-8 file of one word per line; each answer is its most probable word")
@@ -234,9 +240,42 @@ def _version() -> str:
         return "safl (not installed)"
 
 
+def add_export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write the model as ONNX graphs for ONNX Runtime, Triton and the like",
+        description="Write encoder.onnx (images -> the decoder's cross-attention keys/values), decoder_step.onnx (one greedy step "
+        "with its key/value cache) and safl-onnx.json (names, sizes, config) into a folder. The greedy loop is yours: "
+        "model/onnx_backend.py is a complete reader in 60 lines of NumPy.",
+    )
+    p.add_argument("--format", choices=("onnx",), default="onnx", help="the only format so far: %(default)s")
+    p.add_argument("--weights", type=Path, default=default_weights(), help="checkpoint (env SAFL_WEIGHTS; default: %(default)s)")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder to write into (created)")
+    p.set_defaults(func=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from model import CheckpointError, load_checkpoint
+    from model.onnx_export import export_onnx
+
+    try:
+        model, info = load_checkpoint(args.weights)
+    except (CheckpointError, OSError) as exc:
+        print(f"safl export: cannot load {args.weights}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        paths = export_onnx(model, info.model_id, args.out)
+    except ImportError as exc:
+        print(f"safl export: needs onnx ({exc}): pip install onnx", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``safl`` argument parser with all subcommands."""
-    parser = argparse.ArgumentParser(prog="safl", description="SAFL scene-text recognition: serve, recognise, make data, train, evaluate.")
+    parser = argparse.ArgumentParser(prog="safl", description="SAFL scene-text recognition: serve, recognise, make data, train, evaluate, export.")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_serve_parser(sub)
@@ -244,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_synth_parser(sub)
     add_train_parser(sub)
     add_eval_parser(sub, default_weights())
+    add_export_parser(sub)
     return parser
 
 

@@ -199,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"safl recognize: no image files found in {shown(named)}", file=sys.stderr)
         return 2
     try:
-        predictor = Predictor.load(args.weights, args.device, args.threads)
+        predictor = Predictor.load(args.weights, args.device, args.threads, backend=args.backend)
     except StartupError as exc:
         print(f"safl recognize: {exc}", file=sys.stderr)
         return 2

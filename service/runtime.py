@@ -53,7 +53,7 @@ class Runtime:
         s = self.settings
         if self.predictor is None:
             # Loading reads and hashes the weights: keep the loop free while it does.
-            self.predictor = await asyncio.to_thread(Predictor.load, s.weights, s.device, s.threads, s.bf16, s.lexicon)
+            self.predictor = await asyncio.to_thread(Predictor.load, s.weights, s.device, s.threads, s.bf16, s.lexicon, s.backend)
         p = self.predictor
         # One inference thread: one batch at a time per device, and torch's thread
         # settings (per OS thread under OpenMP) are made once, in it.

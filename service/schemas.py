@@ -133,6 +133,7 @@ class InfoResponse(BaseModel):
     input: InputInfo
     views: ViewsInfo
     device: str
+    backend: str = Field(description="inference engine: onnx (ONNX Runtime) or torch")
     precision: str
     threads: int
     batching: BatchingInfo

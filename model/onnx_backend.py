@@ -1,0 +1,104 @@
+"""``SAFL.recognize`` on ONNX Runtime: the two graphs of ``model.onnx_export`` and the
+greedy loop of ``TransformerDecoder.greedy`` in NumPy.
+
+On these CPUs a decoder step costs PyTorch about 0.4 ms of per-operator overhead at batch
+1 and ONNX Runtime a fraction of it (``bench/model_speed.py --backends``), which is most of
+a word's reading time. Beam search (``top_k``), lexicons and the rectified image are
+rarer requests and stay with the PyTorch model this is built from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .charset import BOS_ID, EOS_ID, PAD_ID
+from .onnx_export import export_graphs
+from .preprocess import ViewConfig
+from .reading import Recognition, read_images
+from .safl import SAFL
+from .search import DecodeOptions
+
+
+class OnnxRecognizer:
+    """A loaded SAFL read through ONNX Runtime on the CPU; same readings as ``SAFL.recognize``.
+
+    Raises ``ImportError`` if ``onnxruntime`` is not installed.
+    """
+
+    def __init__(self, model: SAFL, model_id: str, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        encoder, step, self.layout = export_graphs(model, model_id)
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1  # the graphs are chains: nothing to run side by side
+        self._encoder = ort.InferenceSession(encoder, opts, providers=["CPUExecutionProvider"])
+        self._step = ort.InferenceSession(step, opts, providers=["CPUExecutionProvider"])
+        self.model = model.eval()
+        self.charset = model.charset
+
+    def recognize(
+        self, images: torch.Tensor, amp_dtype: torch.dtype | None = None, options: DecodeOptions | Sequence[DecodeOptions] | None = None
+    ) -> list[Recognition]:
+        """``SAFL.recognize`` (``amp_dtype`` is ignored: float32 on the CPU). Crops with a
+        lexicon or ``top_k`` are read by the PyTorch model, with the batch's other crops."""
+        b = images.shape[0]
+        allowed = None
+        if options is not None:
+            opts = [options] * b if isinstance(options, DecodeOptions) else list(options)
+            if len(opts) != b:
+                raise ValueError(f"{len(opts)} decode options for {b} images")
+            if not all(o.greedy for o in opts):
+                return self.model.recognize(images, options=opts)
+            if any(o.allowed is not None for o in opts):
+                everything = torch.ones(self.charset.vocab_size, dtype=torch.bool)
+                allowed = torch.stack([everything if o.allowed is None else o.allowed for o in opts]).numpy()
+        ids, probs = self.greedy(images.detach().cpu().numpy().astype(np.float32, copy=False), allowed)
+        return self.charset.decode_batch(torch.from_numpy(ids), torch.from_numpy(probs))
+
+    def recognize_images(self, images: list[Image.Image], view_cfg: ViewConfig = ViewConfig()) -> list[Recognition]:
+        """``SAFL.recognize_images`` on ONNX Runtime."""
+        return read_images(self.recognize, images, self.model.config.preprocess, view_cfg, torch.device("cpu"))
+
+    def rectify(self, images: torch.Tensor) -> torch.Tensor:
+        """``SAFL.rectify``, by the PyTorch model."""
+        return self.model.rectify(images)
+
+    def greedy(self, images: np.ndarray, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids int64 and probabilities float32, both ``[B, L]``, exactly as
+        ``TransformerDecoder.greedy`` computes them (``allowed``: bool ``[B, V]``)."""
+        lay = self.layout
+        b = images.shape[0]
+        memory = self._encoder.run(lay.memory_names, {"images": images})
+        feed = dict(zip(lay.memory_names, memory, strict=True))
+        feed |= {name: np.zeros((b, lay.heads, 0, lay.head_dim), np.float32) for name in lay.cache_names}
+        token = np.full((b, 1), BOS_ID, dtype=np.int64)
+        done = np.zeros(b, dtype=bool)
+        ids, probs = [], []
+        for t in range(lay.max_len + 1):
+            feed["token"], feed["position"] = token, np.array([t], dtype=np.int64)
+            logits, *caches = self._step.run(["logits", *lay.new_cache_names], feed)
+            feed.update(zip(lay.cache_names, caches, strict=True))
+            if allowed is not None:
+                logits = np.where(allowed, logits, -np.inf)
+            logits[:, [PAD_ID, BOS_ID]] = -np.inf
+            dist = np.exp(logits - logits.max(axis=1, keepdims=True))
+            dist /= dist.sum(axis=1, keepdims=True)
+            if t == lay.max_len:  # out of room: the end, with the probability the model gives it
+                nxt, p = np.full(b, EOS_ID, dtype=np.int64), dist[:, EOS_ID]
+            else:
+                nxt = dist.argmax(axis=1)
+                p = dist[np.arange(b), nxt]
+            nxt = np.where(done, PAD_ID, nxt)
+            ids.append(nxt)
+            probs.append(np.where(done, 1.0, p).astype(np.float32))
+            done |= nxt == EOS_ID
+            if done.all():
+                break
+            token = nxt[:, None].astype(np.int64)
+        return np.stack(ids, axis=1), np.stack(probs, axis=1)

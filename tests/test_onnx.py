@@ -1,0 +1,80 @@
+"""The ONNX export and the ONNX Runtime backend read exactly as the PyTorch model does."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import render_word
+
+from model import SAFL, load_checkpoint
+from model.charset import BOS_ID, EOS_ID
+from model.lexicon import Lexicon
+from model.onnx_backend import OnnxRecognizer
+from model.onnx_export import ENCODER_FILE, LAYOUT_FILE, STEP_FILE, export_onnx
+from model.preprocess import collate, preprocess
+from model.search import DecodeOptions
+
+ort = pytest.importorskip("onnxruntime")
+
+
+def _same(a: list, b: list) -> None:
+    assert [r.text for r in a] == [r.text for r in b]
+    for x, y in zip(a, b):
+        assert x.confidence == pytest.approx(y.confidence, rel=1e-4, abs=1e-7)
+        assert x.char_confidences == pytest.approx(y.char_confidences, rel=1e-4, abs=1e-7)
+
+
+def test_onnx_reads_as_pytorch_learnt_words_noise_and_allowlists(memorised_checkpoint: tuple[Path, list[str]], tiny_model: SAFL) -> None:
+    model, info = load_checkpoint(memorised_checkpoint[0])
+    words = memorised_checkpoint[1]
+    onnx = OnnxRecognizer(model, info.model_id, threads=1)
+    images = collate([preprocess(render_word(w), model.config.preprocess) for w in words])
+    _same(onnx.recognize(images), model.recognize(images))
+    assert [r.text for r in onnx.recognize(images)] == words
+    noise = torch.rand(5, 1, 32, 128) * 2 - 1
+    _same(onnx.recognize(noise), model.recognize(noise))
+    _same(onnx.recognize(noise[:1]), model.recognize(noise[:1]))  # batch 1: the serving case
+    digits = DecodeOptions(allowed=model.charset.token_mask("0123456789"))
+    opts = [digits, DecodeOptions(), digits, digits, DecodeOptions()]
+    _same(onnx.recognize(noise, options=opts), model.recognize(noise, options=opts))
+    # Lexicons and top_k are read by the PyTorch model, in the same call.
+    lex = DecodeOptions(lexicon=Lexicon.build(["cat", "house"], model.charset, model.config.max_len), top_k=2)
+    mixed = onnx.recognize(images[:2], options=[lex, DecodeOptions()])
+    assert mixed[0].text in ("cat", "house") and len(mixed[0].alternatives) == 2 and mixed[1].text == words[1]
+    assert torch.equal(onnx.rectify(images), model.rectify(images))
+
+
+def test_onnx_ends_a_reading_at_max_len_as_pytorch_does(tiny_model: SAFL) -> None:
+    never_ends = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        never_ends.decoder.head.bias[EOS_ID] -= 1e4
+    x = torch.rand(2, 1, 32, 128)
+    onnx, torch_reading = OnnxRecognizer(never_ends, "never-ends", threads=1).recognize(x), never_ends.recognize(x)
+    _same(onnx, torch_reading)
+    assert all(len(r.text) == never_ends.config.max_len and r.confidence < 1e-3 for r in onnx)
+
+
+def test_export_writes_graphs_a_plain_onnx_runtime_can_run(tiny_model: SAFL, tmp_path: Path) -> None:
+    paths = export_onnx(tiny_model, "safl-tiny@0", tmp_path / "onnx")
+    assert [p.name for p in paths] == [ENCODER_FILE, STEP_FILE, LAYOUT_FILE]
+    layout = json.loads((tmp_path / "onnx" / LAYOUT_FILE).read_text())
+    assert layout["model_id"] == "safl-tiny@0" and layout["config"]["preset"] == "tiny"
+    # Driven by hand from the layout alone: the first step's logits match the PyTorch decoder's.
+    x = torch.rand(3, 1, 32, 128)
+    enc = ort.InferenceSession(str(paths[0]), providers=["CPUExecutionProvider"])
+    step = ort.InferenceSession(str(paths[1]), providers=["CPUExecutionProvider"])
+    memory = enc.run(layout["memory_names"], {"images": x.numpy()})
+    feed = dict(zip(layout["memory_names"], memory))
+    feed |= {n: np.zeros((3, layout["heads"], 0, layout["head_dim"]), np.float32) for n in layout["cache_names"]}
+    feed |= {"token": np.full((3, 1), BOS_ID, np.int64), "position": np.array([0], np.int64)}
+    logits = step.run(["logits"], feed)[0]
+    with torch.no_grad():
+        tokens = torch.full((3, 1), BOS_ID, dtype=torch.long)
+        expected = tiny_model.decoder(tokens, tiny_model.encode(x))[:, -1]
+    assert logits.shape == (3, layout["vocab_size"])
+    np.testing.assert_allclose(logits, expected.numpy(), rtol=1e-4, atol=1e-4)
