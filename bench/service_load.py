@@ -7,6 +7,13 @@ concurrency level for a fixed time, and prints a table (``--json`` also writes i
     python bench/service_load.py --tiny                      # untrained tiny model, short run
     python bench/service_load.py --weights weights/safl.safetensors --concurrency 1 8 32 64 --duration 10
     python bench/service_load.py --url http://127.0.0.1:8000  # an already running server
+    python bench/service_load.py --data ../shared/data/train/ic15 --backends onnx torch --batch-sizes 32 --concurrency 32
+
+``--data`` sends real crops (the files of a ``labels.tsv`` folder) instead of rendered
+words; ``--backends`` starts one server per inference engine (``safl serve --backend``).
+For servers it starts, the table also gives the server's resident memory (RSS) at the end
+of each level, and ``rss_start_mb`` in the JSON at its start: a long ``--duration`` at one
+level is the soak test for memory growth.
 
 Each client sends one request at a time (closed loop), so at most ``concurrency``
 requests are ever outstanding. Latency is measured at the client, arrival of the last
@@ -54,6 +61,8 @@ class LevelResult:
     p95_ms: float = 0.0
     p99_ms: float = 0.0
     mean_batch: float | None = None
+    rss_start_mb: float | None = None
+    rss_end_mb: float | None = None
 
 
 def _word_png(text: str) -> bytes:
@@ -81,9 +90,40 @@ def _batch_stats(metrics_text: str) -> tuple[float, float]:
     return total, count
 
 
-async def run_level(url: str, label: str, max_batch: int | None, concurrency: int, seconds: float, files_per_request: int, api_key: str | None) -> LevelResult:
-    """Drive ``concurrency`` closed-loop clients for ``seconds``; returns the level's numbers."""
-    payloads = [_word_png(w) for w in WORDS]
+def load_payloads(folder: Path | None, limit: int = 256) -> list[bytes]:
+    """Encoded crops to send: the first ``limit`` files of ``folder``'s ``labels.tsv``, or
+    rendered words without a folder."""
+    if folder is None:
+        return [_word_png(w) for w in WORDS]
+    lines = (folder / "labels.tsv").read_text(encoding="utf-8").splitlines()
+    return [(folder / line.split("\t", 1)[0]).read_bytes() for line in lines[:limit] if "\t" in line]
+
+
+def _rss_mb(pid: int | None) -> float | None:
+    if pid is None:
+        return None
+    import psutil
+
+    try:
+        return round(psutil.Process(pid).memory_info().rss / 2**20, 1)
+    except psutil.Error:
+        return None
+
+
+async def run_level(
+    url: str,
+    label: str,
+    max_batch: int | None,
+    concurrency: int,
+    seconds: float,
+    files_per_request: int,
+    api_key: str | None,
+    payloads: list[bytes],
+    pid: int | None = None,
+) -> LevelResult:
+    """Drive ``concurrency`` closed-loop clients for ``seconds``; returns the level's numbers
+    (with the resident memory of the server process ``pid`` at start and end, when given)."""
+    rss_start = _rss_mb(pid)
     headers = {"X-API-Key": api_key} if api_key else {}
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     latencies: list[float] = []
@@ -127,6 +167,8 @@ async def run_level(url: str, label: str, max_batch: int | None, concurrency: in
         p95_ms=_percentile(latencies, 95) * 1000,
         p99_ms=_percentile(latencies, 99) * 1000,
         mean_batch=(after[0] - before[0]) / batches if batches else None,
+        rss_start_mb=rss_start,
+        rss_end_mb=_rss_mb(pid),
     )
 
 
@@ -151,7 +193,7 @@ def _tiny_checkpoint(folder: Path) -> Path:
 class ServerProcess:
     """``python -m service serve`` on a free port; stopped with SIGTERM (graceful) on exit."""
 
-    def __init__(self, weights: Path, max_batch: int, args: argparse.Namespace) -> None:
+    def __init__(self, weights: Path, max_batch: int, args: argparse.Namespace, backend: str = "auto") -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.cmd = [
@@ -175,9 +217,13 @@ class ServerProcess:
             "warning",
             "--device",
             args.device,
+            "--backend",
+            backend,
         ]
         if args.server_threads:
             self.cmd += ["--threads", str(args.server_threads)]
+        if args.bf16:
+            self.cmd += ["--bf16"]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> ServerProcess:
@@ -208,24 +254,26 @@ class ServerProcess:
 
 def print_table(results: list[LevelResult]) -> None:
     """Human-readable table of all levels."""
-    head = f"{'server':<14} {'conc':>4} {'req':>6} {'err':>4} {'req/s':>8} {'crops/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'batch':>6}"
+    head = f"{'server':<20} {'conc':>4} {'req':>6} {'err':>4} {'req/s':>8} {'crops/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'batch':>6} {'RSS MB':>7}"
     print(head)
     print("-" * len(head))
     for r in results:
         batch = f"{r.mean_batch:.1f}" if r.mean_batch is not None else "-"
+        rss = f"{r.rss_end_mb:.0f}" if r.rss_end_mb is not None else "-"
         print(
-            f"{r.label:<14} {r.concurrency:>4} {r.requests:>6} {sum(r.errors.values()):>4} {r.throughput_rps:>8.1f} {r.crops_per_s:>8.1f} "
-            f"{r.p50_ms:>8.1f} {r.p95_ms:>8.1f} {r.p99_ms:>8.1f} {batch:>6}"
+            f"{r.label:<20} {r.concurrency:>4} {r.requests:>6} {sum(r.errors.values()):>4} {r.throughput_rps:>8.1f} {r.crops_per_s:>8.1f} "
+            f"{r.p50_ms:>8.1f} {r.p95_ms:>8.1f} {r.p99_ms:>8.1f} {batch:>6} {rss:>7}"
         )
 
 
-async def bench_url(url: str, label: str, max_batch: int | None, args: argparse.Namespace) -> list[LevelResult]:
-    """All concurrency levels against one server."""
+async def bench_url(url: str, label: str, max_batch: int | None, args: argparse.Namespace, pid: int | None = None) -> list[LevelResult]:
+    """All concurrency levels against one server (``pid``: its process, for RSS)."""
+    payloads = load_payloads(args.data)
     out = []
     for c in args.concurrency:
         if args.warmup_s > 0:
-            await run_level(url, label, max_batch, c, args.warmup_s, args.files_per_request, args.api_key)
-        out.append(await run_level(url, label, max_batch, c, args.duration, args.files_per_request, args.api_key))
+            await run_level(url, label, max_batch, c, args.warmup_s, args.files_per_request, args.api_key, payloads)
+        out.append(await run_level(url, label, max_batch, c, args.duration, args.files_per_request, args.api_key, payloads, pid))
     return out
 
 
@@ -244,7 +292,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="server batching window (default: 5)")
     p.add_argument("--server-threads", type=int, default=None, help="--threads for the started servers")
     p.add_argument("--device", default="auto")
+    p.add_argument("--bf16", action="store_true", help="start the servers with --bf16 (CUDA)")
     p.add_argument("--api-key", default=os.environ.get("SAFL_API_KEY"), help="for --url servers that need one")
+    p.add_argument("--data", type=Path, metavar="DIR", help="send the crops of this labels.tsv folder (its first 256) instead of rendered words")
+    p.add_argument(
+        "--backends", nargs="+", choices=("auto", "onnx", "torch"), default=["auto"], help="inference engines of the started servers (default: auto)"
+    )
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
 
@@ -256,10 +309,12 @@ def main(argv: list[str] | None = None) -> int:
             weights = _tiny_checkpoint(Path(tmp)) if args.tiny else (args.weights or DEFAULT_WEIGHTS)
             if not Path(weights).exists():
                 p.error(f"weights not found: {weights} (pass --weights PATH, --tiny or --url)")
-            for b in args.batch_sizes:
-                label = f"batch {b}" + (" (off)" if b == 1 else "")
-                with ServerProcess(Path(weights), b, args) as server:
-                    results += asyncio.run(bench_url(server.url, label, b, args))
+            for backend in args.backends:
+                for b in args.batch_sizes:
+                    label = f"batch {b}" + (" (off)" if b == 1 else "") + (f" {backend}" if backend != "auto" else "")
+                    with ServerProcess(Path(weights), b, args, backend) as server:
+                        assert server.proc is not None
+                        results += asyncio.run(bench_url(server.url, label, b, args, server.proc.pid))
     print_table(results)
     if args.json:
         args.json.write_text(json.dumps({"argv": sys.argv[1:], "results": [asdict(r) for r in results]}, indent=2) + "\n")
