@@ -3,6 +3,7 @@
     python bench/model_speed.py                                   # small preset, 2 threads, batches 1 8 32 64
     python bench/model_speed.py --weights weights/safl.safetensors
     python bench/model_speed.py --batches 1 8 --repeats 2 --threads 1 --json speed.json
+    python bench/model_speed.py --weights weights/safl.safetensors --backends torch onnx   # both engines, one run
 
 Greedy decoding costs one decoder step per output character, so the time depends on
 how long the decoded strings are. An untrained model may stop at once or never, so
@@ -41,6 +42,7 @@ if str(REPO) not in sys.path:
 
 from model import SAFL, Recognition, SAFLConfig, load_checkpoint  # noqa: E402  (after the sys.path line above)
 from model.charset import EOS_ID  # noqa: E402
+from model.onnx_backend import OnnxRecognizer  # noqa: E402
 from model.preprocess import collate, preprocess  # noqa: E402
 
 WORDS = ["hello", "World", "street", "CAFE", "exit", "open24", "Parking", "sale!", "Station", "42", "NO", "Coffee"]
@@ -51,6 +53,7 @@ class Row:
     """One (model variant, batch size) measurement."""
 
     variant: str
+    backend: str
     batch: int
     decode_steps: int
     mean_chars: float
@@ -91,10 +94,11 @@ def never_ending(model: SAFL) -> SAFL:
     return worst.eval()
 
 
-def recognize(model: SAFL, x: torch.Tensor, amp: torch.dtype | None, max_chars: int | None) -> list[Recognition]:
-    """``model.recognize``; with ``max_chars`` the same steps with decoding capped at that length."""
+def recognize(model: SAFL | OnnxRecognizer, x: torch.Tensor, amp: torch.dtype | None, max_chars: int | None) -> list[Recognition]:
+    """``model.recognize``; with ``max_chars`` the same steps with decoding capped at that length (PyTorch only)."""
     if max_chars is None:
         return model.recognize(x, amp_dtype=amp)
+    assert isinstance(model, SAFL)
     with torch.no_grad():
         ctx = torch.autocast(x.device.type, dtype=amp) if amp is not None else torch.autocast(x.device.type, enabled=False)
         with ctx:
@@ -102,8 +106,10 @@ def recognize(model: SAFL, x: torch.Tensor, amp: torch.dtype | None, max_chars: 
     return model.charset.decode_batch(ids, probs)
 
 
-def measure(variant: str, model: SAFL, batch: int, repeats: int, amp: torch.dtype | None, max_chars: int | None = None) -> Row:
-    x = make_batch(model, batch)
+def measure(
+    variant: str, model: SAFL | OnnxRecognizer, batch: int, repeats: int, amp: torch.dtype | None, max_chars: int | None = None, backend: str = "torch"
+) -> Row:
+    x = make_batch(model.model if isinstance(model, OnnxRecognizer) else model, batch)
     sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
     recs = recognize(model, x, amp, max_chars)  # warm-up
     sync()
@@ -117,6 +123,7 @@ def measure(variant: str, model: SAFL, batch: int, repeats: int, amp: torch.dtyp
     chars = [len(r.text) for r in recs]
     return Row(
         variant=variant,
+        backend=backend,
         batch=batch,
         decode_steps=max(chars) + 1,
         mean_chars=round(sum(chars) / len(chars), 2),
@@ -133,13 +140,18 @@ def to_markdown(rows: list[Row], header: dict) -> str:
         "",
         f"{header['params_m']} M parameters; max_len {header['max_len']}; torch {header['torch']}; {header['cpu']}",
         "",
-        "| variant | batch | decode steps | mean chars | ms / batch (median) | ms / batch (min) | crops/s | ms / crop |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| variant | backend | batch | decode steps | mean chars | ms / batch (median) | ms / batch (min) | crops/s | ms / crop |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r.variant} | {r.batch} | {r.decode_steps} | {r.mean_chars} | {r.ms_per_batch} | {r.ms_per_batch_min} | {r.crops_per_s} | {r.ms_per_crop} |"
+            f"| {r.variant} | {r.backend} | {r.batch} | {r.decode_steps} | {r.mean_chars} | {r.ms_per_batch} | {r.ms_per_batch_min} | {r.crops_per_s} | {r.ms_per_crop} |"
         )
+    torch_rows = {(r.variant, r.batch): r for r in rows if r.backend == "torch"}
+    pairs = [(r, torch_rows[(r.variant, r.batch)]) for r in rows if r.backend == "onnx" and (r.variant, r.batch) in torch_rows]
+    if pairs:
+        lines += ["", "| variant | batch | onnx / torch crops/s |", "|---|---:|---:|"]
+        lines += [f"| {o.variant} | {o.batch} | {o.crops_per_s / t.crops_per_s:.2f}x |" for o, t in pairs]
     return "\n".join(lines) + "\n"
 
 
@@ -154,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--typical-len", type=int, default=8, help="decode cap of the 'typical' untrained row; 0 leaves it out (default: 8)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--backends", nargs="+", choices=("torch", "onnx"), default=["torch"], help="inference engines, measured in turn in this run (default: torch)"
+    )
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = p.parse_args(argv)
 
@@ -186,9 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     rows = []
     for variant, model, cap in variants:
-        for b in args.batches:
-            rows.append(measure(variant, model, b, args.repeats, amp, cap))
-            print(f"  {variant} batch {b}: {rows[-1].crops_per_s} crops/s", file=sys.stderr, flush=True)
+        for backend in args.backends:
+            if backend == "onnx" and cap is not None:
+                continue  # the ONNX loop decodes to the end token; a cap is a PyTorch-only experiment
+            reader = OnnxRecognizer(model, variant, args.threads) if backend == "onnx" else model
+            for b in args.batches:
+                rows.append(measure(variant, reader, b, args.repeats, amp, cap, backend))
+                print(f"  {variant} {backend} batch {b}: {rows[-1].crops_per_s} crops/s", file=sys.stderr, flush=True)
     print(to_markdown(rows, header))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

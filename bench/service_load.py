@@ -63,6 +63,8 @@ class LevelResult:
     mean_batch: float | None = None
     rss_start_mb: float | None = None
     rss_end_mb: float | None = None
+    #: The server's RSS every tenth of the level (a soak's growth curve).
+    rss_samples_mb: list[float] = field(default_factory=list)
 
 
 def _word_png(text: str) -> bytes:
@@ -149,7 +151,16 @@ async def run_level(
                     errors[key] = errors.get(key, 0) + 1
                 i += concurrency
 
-        await asyncio.gather(*(worker(s) for s in range(concurrency)))
+        samples: list[float] = []
+
+        async def sample_rss() -> None:
+            while pid is not None and time.perf_counter() < stop_at:
+                await asyncio.sleep(max(seconds / 10, 0.5))
+                rss = _rss_mb(pid)
+                if rss is not None:
+                    samples.append(rss)
+
+        await asyncio.gather(sample_rss(), *(worker(s) for s in range(concurrency)))
         elapsed = time.perf_counter() - start
         after = _batch_stats((await client.get("/metrics")).text)
     latencies.sort()
@@ -169,6 +180,7 @@ async def run_level(
         mean_batch=(after[0] - before[0]) / batches if batches else None,
         rss_start_mb=rss_start,
         rss_end_mb=_rss_mb(pid),
+        rss_samples_mb=samples,
     )
 
 
@@ -289,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=2.0, help="measured seconds per level (default: 2)")
     p.add_argument("--warmup-s", type=float, default=0.3, help="unmeasured seconds before each level (default: 0.3)")
     p.add_argument("--files-per-request", type=int, default=1)
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="server batching window (default: 5)")
+    p.add_argument("--max-wait-ms", type=float, default=0.0, help="server batching window of an idle model (default: 0, the server default)")
     p.add_argument("--server-threads", type=int, default=None, help="--threads for the started servers")
     p.add_argument("--device", default="auto")
     p.add_argument("--bf16", action="store_true", help="start the servers with --bf16 (CUDA)")

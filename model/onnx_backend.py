@@ -22,6 +22,9 @@ from .reading import Recognition, read_images
 from .safl import SAFL
 from .search import DecodeOptions
 
+#: Batches up to this size run on one thread (``OnnxRecognizer``).
+SMALL_BATCH = 8
+
 
 class OnnxRecognizer:
     """A loaded SAFL read through ONNX Runtime on the CPU; same readings as ``SAFL.recognize``.
@@ -33,12 +36,20 @@ class OnnxRecognizer:
         import onnxruntime as ort
 
         encoder, step, self.layout = export_graphs(model, model_id)
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1  # the graphs are chains: nothing to run side by side
-        self._encoder = ort.InferenceSession(encoder, opts, providers=["CPUExecutionProvider"])
-        self._step = ort.InferenceSession(step, opts, providers=["CPUExecutionProvider"])
+
+        def sessions(intra_op: int) -> tuple[ort.InferenceSession, ort.InferenceSession]:
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = intra_op  # 0: ONNX Runtime's default, one per physical core
+            opts.inter_op_num_threads = 1  # the graphs are chains: nothing to run side by side
+            # Spinning worker threads took the cores the Python loop and the HTTP server need:
+            # with it, 2 threads read 1.6x slower than 1 on 2 cores (bench notes in the README).
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            return tuple(ort.InferenceSession(g, opts, providers=["CPUExecutionProvider"]) for g in (encoder, step))  # type: ignore[return-value]
+
+        # Small batches on one thread: a step is too small to split (2.06 ms a crop at batch 1
+        # on 1 thread, 2.79 on 2); large batches on all of them.
+        self._small = sessions(1)
+        self._large = self._small if threads == 1 else sessions(threads or 0)
         self.model = model.eval()
         self.charset = model.charset
 
@@ -74,7 +85,8 @@ class OnnxRecognizer:
         ``TransformerDecoder.greedy`` computes them (``allowed``: bool ``[B, V]``)."""
         lay = self.layout
         b = images.shape[0]
-        memory = self._encoder.run(lay.memory_names, {"images": images})
+        encoder, step = self._small if b <= SMALL_BATCH else self._large
+        memory = encoder.run(lay.memory_names, {"images": images})
         feed = dict(zip(lay.memory_names, memory, strict=True))
         feed |= {name: np.zeros((b, lay.heads, 0, lay.head_dim), np.float32) for name in lay.cache_names}
         token = np.full((b, 1), BOS_ID, dtype=np.int64)
@@ -82,7 +94,7 @@ class OnnxRecognizer:
         ids, probs = [], []
         for t in range(lay.max_len + 1):
             feed["token"], feed["position"] = token, np.array([t], dtype=np.int64)
-            logits, *caches = self._step.run(["logits", *lay.new_cache_names], feed)
+            logits, *caches = step.run(["logits", *lay.new_cache_names], feed)
             feed.update(zip(lay.cache_names, caches, strict=True))
             if allowed is not None:
                 logits = np.where(allowed, logits, -np.inf)

@@ -63,7 +63,12 @@ class Settings(BaseSettings):
 
     # --- dynamic batching
     max_batch_size: int = Field(default=32, ge=1, le=1024, description="most crops in one model batch (1 turns batching off)")
-    max_wait_ms: float = Field(default=5.0, ge=0, le=10_000, description="longest the oldest waiting crop is held back to fill a batch")
+    max_wait_ms: float = Field(
+        default=0.0,
+        ge=0,
+        le=10_000,
+        description="longest the oldest crop is held back to fill a batch while the model is idle (crops that arrive while it is busy are batched anyway)",
+    )
     max_queue: int = Field(default=1024, ge=1, description="model inputs (crop views) waiting, all requests together; beyond it: 503")
     timeout_ms: float = Field(default=10_000, gt=0, description="default request deadline; a client may shorten it with X-Request-Timeout-Ms")
     retry_after_s: int = Field(default=1, ge=0, description="Retry-After seconds sent with 503 replies")
