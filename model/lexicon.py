@@ -15,9 +15,12 @@ import torch
 
 from .charset import EOS_ID, Charset
 
-#: Most words one lexicon may hold. Decoding costs the same for any size (the beam is
-#: bounded); the trie table grows with it (at most words x max_len rows of vocab_size int32).
-MAX_LEXICON_WORDS = 5000
+#: Most words a request's lexicon may hold. Decoding cost grows with the beam (exhaustive up
+#: to 50 words, bounded after), not with the list; the trie table does grow with it (at most
+#: words x max_len rows of vocab_size int32: 9.7 MB for 1,000 words of 25 characters).
+MAX_LEXICON_WORDS = 1000
+#: Most words of the server's default lexicon (``SAFL_LEXICON``), built once at start-up.
+MAX_DEFAULT_LEXICON_WORDS = 20000
 
 
 @dataclass(frozen=True, eq=False)
@@ -38,14 +41,16 @@ class Lexicon:
         """A lexicon of ``words`` (surrounding whitespace stripped, blank and repeated words
         dropped, order kept). Words are read as written: case counts.
 
-        Raises ``ValueError`` naming the problem: no word, more than ``max_words``, a word
+        Raises ``ValueError`` naming the problem: no word, more than ``max_words`` (repeats
+        counted), a word
         longer than ``max_len`` characters, or a character outside ``charset``.
         """
-        unique = list(dict.fromkeys(w.strip() for w in words if w.strip()))
-        if not unique:
+        given = [w.strip() for w in words if w.strip()]
+        if not given:
             raise ValueError("the lexicon has no word")
-        if len(unique) > max_words:
-            raise ValueError(f"the lexicon has {len(unique)} words; the limit is {max_words}")
+        if len(given) > max_words:  # counted before removing repeats: a long list costs before it shrinks
+            raise ValueError(f"the lexicon has {len(given)} words; the limit is {max_words}")
+        unique = list(dict.fromkeys(given))
         for word in unique:
             if len(word) > max_len:
                 raise ValueError(f"lexicon word {word[:40]!r} has {len(word)} characters; the model reads at most {max_len}")

@@ -29,10 +29,12 @@ SMALL_BATCH = 8
 class OnnxRecognizer:
     """A loaded SAFL read through ONNX Runtime on the CPU; same readings as ``SAFL.recognize``.
 
-    Raises ``ImportError`` if ``onnxruntime`` is not installed.
+    Raises ``ImportError`` if ``onnxruntime`` or ``onnx`` (which ``torch.onnx`` needs to
+    export) is not installed.
     """
 
     def __init__(self, model: SAFL, model_id: str, threads: int | None = None) -> None:
+        import onnx  # noqa: F401 - torch.onnx.export needs it; fail here with an ImportError, not inside the export
         import onnxruntime as ort
 
         encoder, step, self.layout = export_graphs(model, model_id)
@@ -57,20 +59,28 @@ class OnnxRecognizer:
         self, images: torch.Tensor, amp_dtype: torch.dtype | None = None, options: DecodeOptions | Sequence[DecodeOptions] | None = None
     ) -> list[Recognition]:
         """``SAFL.recognize`` (``amp_dtype`` is ignored: float32 on the CPU). Crops with a
-        lexicon or ``top_k`` are read by the PyTorch model, with the batch's other crops."""
+        lexicon or ``top_k`` are read by the PyTorch model; the batch's other crops here."""
         b = images.shape[0]
-        allowed = None
-        if options is not None:
-            opts = [options] * b if isinstance(options, DecodeOptions) else list(options)
-            if len(opts) != b:
-                raise ValueError(f"{len(opts)} decode options for {b} images")
-            if not all(o.greedy for o in opts):
-                return self.model.recognize(images, options=opts)
-            if any(o.allowed is not None for o in opts):
+        opts = [options] * b if options is None or isinstance(options, DecodeOptions) else list(options)
+        if len(opts) != b:
+            raise ValueError(f"{len(opts)} decode options for {b} images")
+        greedy = [i for i, o in enumerate(opts) if o is None or o.greedy]
+        out: list[Recognition | None] = [None] * b
+        if len(greedy) < b:  # beam search and lexicons: the PyTorch decoder, for those crops only
+            rest = [i for i in range(b) if i not in set(greedy)]
+            for i, r in zip(rest, self.model.recognize(images[rest], options=[opts[i] for i in rest]), strict=True):
+                out[i] = r
+        if greedy:
+            masks = [None if opts[i] is None else opts[i].allowed for i in greedy]
+            allowed = None
+            if any(m is not None for m in masks):
                 everything = torch.ones(self.charset.vocab_size, dtype=torch.bool)
-                allowed = torch.stack([everything if o.allowed is None else o.allowed for o in opts]).numpy()
-        ids, probs = self.greedy(images.detach().cpu().numpy().astype(np.float32, copy=False), allowed)
-        return self.charset.decode_batch(torch.from_numpy(ids), torch.from_numpy(probs))
+                allowed = torch.stack([everything if m is None else m for m in masks]).numpy()
+            rows = images if len(greedy) == b else images[greedy]
+            ids, probs = self.greedy(rows.detach().cpu().numpy().astype(np.float32, copy=False), allowed)
+            for i, r in zip(greedy, self.charset.decode_batch(torch.from_numpy(ids), torch.from_numpy(probs)), strict=True):
+                out[i] = r
+        return [r for r in out if r is not None]
 
     def recognize_images(self, images: list[Image.Image], view_cfg: ViewConfig = ViewConfig()) -> list[Recognition]:
         """``SAFL.recognize_images`` on ONNX Runtime."""

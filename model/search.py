@@ -49,7 +49,7 @@ class DecodeOptions:
 
     def __post_init__(self) -> None:
         if not 0 <= self.top_k <= MAX_TOP_K:
-            raise ValueError(f"top_k must be 1 to {MAX_TOP_K}, got {self.top_k}")
+            raise ValueError(f"top_k must be 0 (off) to {MAX_TOP_K}, got {self.top_k}")
         if self.lexicon is not None and self.allowed is not None:
             raise ValueError("a lexicon cannot be combined with an allowlist or blocklist: its words already fix the characters")
 

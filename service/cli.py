@@ -246,7 +246,7 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
         help="write the model as ONNX graphs for ONNX Runtime, Triton and the like",
         description="Write encoder.onnx (images -> the decoder's cross-attention keys/values), decoder_step.onnx (one greedy step "
         "with its key/value cache) and safl-onnx.json (names, sizes, config) into a folder. The greedy loop is yours: "
-        "model/onnx_backend.py is a complete reader in 60 lines of NumPy.",
+        "model/onnx_backend.py (OnnxRecognizer.greedy) is a complete reader in about 40 lines of NumPy.",
     )
     p.add_argument("--format", choices=("onnx",), default="onnx", help="the only format so far: %(default)s")
     p.add_argument("--weights", type=Path, default=default_weights(), help="checkpoint (env SAFL_WEIGHTS; default: %(default)s)")
@@ -264,6 +264,8 @@ def run_export(args: argparse.Namespace) -> int:
         print(f"safl export: cannot load {args.weights}: {exc}", file=sys.stderr)
         return 2
     try:
+        import onnx  # noqa: F401 - torch.onnx.export needs it
+
         paths = export_onnx(model, info.model_id, args.out)
     except ImportError as exc:
         print(f"safl export: needs onnx ({exc}): pip install onnx", file=sys.stderr)

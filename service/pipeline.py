@@ -166,7 +166,8 @@ async def recognize(request: Request, runtime: Runtime, view_cfg: ViewConfig) ->
         batcher, predictor = runtime.batcher, runtime.predictor
         assert batcher is not None and predictor is not None
         try:
-            decode = predictor.decode_options(options.allowlist, options.blocklist, options.lexicon, options.top_k)
+            # In a worker thread: a lexicon's trie takes up to a second to build.
+            decode = await run_in_threadpool(predictor.decode_options, options.allowlist, options.blocklist, options.lexicon, options.top_k)
         except ValueError as exc:
             raise APIError("invalid_option", str(exc)) from None
         # Decoded and validated before queueing: a bad image fails alone, and early.

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 from model import CheckpointError, CheckpointInfo, Recognition, load_checkpoint
 from model.charset import Charset
 from model.device import DeviceUnavailable, resolve_device
-from model.lexicon import Lexicon, read_lexicon
+from model.lexicon import MAX_DEFAULT_LEXICON_WORDS, Lexicon, read_lexicon
 from model.onnx_backend import OnnxRecognizer
 from model.preprocess import PreprocessConfig, collate, preprocess, to_pixels
 from model.search import MAX_TOP_K, PLAIN, DecodeOptions
@@ -37,7 +37,7 @@ BACKENDS = ("auto", "onnx", "torch")
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """``onnx`` or ``torch``. ``auto``: ONNX Runtime on the CPU, where it reads the same and
-    about 3x faster at batch 1 (README, "Speed"); PyTorch on CUDA. Raises ``StartupError``
+    about 2.5x faster at batch 1 (README, "Speed"); PyTorch on CUDA. Raises ``StartupError``
     for an unknown name, or ``onnx`` on a CUDA device."""
     if backend not in BACKENDS:
         raise StartupError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)} (--backend / SAFL_BACKEND)")
@@ -158,7 +158,7 @@ class Predictor:
         default_lexicon = None
         if lexicon is not None:
             try:
-                default_lexicon = Lexicon.build(read_lexicon(lexicon), model.charset, info.config.max_len)
+                default_lexicon = Lexicon.build(read_lexicon(lexicon), model.charset, info.config.max_len, MAX_DEFAULT_LEXICON_WORDS)
             except (OSError, ValueError) as exc:
                 raise StartupError(f"cannot use the lexicon {lexicon} (--lexicon / SAFL_LEXICON): {exc}") from None
         engine = resolve_backend(backend, target)
@@ -170,6 +170,11 @@ class Predictor:
                 if backend == "onnx":
                     raise StartupError(f"--backend onnx needs onnxruntime and onnx ({exc}): pip install onnxruntime onnx") from None
                 log.warning("onnxruntime or onnx is not installed (%s); serving with PyTorch, which is slower on the CPU", exc)
+                engine = "torch"
+            except Exception as exc:  # an export or session failure: a model the exporter cannot take
+                if backend == "onnx":
+                    raise StartupError(f"cannot run {path} on ONNX Runtime ({type(exc).__name__}: {exc}); use --backend torch") from None
+                log.warning("cannot run the model on ONNX Runtime (%s: %s); serving with PyTorch", type(exc).__name__, exc)
                 engine = "torch"
         predictor = cls(recognizer, info, target, amp, threads, default_lexicon)
         predictor.backend = engine

@@ -18,7 +18,8 @@ CONFIDENCE_DOC = (
 
 
 LEXICON_DOC = (
-    f"closed vocabulary: the answer is the most probable of these words (at most {MAX_LEXICON_WORDS}, case counts); "
+    f"closed vocabulary: the answer is the most probable of these words (at most {MAX_LEXICON_WORDS} of at most 25 characters, case counts; "
+    "a multipart field holds at most 64 KiB); "
     "its confidence is the model's probability of that word. Multipart: one word per line. Not with allowlist or blocklist"
 )
 TOP_K_DOC = f"1 to {MAX_TOP_K}: also return the k most probable readings (beam search) as alternatives; text is then the first of them"
@@ -61,7 +62,9 @@ class RecognizeJSON(BaseModel):
     allowlist: str | None = Field(None, description="the only characters an answer may hold, e.g. 0123456789 (applied while decoding)")
     blocklist: str | None = Field(None, description="characters an answer may not hold")
     lexicon: list[str] | None = Field(None, description=LEXICON_DOC)
-    top_k: int | None = Field(None, description=TOP_K_DOC)
+    # Limits in the schema only: out-of-range values are answered 422 invalid_option by the
+    # pipeline (the same code and message as the multipart field), not validation_error.
+    top_k: int | None = Field(None, description=TOP_K_DOC, json_schema_extra={"minimum": 1, "maximum": MAX_TOP_K})
 
 
 class ErrorDetail(BaseModel):

@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     threads: int | None = Field(default=None, ge=1, description="PyTorch intra-op threads for inference (unset: PyTorch's default)")
     backend: Literal["auto", "onnx", "torch"] = Field(
         default="auto",
-        description="inference engine: onnx (ONNX Runtime; the same readings, about 3x faster at batch 1 on the CPU), torch (PyTorch), auto (onnx on the CPU, torch on CUDA)",
+        description="inference engine: onnx (ONNX Runtime; the same readings, about 2.5x faster at batch 1 on the CPU), torch (PyTorch), auto (onnx on the CPU, torch on CUDA)",
     )
     bf16: bool = Field(default=False, description="bf16 autocast for inference; applies on CUDA only")
     warmup: bool = Field(default=True, description="run the batch shapes once before /readyz turns 200")

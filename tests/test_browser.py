@@ -49,9 +49,11 @@ def browser() -> Iterator[Browser]:
         from playwright.sync_api import sync_playwright
     except ImportError:
         _unavailable("playwright is not installed: pip install -e '.[dev]'")
-    chromium = shutil.which("chromium")
+    # SAFL_CHROMIUM names the binary; else the names Debian, Ubuntu and Google give it.
+    names = [os.environ.get("SAFL_CHROMIUM", ""), "chromium", "chromium-browser", "google-chrome"]
+    chromium = next((found for name in names if name and (found := shutil.which(name))), None)
     if chromium is None:
-        _unavailable("Debian's chromium is not on PATH: apt-get install chromium")
+        _unavailable("no Chromium found (chromium, chromium-browser, google-chrome or SAFL_CHROMIUM): apt-get install chromium")
     with sync_playwright() as pw:
         # --no-sandbox: CI containers run as root, where Chromium's sandbox refuses to start.
         browser = pw.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])

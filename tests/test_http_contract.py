@@ -244,7 +244,8 @@ async def test_a_lexicon_top_k_and_the_rectified_image_over_http(tiny_checkpoint
             ({"top_k": "two"}, "whole number"),
             ({"lexicon": "ok\ncafé"}, "'é'"),
             ({"lexicon": "x" * 26}, "at most 25"),
-            ({"lexicon": "\n".join(f"w{i}" for i in range(5001))}, "the limit is 5000"),
+            ({"lexicon": "\n".join(f"w{i}" for i in range(1001))}, "the limit is 1000"),
+            ({"lexicon": "\n".join(["same"] * 1001)}, "1001 words; the limit is 1000"),  # repeats count
             ({"lexicon": "12", "allowlist": "12"}, "cannot be combined"),
             ({"lexicon": " \n "}, "no word"),
         ]

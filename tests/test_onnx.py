@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -78,3 +79,14 @@ def test_export_writes_graphs_a_plain_onnx_runtime_can_run(tiny_model: SAFL, tmp
         expected = tiny_model.decoder(tokens, tiny_model.encode(x))[:, -1]
     assert logits.shape == (3, layout["vocab_size"])
     np.testing.assert_allclose(logits, expected.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_without_onnx_auto_falls_back_to_pytorch_and_onnx_refuses_to_start(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.predictor import Predictor, StartupError
+
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx -> ImportError
+    predictor = Predictor.load(tiny_checkpoint, "cpu", threads=1)
+    assert predictor.backend == "torch" and isinstance(predictor.model, SAFL)
+    with pytest.raises(StartupError, match="--backend onnx needs onnxruntime and onnx"):
+        Predictor.load(tiny_checkpoint, "cpu", threads=1, backend="onnx")
+    assert Predictor.load(tiny_checkpoint, "cpu", threads=1, backend="torch").backend == "torch"

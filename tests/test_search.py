@@ -117,7 +117,7 @@ def test_beam_search_ends_a_reading_at_max_len_with_the_end_tokens_probability(t
 
 def test_decode_options_and_lexicon_refuse_what_they_cannot_do(tiny_model: SAFL, tmp_path: Path) -> None:
     cs, max_len = tiny_model.charset, tiny_model.config.max_len
-    with pytest.raises(ValueError, match=f"top_k must be 1 to {MAX_TOP_K}"):
+    with pytest.raises(ValueError, match=f"top_k must be 0 \\(off\\) to {MAX_TOP_K}"):
         DecodeOptions(top_k=MAX_TOP_K + 1)
     with pytest.raises(ValueError, match="cannot be combined"):
         DecodeOptions(allowed=cs.token_mask("0123"), lexicon=lexicon(tiny_model, ["12"]))

@@ -138,10 +138,12 @@ function fill(li, result) {
 }
 
 async function read(files) {
-  if (!files.length || !form.reportValidity()) return;
-  const mine = ++generation;
+  if (!files.length) return;
+  // Kept before the options are checked, so "Read again" reads them once an option is fixed.
   lastFiles = files;
   $("#again").disabled = false;
+  if (!form.reportValidity()) return;
+  const mine = ++generation;
   previews.forEach(URL.revokeObjectURL);
   previews = files.map((f) => URL.createObjectURL(f));
   const cards = files.map((f, i) => card(f, previews[i]));
@@ -165,9 +167,16 @@ async function read(files) {
     if (mine === generation) failed({ code: "network", message: `the service cannot be reached (${e.message})` }, cards);
     return;
   }
-  const reply = response.ok ? await response.json() : null;
+  let reply = null;
+  if (response.ok) {
+    try {
+      reply = await response.json();
+    } catch (_) { /* a 200 that is not JSON: a proxy's page, say */ }
+  }
   if (mine !== generation) return;
-  if (!reply) return failed(await errorOf(response), cards);
+  if (!reply || !Array.isArray(reply.results)) {
+    return failed(response.ok ? { code: "bad_reply", message: "the reply was not the service's JSON" } : await errorOf(response), cards);
+  }
   reply.results.forEach((result, i) => fill(cards[i], result));
   statusLine.textContent = `Read by ${reply.model} in ${Math.round(performance.now() - started)} ms.`;
 }
