@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import logging
 import os
 import sys
@@ -86,8 +87,30 @@ def run_serve(args: argparse.Namespace) -> int:
     return serve(settings)
 
 
+#: glibc's mallopt parameter number of M_ARENA_MAX (malloc.h).
+_M_ARENA_MAX = -8
+
+
+def limit_malloc_arenas(arenas: int = 2) -> bool:
+    """Cap glibc's malloc arenas for the threads created from now on; True if it took.
+
+    glibc gives threads that allocate at once arenas of their own, up to 8 per core, and a
+    served process's worker threads (image decoding, inference) keep growing them: in a
+    5-minute soak at 32 clients the RSS crept up 8 MB after its first 30 s; with 2 arenas,
+    1.9 MB (README, "Accuracy and speed"). ``MALLOC_ARENA_MAX`` in the environment, if set,
+    wins; elsewhere than glibc this does nothing.
+    """
+    if os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
+        return False
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt(_M_ARENA_MAX, arenas) == 1
+    except (OSError, AttributeError):  # musl and others: no glibc, no mallopt
+        return False
+
+
 def serve(settings: Settings, predictor: Predictor | None = None) -> int:
     """Load the model (unless given), then run uvicorn until SIGTERM/SIGINT; a first signal drains gracefully."""
+    limit_malloc_arenas()
     if predictor is None:
         try:
             # Loaded here, not in the lifespan, so a bad checkpoint is one clear line, not a traceback.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -131,3 +132,15 @@ def test_bad_training_settings_are_refused_before_any_data_loads(tmp_path: Path)
         timeout=120,
     )
     assert out.returncode != 0 and out.stderr.strip() == "safl train: --lr must be positive, got -1.0", out.stderr
+
+
+def test_serve_caps_malloc_arenas_unless_the_environment_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from service.cli import limit_malloc_arenas
+
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert limit_malloc_arenas() is False  # the operator's setting wins
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    if sys.platform.startswith("linux") and os.path.exists("/lib/x86_64-linux-gnu/libc.so.6"):
+        assert limit_malloc_arenas() is True  # glibc: mallopt(M_ARENA_MAX) took
