@@ -12,8 +12,6 @@ from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from starlette.routing import Route
 
-from model.search import MAX_TOP_K
-
 from . import page, pipeline
 from .auth import api_key_dependency
 from .errors import ERRORS, APIError, install_error_handlers
@@ -59,10 +57,12 @@ _RECOGNIZE_BODY: dict[str, Any] = {
                     "required": ["files"],
                     "properties": {
                         "files": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"}},
-                        "allowlist": {"type": "string", "description": "the only characters an answer may hold (at most 1,000)"},
-                        "blocklist": {"type": "string", "description": "characters an answer may not hold (at most 1,000)"},
-                        "lexicon": {"type": "string", "description": LEXICON_DOC},
-                        "top_k": {"type": "integer", "minimum": 1, "maximum": MAX_TOP_K, "description": TOP_K_DOC},
+                        # Untyped on purpose: a multipart field is text whatever a client meant, so
+                        # "a number instead of a string" cannot be told apart (and is not an error).
+                        "allowlist": {"description": "text: the only characters an answer may hold (at most 1,000)"},
+                        "blocklist": {"description": "text: characters an answer may not hold (at most 1,000)"},
+                        "lexicon": {"description": f"text: {LEXICON_DOC}"},
+                        "top_k": {"description": f"text: a whole number, {TOP_K_DOC}"},
                     },
                     "description": "image parts named 'files' ('file' is accepted too); a file part under any other name is refused",
                 }

@@ -59,7 +59,9 @@ ERRORS: dict[str, ErrorCode] = {
     "invalid_json": ErrorCode(422, False, "the JSON body does not parse"),
     "invalid_base64": ErrorCode(422, False, "an image in the JSON body is not base64"),
     "invalid_option": ErrorCode(
-        422, False, "an `allowlist`, `blocklist`, `lexicon`, `top_k` or `debug` value the service cannot use (the message names the limit or the character)"
+        422,
+        False,
+        "an `allowlist`, `blocklist`, `lexicon`, `top_k` or `debug` value the service cannot use (the message names the limit or the character), or an unknown query parameter",
     ),
     "invalid_timeout": ErrorCode(422, False, "`X-Request-Timeout-Ms` is not a positive number"),
     "validation_error": ErrorCode(422, False, "a request that does not match the API's schema"),

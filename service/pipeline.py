@@ -149,6 +149,9 @@ async def recognize(request: Request, runtime: Runtime, view_cfg: ViewConfig) ->
 
     ``?debug=rectified`` adds each crop's rectified image (``Predictor.rectified``)."""
     settings = runtime.settings
+    unknown = sorted(set(request.query_params) - {"debug"})
+    if unknown:  # a typo such as ?debg=rectified must not be ignored silently
+        raise APIError("invalid_option", f"unknown query parameter {unknown[0][:40]!r}: /recognize takes only debug={'|'.join(DEBUG_VALUES)}")
     debug = request.query_params.get("debug")
     if debug is not None and debug not in DEBUG_VALUES:
         raise APIError("invalid_option", f"debug must be one of {', '.join(DEBUG_VALUES)}, got {debug[:40]!r}")

@@ -62,9 +62,11 @@ class RecognizeJSON(BaseModel):
     allowlist: str | None = Field(None, description="the only characters an answer may hold, e.g. 0123456789 (applied while decoding)")
     blocklist: str | None = Field(None, description="characters an answer may not hold")
     lexicon: list[str] | None = Field(None, description=LEXICON_DOC)
-    # Limits in the schema only: out-of-range values are answered 422 invalid_option by the
-    # pipeline (the same code and message as the multipart field), not validation_error.
-    top_k: int | None = Field(None, description=TOP_K_DOC, json_schema_extra={"minimum": 1, "maximum": MAX_TOP_K})
+    # The range is in the description, not a schema minimum/maximum: the pipeline answers an
+    # out-of-range value 422 invalid_option like the multipart field, but only after the
+    # request's other checks (a request with too many images is 413 whatever its top_k), and
+    # a schema limit would make that order a contract violation.
+    top_k: int | None = Field(None, description=TOP_K_DOC)
 
 
 class ErrorDetail(BaseModel):

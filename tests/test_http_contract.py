@@ -254,6 +254,8 @@ async def test_a_lexicon_top_k_and_the_rectified_image_over_http(tiny_checkpoint
             assert reply.status_code == 422 and _code(reply) == "invalid_option" and named in reply.text, (options, reply.text)
         reply = await client.post("/recognize?debug=everything", files=one)
         assert reply.status_code == 422 and _code(reply) == "invalid_option" and "rectified" in reply.text
+        reply = await client.post("/recognize?debg=rectified", files=one)  # a typo is an error, not ignored
+        assert reply.status_code == 422 and _code(reply) == "invalid_option" and "'debg'" in reply.text
     words = tmp_path / "words.txt"
     words.write_text("alpha\nbeta\n", encoding="utf-8")
     async with running_app(settings_for(tiny_checkpoint, lexicon=words)) as (_, client):
