@@ -20,7 +20,7 @@ from .onnx_export import export_graphs
 from .preprocess import ViewConfig
 from .reading import Recognition, read_images
 from .safl import SAFL
-from .search import DecodeOptions
+from .search import PLAIN, DecodeOptions, token_masks
 
 #: Batches up to this size run on one thread (``OnnxRecognizer``).
 SMALL_BATCH = 8
@@ -61,21 +61,18 @@ class OnnxRecognizer:
         """``SAFL.recognize`` (``amp_dtype`` is ignored: float32 on the CPU). Crops with a
         lexicon or ``top_k`` are read by the PyTorch model; the batch's other crops here."""
         b = images.shape[0]
-        opts = [options] * b if options is None or isinstance(options, DecodeOptions) else list(options)
+        opts = [options or PLAIN] * b if options is None or isinstance(options, DecodeOptions) else list(options)
         if len(opts) != b:
             raise ValueError(f"{len(opts)} decode options for {b} images")
-        greedy = [i for i, o in enumerate(opts) if o is None or o.greedy]
+        greedy = [i for i, o in enumerate(opts) if o.greedy]
         out: list[Recognition | None] = [None] * b
         if len(greedy) < b:  # beam search and lexicons: the PyTorch decoder, for those crops only
-            rest = [i for i in range(b) if i not in set(greedy)]
+            rest = [i for i, o in enumerate(opts) if not o.greedy]
             for i, r in zip(rest, self.model.recognize(images[rest], options=[opts[i] for i in rest]), strict=True):
                 out[i] = r
         if greedy:
-            masks = [None if opts[i] is None else opts[i].allowed for i in greedy]
-            allowed = None
-            if any(m is not None for m in masks):
-                everything = torch.ones(self.charset.vocab_size, dtype=torch.bool)
-                allowed = torch.stack([everything if m is None else m for m in masks]).numpy()
+            masks = token_masks([opts[i] for i in greedy], self.charset.vocab_size)
+            allowed = None if masks is None else masks.numpy()
             rows = images if len(greedy) == b else images[greedy]
             ids, probs = self.greedy(rows.detach().cpu().numpy().astype(np.float32, copy=False), allowed)
             for i, r in zip(greedy, self.charset.decode_batch(torch.from_numpy(ids), torch.from_numpy(probs)), strict=True):

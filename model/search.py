@@ -69,6 +69,15 @@ class DecodeOptions:
 PLAIN = DecodeOptions()
 
 
+def token_masks(options: Sequence[DecodeOptions], vocab_size: int) -> torch.Tensor | None:
+    """The ``allowed`` masks of ``options`` stacked, bool ``[B, vocab_size]`` (all True for a
+    crop without one); ``None`` when no crop has one."""
+    if all(o.allowed is None for o in options):
+        return None
+    everything = torch.ones(vocab_size, dtype=torch.bool)
+    return torch.stack([everything if o.allowed is None else o.allowed for o in options])
+
+
 def read(decoder: TransformerDecoder, charset: Charset, memory: torch.Tensor, options: Sequence[DecodeOptions]) -> list[Recognition]:
     """One ``Recognition`` per row of the encoder ``memory`` ``[B, N, D]``, each read as its
     ``options`` say. Greedy crops are decoded together; the others in one beam search per
@@ -78,11 +87,9 @@ def read(decoder: TransformerDecoder, charset: Charset, memory: torch.Tensor, op
     out: list[Recognition | None] = [None] * len(options)
     greedy = [i for i, o in enumerate(options) if o.greedy]
     if greedy:
-        masks = [options[i].allowed for i in greedy]
-        allowed = None
-        if any(m is not None for m in masks):
-            everything = torch.ones(charset.vocab_size, dtype=torch.bool)
-            allowed = torch.stack([everything if m is None else m for m in masks]).to(memory.device)
+        allowed = token_masks([options[i] for i in greedy], charset.vocab_size)
+        if allowed is not None:
+            allowed = allowed.to(memory.device)
         rows = memory if len(greedy) == len(options) else memory[greedy]
         ids, probs = decoder.greedy(rows, allowed=allowed)
         for i, r in zip(greedy, charset.decode_batch(ids, probs), strict=True):
@@ -130,8 +137,8 @@ def beam_search(decoder: TransformerDecoder, memory: torch.Tensor, width: int, o
     v = decoder.head.out_features
     mem_kv = [(k.repeat_interleave(width, 0), val.repeat_interleave(width, 0)) for k, val in decoder.memory_kv(memory)]
     caches: list[list[torch.Tensor]] = [[] for _ in decoder.layers]
-    free = torch.ones(v, dtype=torch.bool)
-    allowed = torch.stack([free if o.allowed is None else o.allowed for o in options]).to(dev)
+    masks = token_masks(options, v)
+    allowed = (torch.ones(b, v, dtype=torch.bool) if masks is None else masks).to(dev)
     allowed[:, [PAD_ID, BOS_ID]] = False
     lexicons = [(i, o.lexicon) for i, o in enumerate(options) if o.lexicon is not None]
     nodes = torch.zeros(b, width, dtype=torch.long)  # each beam's trie node (lexicon crops)
