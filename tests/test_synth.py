@@ -24,7 +24,8 @@ from model.charset import DEFAULT_CHARS
 from model.training.data import load_any, load_lmdb, load_shards
 from model.training.fonts import REQUIRED, FontFace, by_family, discover_fonts
 from model.training.synth import Renderer, SynthConfig, render_dataset
-from model.training.words import TextSampler
+from model.training.cli import parse_mix
+from model.training.words import TextMix, TextSampler
 
 CFG = SynthConfig(seed=0)
 
@@ -143,6 +144,29 @@ def test_text_sampler_respects_max_len_and_charset(renderer: Renderer) -> None:
             text = sampler.sample(rng)
             assert 1 <= len(text) <= max_len
             assert all(c in charset for c in text), text
+
+
+def test_text_mix_sets_the_share_of_long_tokens(renderer: Renderer) -> None:
+    lexicon = renderer.sampler.lexicon
+    rng = random.Random(1)
+
+    def long_share(mix: TextMix) -> float:
+        sampler = TextSampler(DEFAULT_CHARS, 25, lexicon, mix)
+        return sum(len(sampler.sample(rng)) >= 13 for _ in range(2000)) / 2000
+
+    only_long = dataclasses.replace(TextMix(**{k: 0.0 for k in dataclasses.asdict(TextMix())}), long_token=1.0)
+    assert long_share(only_long) == 1.0
+    assert long_share(parse_mix(["long_token=0.3"])) > long_share(TextMix()) + 0.1
+
+
+def test_parse_mix_names_the_problem() -> None:
+    assert parse_mix([]) == TextMix()
+    assert parse_mix(["long_token=0.15", "number=0"]).long_token == 0.15
+    for bad, says in ((["shout=1"], "KIND one of word_by_frequency"), (["long_token"], "KIND=WEIGHT"), (["long_token=-1"], ">= 0"), (["code=nan"], ">= 0")):
+        with pytest.raises(Exception, match=says):
+            parse_mix(bad)
+    with pytest.raises(Exception, match="at least one weight"):
+        parse_mix([f"{k}=0" for k in dataclasses.asdict(TextMix())])
 
 
 # -- shards -------------------------------------------------------------------------------------

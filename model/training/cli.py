@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from dataclasses import asdict, fields, replace
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 from ..preprocess import ViewConfig
 from .config import TrainConfig
 from .split import DEFAULT_SPLIT, PARTS, SplitConfig
+from .words import TextMix
 
 
 def add_synth_parser(sub: argparse._SubParsersAction) -> None:
@@ -25,14 +27,51 @@ def add_synth_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=2, help="render processes (default: 2)")
     p.add_argument("--shard-size", type=int, default=50000, help="crops per shard (default: 50000)")
     p.add_argument("--format", choices=("npy", "lmdb"), default="npy", help="npy shards (fast) or STR-layout LMDB")
+    p.add_argument(
+        "--mix",
+        action="append",
+        default=[],
+        metavar="KIND=WEIGHT",
+        help="weight of one kind of label string, repeatable (kinds and defaults: " + ", ".join(f"{k}={v}" for k, v in asdict(TextMix()).items()) + "; weights are normalised)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_synth)
+
+
+def parse_mix(items: list[str]) -> TextMix:
+    """``["long_token=0.15", ...]`` → a :class:`TextMix` with those weights changed.
+
+    Raises:
+        argparse.ArgumentTypeError: an unknown kind, a missing ``=``, or a weight that is not a
+            finite number ≥ 0, or all weights 0.
+    """
+    kinds = asdict(TextMix())
+    changes: dict[str, float] = {}
+    for item in items:
+        kind, sep, value = item.partition("=")
+        if not sep or kind not in kinds:
+            raise argparse.ArgumentTypeError(f"--mix {item!r}: expected KIND=WEIGHT with KIND one of {', '.join(kinds)}")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = -1.0
+        if not math.isfinite(weight) or weight < 0:
+            raise argparse.ArgumentTypeError(f"--mix {item!r}: the weight must be a number >= 0")
+        changes[kind] = weight
+    mix = replace(TextMix(), **changes)
+    if sum(asdict(mix).values()) <= 0:
+        raise argparse.ArgumentTypeError("--mix: at least one weight must be above 0")
+    return mix
 
 
 def run_synth(args: argparse.Namespace) -> int:
     from .synth import SynthConfig, render_dataset
 
-    render_dataset(args.out, args.count, SynthConfig(seed=args.seed), args.workers, args.shard_size, args.format, progress=not args.no_progress)
+    try:
+        mix = parse_mix(args.mix)
+    except argparse.ArgumentTypeError as e:
+        raise SystemExit(f"safl synth: {e}") from None
+    render_dataset(args.out, args.count, SynthConfig(seed=args.seed, text_mix=mix), args.workers, args.shard_size, args.format, progress=not args.no_progress)
     return 0
 
 

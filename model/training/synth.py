@@ -24,7 +24,7 @@ import math
 import multiprocessing as mp
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from multiprocessing.pool import Pool
 from pathlib import Path
 
@@ -34,7 +34,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from ..charset import DEFAULT_CHARS
 from ..preprocess import PreprocessConfig, resize
 from .fonts import FontFace, by_family, discover_fonts
-from .words import Lexicon, TextSampler
+from .words import Lexicon, TextMix, TextSampler
 
 RENDERER_VERSION = 2  # 2: tight crops more often, weak contrast, long tokens (words.TextMix.long_token)
 BACKGROUND_DIRS = (Path("/usr/share/backgrounds"), Path("/usr/share/images/desktop-base"), Path("/usr/share/wallpapers"))
@@ -66,6 +66,7 @@ class SynthConfig:
     p_jpeg: float = 0.2
     p_tight: float = 0.4  # margins within a few % of the text height (cut at the ink)
     p_low_contrast: float = 0.15  # text only 20-60 grey levels from its background
+    text_mix: TextMix = field(default_factory=TextMix)  # share of each kind of label string
 
     @property
     def preprocess(self) -> PreprocessConfig:
@@ -111,7 +112,7 @@ class Renderer:
         self.cfg = cfg
         faces = discover_fonts(cfg.charset, cache=font_cache) if faces is None else faces
         self.families = by_family(faces)
-        self.sampler = TextSampler(cfg.charset, cfg.max_len, Lexicon())
+        self.sampler = TextSampler(cfg.charset, cfg.max_len, Lexicon(), cfg.text_mix)
         self.textures = _load_textures()
         self._fonts: dict[tuple[str, int], ImageFont.FreeTypeFont] = {}
 
