@@ -21,10 +21,10 @@ from PIL import ImageFont
 
 from model import Charset
 from model.charset import DEFAULT_CHARS
+from model.training.cli import parse_mix
 from model.training.data import load_any, load_lmdb, load_shards
 from model.training.fonts import REQUIRED, FontFace, by_family, discover_fonts
 from model.training.synth import Renderer, SynthConfig, render_dataset
-from model.training.cli import parse_mix
 from model.training.words import TextMix, TextSampler
 
 CFG = SynthConfig(seed=0)

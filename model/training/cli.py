@@ -32,7 +32,9 @@ def add_synth_parser(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="KIND=WEIGHT",
-        help="weight of one kind of label string, repeatable (kinds and defaults: " + ", ".join(f"{k}={v}" for k, v in asdict(TextMix()).items()) + "; weights are normalised)",
+        help="weight of one kind of label string, repeatable (kinds and defaults: "
+        + ", ".join(f"{k}={v}" for k, v in asdict(TextMix()).items())
+        + "; weights are normalised)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_synth)
