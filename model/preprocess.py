@@ -129,16 +129,19 @@ class ViewConfig:
 
     Each view is one more model input; ``model.reading`` reads the further views of a
     crop only when the crop alone reads less confidently than ``confident_at``, and the
-    most confident reading is the answer. Chosen on half of the validation crops and
-    checked on the other half (README, "Reading several views").
+    most confident reading is the answer. Chosen per shipped model on the validation
+    crops (README, "Reading several views"; ``bench/views_threshold.py``).
     """
 
     #: A crop taller than wide usually holds a word written along its long side (a
     #: vertical sign), one way or the other: also read it turned 90° each way.
     turn_tall: bool = True
     #: Also read the crop contrast-stretched (5 % clipped at each end) and
-    #: histogram-equalised: low-contrast, washed-out and unevenly lit photos.
-    contrast: bool = True
+    #: histogram-equalised: low-contrast, washed-out and unevenly lit photos. Off by
+    #: default since safl-small@20f0b56a81ad: trained on degraded crops, it reads the crop
+    #: alone at least as well (val-unseen 220 crops right without them, 216 with them, at
+    #: 1.11 instead of 2.53 model inputs per crop).
+    contrast: bool = False
     #: A first reading at least this confident is the answer without further views
     #: (1 reads every view of every crop).
     confident_at: float = 0.6

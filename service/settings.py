@@ -44,11 +44,11 @@ class Settings(BaseSettings):
     bf16: bool = Field(default=False, description="bf16 autocast for inference; applies on CUDA only")
     warmup: bool = Field(default=True, description="run the batch shapes once before /readyz turns 200")
     turn_tall: bool = Field(
-        default=True,
+        default=ViewConfig().turn_tall,
         description="also read a crop taller than wide turned 90° each way; the most confident reading is the answer (x3 model inputs for such a crop)",
     )
     contrast_views: bool = Field(
-        default=True, description="also read each crop contrast-stretched and histogram-equalised; the most confident reading is the answer (x3 model inputs)"
+        default=ViewConfig().contrast, description="also read each crop contrast-stretched and histogram-equalised; the most confident reading is the answer (x3 model inputs)"
     )
     lexicon: Path | None = Field(
         default=None,

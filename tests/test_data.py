@@ -137,10 +137,11 @@ def test_tall_crops_carry_their_turned_views_through_split_and_filter(tmp_path: 
     everything = load_folder(folder, CFG, view_cfg=turn_only)
     assert set(everything.extra_views) == tall
     assert all(v.shape == (2, 32, 128) and v.dtype == np.uint8 for v in everything.extra_views.values())
-    # By default every crop also has its 2 contrast views (8 further views for a tall one);
-    # training asks for none.
-    default = load_folder(folder, CFG)
-    assert {i: len(v) for i, v in default.extra_views.items()} == {i: 8 if i in tall else 2 for i in range(20)}
+    # By default only the tall crops have further views (the same as turn_only); with the
+    # contrast views every crop also has 2 (8 further views for a tall one); training asks for none.
+    assert load_folder(folder, CFG).extra_views.keys() == tall
+    every_view = load_folder(folder, CFG, view_cfg=ViewConfig(contrast=True))
+    assert {i: len(v) for i, v in every_view.extra_views.items()} == {i: 8 if i in tall else 2 for i in range(20)}
     assert load_folder(folder, CFG, view_cfg=None).extra_views == {}
     for part in ("val", "train"):
         ds = load_folder_part(folder, CFG, part, SplitConfig(block=3), view_cfg=turn_only).filtered(Charset(), 25)

@@ -167,7 +167,7 @@ def test_mutated_bytes_decode_to_a_crop_or_a_4xx(data: bytes) -> None:
     except ImageRejected as exc:
         assert exc.status_code in (413, 415, 422) and "fuzz.img" in exc.message
     else:
-        assert len(crop_views) in (3, 9)  # default views: 3 contrast variants, of each orientation of a tall crop
+        assert len(crop_views) in (1, 3)  # default views: the crop, and a tall crop turned each way too
         for crop in crop_views:
             assert crop.shape == (cfg.channels, cfg.height, cfg.width) and bool(crop.isfinite().all())
     TRIED["mutated_decode"] += 1

@@ -228,23 +228,24 @@ def test_service_and_training_share_this_code(tmp_path) -> None:
 
 
 UPRIGHT = ViewConfig(turn_tall=False, contrast=False)
+CONTRAST = ViewConfig(contrast=True)
 
 
 def test_the_first_view_is_the_training_pixels_and_the_rest_are_asked_for() -> None:
     img = _roundtrip(_rgba(), "PNG")
-    first, stretched, equalised = views(img, CFG)
+    first, stretched, equalised = views(img, CFG, CONTRAST)
     assert np.array_equal(first, resize(img, CFG))
     assert np.array_equal(stretched, np.asarray(ImageOps.autocontrast(Image.fromarray(first), cutoff=5)))
     assert np.array_equal(equalised, np.asarray(ImageOps.equalize(Image.fromarray(first))))
     (only,) = views(img, CFG, UPRIGHT)
     assert np.array_equal(only, first)
     rgb = PreprocessConfig(channels=3)
-    assert [v.shape for v in views(img, rgb)] == [(32, 128, 3)] * 3
+    assert [v.shape for v in views(img, rgb, CONTRAST)] == [(32, 128, 3)] * 3
 
 
 def test_contrast_views_stretch_a_faded_crop() -> None:
     faded = render_word("Hello", SIZE).point(lambda v: 110 + v * 40 // 255)  # grey on grey: 110..150
-    first, stretched, equalised = views(faded, CFG)
+    first, stretched, equalised = views(faded, CFG, CONTRAST)
     assert int(first.max()) - int(first.min()) <= 40
     assert stretched.min() == 0 and stretched.max() == 255
     assert equalised.max() - equalised.min() > 200
@@ -254,9 +255,9 @@ def test_contrast_views_stretch_a_faded_crop() -> None:
 def test_only_a_crop_taller_than_wide_is_also_turned(size: tuple[int, int]) -> None:
     img = render_word("ab", size)
     tall = size[1] > size[0]
-    assert len(views(img, CFG, ViewConfig(contrast=False))) == (3 if tall else 1)
-    assert len(views(img, CFG)) == (9 if tall else 3) == (ViewConfig().max_views() if tall else 3)
-    assert len(views(img, CFG, ViewConfig(turn_tall=False))) == 3
+    assert len(views(img, CFG)) == (3 if tall else 1) == (ViewConfig().max_views() if tall else 1)  # the default: no contrast views
+    assert len(views(img, CFG, CONTRAST)) == (9 if tall else 3) == (CONTRAST.max_views() if tall else 3)
+    assert len(views(img, CFG, ViewConfig(turn_tall=False, contrast=True))) == 3
 
 
 def test_a_tall_crop_is_also_read_turned_each_way() -> None:
@@ -267,5 +268,5 @@ def test_a_tall_crop_is_also_read_turned_each_way() -> None:
     assert np.array_equal(upright, resize(tall, CFG))  # the first view is always the training one
     assert np.array_equal(cw, resize(word, CFG))  # turning it back restores the word exactly
     assert np.array_equal(ccw, resize(word.transpose(Image.Transpose.ROTATE_180), CFG))
-    everything = views(tall, CFG)
+    everything = views(tall, CFG, CONTRAST)
     assert [np.array_equal(a, b) for a, b in zip(everything[::3], (upright, ccw, cw))] == [True] * 3

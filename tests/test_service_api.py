@@ -89,7 +89,7 @@ async def test_a_vertical_sign_is_read_turned(memorised_checkpoint_without_tps: 
     ("contrast_views", "confident_at", "reads_words", "inputs_per_crop"),
     [
         (True, 1.0, True, 3),  # every view of every crop
-        (True, 0.6, True, 3),  # the default: a faded crop reads unsure, so its contrast views are read too
+        (True, 0.6, True, 3),  # the default threshold: a faded crop reads unsure, so its contrast views are read too
         (True, 0.0, False, 1),  # every first reading counts as sure: no further views
         (False, 1.0, False, 1),
     ],

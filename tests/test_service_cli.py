@@ -50,7 +50,7 @@ def test_recognize_turns_tall_crops_unless_told_not_to(
         paths.append(tmp_path / f"{i}.png")
         render_word(w).transpose(Image.Transpose.ROTATE_270).save(paths[-1])  # top to bottom
     common = [*map(str, paths), "--weights", str(checkpoint), "--device", "cpu", "--threads", "1"]
-    for flags, want_words in ([], True), (["--no-turn-tall"], False), (["--no-contrast-views"], True):
+    for flags, want_words in ([], True), (["--no-turn-tall"], False), (["--contrast-views"], True):
         assert main(["recognize", *common, *flags]) == 0
         texts = [line.split("\t")[1] for line in capsys.readouterr().out.splitlines()]
         assert (texts == words) is want_words
@@ -92,8 +92,10 @@ def test_serve_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> No
 def test_invalid_settings_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--max-files", "500", "--max-queue", "10"]) == 2
     assert "max_files" in capsys.readouterr().err
-    # With every view on, a tall crop queues 9 model inputs.
-    assert main(["serve", "--max-files", "10", "--max-queue", "80"]) == 2
+    # By default a tall crop queues 3 model inputs (turned each way); with every view on, 9.
+    assert main(["serve", "--max-files", "10", "--max-queue", "20"]) == 2
+    assert "max_files (10) x 3 views cannot exceed max_queue (20)" in capsys.readouterr().err
+    assert main(["serve", "--max-files", "10", "--max-queue", "80", "--contrast-views"]) == 2
     assert "max_files (10) x 9 views cannot exceed max_queue (80)" in capsys.readouterr().err
     assert Settings(max_files=10, max_queue=30, turn_tall=False).max_queue == 30
     assert Settings(max_files=10, max_queue=10, turn_tall=False, contrast_views=False).max_queue == 10
