@@ -48,7 +48,8 @@ class Settings(BaseSettings):
         description="also read a crop taller than wide turned 90° each way; the most confident reading is the answer (x3 model inputs for such a crop)",
     )
     contrast_views: bool = Field(
-        default=ViewConfig().contrast, description="also read each crop contrast-stretched and histogram-equalised; the most confident reading is the answer (x3 model inputs)"
+        default=ViewConfig().contrast,
+        description="also read each crop contrast-stretched and histogram-equalised; the most confident reading is the answer (x3 model inputs)",
     )
     lexicon: Path | None = Field(
         default=None,
