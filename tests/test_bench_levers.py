@@ -106,3 +106,17 @@ def test_views_threshold_on_a_folder(sweep, memorised_checkpoint: tuple[Path, li
     assert rows[0.0]["right"] == len(lines)  # the memorised words, read from the crop alone
     assert len(doc["answers_at_default"]) == len(lines) and doc["contrast"] is True
     assert "| 0.6 (default) |" in capsys.readouterr().out
+
+
+def test_train_speed_times_each_variant(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    speed = load_bench("train_speed")
+    out = tmp_path / "train_speed.json"
+    labels = tmp_path / "labels.txt"
+    labels.write_text("hello\nwww.example.com\n42\n")
+    variants = ["bf16", "bf16 channels-last fused-adamw", "bf16 batch 32"]
+    args = ["--preset", "tiny", "--labels", str(labels), "--batch-size", "8", "--warmup", "1", "--steps", "1", "--threads", "1", "--json", str(out)]
+    assert speed.main([*args, "--variants", *variants]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["variant"], r["batch"]) for r in rows] == [("bf16", 8), ("bf16 channels-last fused-adamw", 8), ("bf16 batch 32", 32)]
+    assert rows[0]["vs_bf16"] == 1.0 and all(r["images_per_s"] > 0 for r in rows)
+    assert "| bf16 batch 32 | 32 |" in capsys.readouterr().out
