@@ -9,7 +9,7 @@ of ``--data`` folders: one view per crop, ``SAFL.recognize``), timed as the medi
 
 - ``torch``: PyTorch eager, the reference for readings;
 - ``torch fused-qkv``: each self-attention's three projections as one matrix product
-  (``[D, 3D]``), in the encoder and in every decoder step;
+  (a ``[3D, D]`` weight), in the encoder and in every decoder step;
 - ``torch int8``: ``torch.ao.quantization.quantize_dynamic`` of every ``nn.Linear`` (int8
   weights, activations quantised per call);
 - ``torch compile``: ``torch.compile`` (inductor, C++ on the CPU) of the encoder and of the

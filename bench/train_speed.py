@@ -8,11 +8,12 @@ loss (``model.loss.sequence_loss``), backward, gradient clipping, AdamW. Inputs 
 images in [-1, 1] (the cost does not depend on the pixels) and labels drawn from real
 synthetic labels (``--labels``, one per line; the decoder's length follows the batch's
 longest label), the same batches for every variant. Each variant runs ``--warmup`` steps,
-then the median of ``--steps`` timed steps.
+then the median of ``--steps`` timed steps. A variant may be named more than once
+(``--variants bf16 X bf16 X``): the rounds then alternate, which shows the run-to-run spread.
 
 Variants (``--variants``):
 
-- ``fp32``: no autocast;
+- ``fp32``: no autocast (``fp32 channels-last fused-adamw``: with both levers below);
 - ``bf16``: ``torch.autocast("cpu", torch.bfloat16)``, what ``safl train`` uses where the CPU
   has bf16 instructions (``--amp auto``);
 - ``bf16 channels-last``: the images and the convolutional stem in channels-last layout;
@@ -42,7 +43,17 @@ from bench.model_speed import cpu_name  # noqa: E402
 from model import SAFL, SAFLConfig  # noqa: E402
 from model.loss import sequence_loss  # noqa: E402
 
-VARIANTS = ("fp32", "bf16", "bf16 channels-last", "bf16 fused-adamw", "bf16 channels-last fused-adamw", "bf16 compile", "bf16 batch 32", "bf16 batch 128")
+VARIANTS = (
+    "fp32",
+    "fp32 channels-last fused-adamw",
+    "bf16",
+    "bf16 channels-last",
+    "bf16 fused-adamw",
+    "bf16 channels-last fused-adamw",
+    "bf16 compile",
+    "bf16 batch 32",
+    "bf16 batch 128",
+)
 FALLBACK_LABELS = ["hello", "World", "street", "CAFE", "exit", "open24", "Parking", "sale!", "Station", "42", "www.example.com", "$12.99"]
 
 
@@ -72,7 +83,7 @@ def run(variant: str, preset: str, labels: list[str], batch_default: int, warmup
     torch.manual_seed(seed)
     model = SAFL(SAFLConfig.from_preset(preset)).train()
     batch = int(variant.rsplit(" ", 1)[1]) if "batch" in variant else batch_default
-    amp = None if variant == "fp32" else torch.bfloat16
+    amp = None if variant.startswith("fp32") else torch.bfloat16
     channels_last = "channels-last" in variant
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

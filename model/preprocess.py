@@ -138,9 +138,9 @@ class ViewConfig:
     turn_tall: bool = True
     #: Also read the crop contrast-stretched (5 % clipped at each end) and
     #: histogram-equalised: low-contrast, washed-out and unevenly lit photos. Off by
-    #: default since safl-small@20f0b56a81ad: trained on degraded crops, it reads the crop
-    #: alone at least as well (val-unseen 220 crops right without them, 216 with them, at
-    #: 1.11 instead of 2.53 model inputs per crop).
+    #: default since safl-small@20f0b56a81ad: trained on degraded crops, it reads as well
+    #: without them, within noise (val-unseen 220 crops right without them, 216 with them;
+    #: val 1,576 and 1,563), at 1.11 instead of 2.53 model inputs per crop.
     contrast: bool = False
     #: A first reading at least this confident is the answer without further views
     #: (1 reads every view of every crop).

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from model.checkpoint import load_checkpoint
-from model.preprocess import PreprocessConfig, canonicalize, views
+from model.preprocess import PreprocessConfig, ViewConfig, canonicalize, views
 from model.training.data import read_labels_tsv
 from model.training.evaluate import normalize_36, read_batched
 from model.training.split import split_indices
@@ -58,7 +58,7 @@ def crop_views(path: Path, cfg: PreprocessConfig) -> dict[str, np.ndarray]:
     """``name/orientation`` → model input, for the default and the colour views."""
     with Image.open(path) as im:
         rgb = canonicalize(im, 3)
-    grey_views = views(rgb, cfg)  # per orientation: the crop, autocontrast, equalised
+    grey_views = views(rgb, cfg, ViewConfig(contrast=True))  # per orientation: the crop, autocontrast, equalised
     turned = [rgb]
     if rgb.height > rgb.width:
         turned += [rgb.transpose(t) for t in (Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_270)]

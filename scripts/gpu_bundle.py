@@ -12,7 +12,7 @@ Debian fonts.
 - ``real/<set>/``: the real train splits pre-processed to the model input (32×128
   grey lossless WebP, same ``labels.tsv`` order, so the fixed-seed val/fine-tune split is
   unchanged and re-preprocessing them is the identity). Their shape is gone, so
-  validation there reads the contrast views but never turns a tall crop: re-evaluate a
+  validation there never turns a tall crop (it reads the crop alone): re-evaluate a
   GPU checkpoint here (``safl eval``) before comparing it with the shipped one;
 - ``whl/``: wheels the GPU image lacks (rapidfuzz, for the validation metrics).
 

@@ -105,7 +105,7 @@ def test_views_threshold_on_a_folder(sweep, memorised_checkpoint: tuple[Path, li
     assert rows[0.0]["inputs_per_crop"] == 1.0 and rows[1.0]["inputs_per_crop"] == 3.0  # the crop and its 2 contrast views
     assert rows[0.0]["right"] == len(lines)  # the memorised words, read from the crop alone
     assert len(doc["answers_at_default"]) == len(lines) and doc["contrast"] is True
-    assert "| 0.6 (default) |" in capsys.readouterr().out
+    assert f"| {default} (default) |" in capsys.readouterr().out
 
 
 def test_train_speed_times_each_variant(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

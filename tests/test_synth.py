@@ -6,6 +6,7 @@ the renderers are module-scoped.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import json
@@ -24,7 +25,7 @@ from model.charset import DEFAULT_CHARS
 from model.training.cli import parse_mix
 from model.training.data import load_any, load_lmdb, load_shards
 from model.training.fonts import REQUIRED, FontFace, by_family, discover_fonts
-from model.training.synth import Renderer, SynthConfig, render_dataset
+from model.training.synth import RENDERER_VERSION, Renderer, SynthConfig, render_dataset
 from model.training.words import TextMix, TextSampler
 
 CFG = SynthConfig(seed=0)
@@ -159,13 +160,29 @@ def test_text_mix_sets_the_share_of_long_tokens(renderer: Renderer) -> None:
     assert long_share(parse_mix(["long_token=0.3"])) > long_share(TextMix()) + 0.1
 
 
+def test_safl_synth_mix_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from model.training.cli import main
+
+    assert main(["synth", "--out", str(tmp_path / "s"), "--count", "1", "--mix", "code=1", "--mix", "code=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "safl synth: --mix code given more than once" and not (tmp_path / "s").exists()
+
+
 def test_parse_mix_names_the_problem() -> None:
     assert parse_mix([]) == TextMix()
     assert parse_mix(["long_token=0.15", "number=0"]).long_token == 0.15
-    for bad, says in ((["shout=1"], "KIND one of word_by_frequency"), (["long_token"], "KIND=WEIGHT"), (["long_token=-1"], ">= 0"), (["code=nan"], ">= 0")):
-        with pytest.raises(Exception, match=says):
+    for bad, says in (
+        (["shout=1"], "KIND one of word_by_frequency"),
+        (["long_token"], "KIND=WEIGHT"),
+        (["long_token=-1"], ">= 0"),
+        (["code=nan"], ">= 0"),
+        (["code=inf"], ">= 0"),
+        (["code=1", "code=2"], "more than once"),
+        (["code=1e308", "number=1e308"], "too large"),
+    ):
+        with pytest.raises(argparse.ArgumentTypeError, match=says):
             parse_mix(bad)
-    with pytest.raises(Exception, match="at least one weight"):
+    with pytest.raises(argparse.ArgumentTypeError, match="at least one weight"):
         parse_mix([f"{k}=0" for k in dataclasses.asdict(TextMix())])
 
 
@@ -211,6 +228,9 @@ def test_render_dataset_resumes(rendered: tuple[Path, dict], tmp_path: Path) -> 
     out = tmp_path / "synth"
     shutil.copytree(rendered[0], out)
     original = load_shards(out)
+    meta = json.loads((out / "meta.json").read_text())
+    del meta["text_mix"]  # rendered before the mix was recorded (with the default mix)
+    (out / "meta.json").write_text(json.dumps(meta))
     # Interrupted run: shard 2 missing, a stray temp file, shard 0 finished (marked so we can tell).
     marked = 255 - np.load(out / "shard-00000.npy")
     np.save(out / "shard-00000.npy", marked)
@@ -231,6 +251,12 @@ def test_render_dataset_refuses_other_settings(tmp_path: Path, font_cache: Path)
     meta = {"renderer_version": 1, "count": 10, "shard_size": 16, "format": "npy", "fonts": 0, **dataclasses.asdict(SynthConfig(seed=5))}
     (out / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(SystemExit, match="other settings"):
+        render_dataset(out, 10, CFG, workers=1, shard_size=16, progress=False)
+    meta = {**meta, "renderer_version": RENDERER_VERSION, "seed": CFG.seed, "fonts": len(discover_fonts(DEFAULT_CHARS, cache=out / "fonts.json"))}
+    (out / "meta.json").write_text(json.dumps(meta))
+    assert render_dataset(out, 10, CFG, workers=1, shard_size=16, progress=False)["rendered"] == 10  # the same settings: accepted
+    (out / "meta.json").write_text(json.dumps({**meta, "text_mix": {**meta["text_mix"], "long_token": 0.5}}))
+    with pytest.raises(SystemExit, match="other settings"):  # another mix of label kinds
         render_dataset(out, 10, CFG, workers=1, shard_size=16, progress=False)
 
 

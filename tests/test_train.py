@@ -129,6 +129,33 @@ def test_resume_continues_exactly(tmp_path: Path, shards: Path) -> None:
     assert state["step"] == N_STEPS
 
 
+def test_a_best_score_measured_under_other_views_starts_again(tmp_path: Path, shards: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    first = Trainer(_cfg(tmp_path / "run", shards, stop_at_step=2))
+    first.run()
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
+    state["best"] = 0.5
+    torch.save(state, tmp_path / "run" / "state.pt")
+    assert Trainer(_cfg(tmp_path / "run", shards), resume=True).best == 0.5  # the same views: kept
+    del state["val_views"]  # a state saved when validation read the contrast views
+    torch.save(state, tmp_path / "run" / "state.pt")
+    capsys.readouterr()
+    assert Trainer(_cfg(tmp_path / "run", shards), resume=True).best == -1.0
+    assert "measured with other views" in capsys.readouterr().out
+
+
+def test_a_state_saved_before_the_fused_optimiser_resumes_on_it(tmp_path: Path, shards: Path) -> None:
+    first = Trainer(_cfg(tmp_path / "run", shards, stop_at_step=2))
+    first.run()
+    assert all(g["fused"] for g in first.opt.param_groups)
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
+    for group in state["optimizer"]["param_groups"]:
+        group["fused"] = None  # what runs saved before the fused kernel hold
+    torch.save(state, tmp_path / "run" / "state.pt")
+    resumed = Trainer(_cfg(tmp_path / "run", shards), resume=True)
+    assert resumed.step == 2 and all(g["fused"] and g["foreach"] is None for g in resumed.opt.param_groups)
+    assert resumed.run()["step"] == N_STEPS
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl_c"])
 def test_a_signal_stops_after_the_step_and_the_run_resumes_exactly(tmp_path: Path, shards: Path, signum: int) -> None:
     straight = Trainer(_cfg(tmp_path / "straight", shards))

@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import os
+import sys
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
@@ -40,29 +41,46 @@ def add_synth_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_synth)
 
 
-def parse_mix(items: list[str]) -> TextMix:
-    """``["long_token=0.15", ...]`` → a :class:`TextMix` with those weights changed.
+def mix_item(text: str) -> tuple[str, float]:
+    """One ``--mix`` value, ``KIND=WEIGHT`` → ``(kind, weight)``.
 
     Raises:
-        argparse.ArgumentTypeError: an unknown kind, a missing ``=``, or a weight that is not a
-            finite number ≥ 0, or all weights 0.
+        argparse.ArgumentTypeError: a missing ``=``, a kind ``TextMix`` does not have, or a
+            weight that is not a finite number ≥ 0.
     """
     kinds = asdict(TextMix())
+    kind, sep, value = text.partition("=")
+    if not sep or kind not in kinds:
+        raise argparse.ArgumentTypeError(f"--mix {text!r}: expected KIND=WEIGHT with KIND one of {', '.join(kinds)}")
+    try:
+        weight = float(value)
+    except ValueError:
+        weight = -1.0
+    if not math.isfinite(weight) or weight < 0:
+        raise argparse.ArgumentTypeError(f"--mix {text!r}: the weight must be a number >= 0")
+    return kind, weight
+
+
+def parse_mix(items: list[str]) -> TextMix:
+    """``["long_token=0.15", ...]`` → a :class:`TextMix` with those weights changed (the
+    others keep their defaults; the sampler normalises the weights).
+
+    Raises:
+        argparse.ArgumentTypeError: a bad item (``mix_item``), a kind given twice, or weights
+            whose sum is 0 or too large to normalise.
+    """
     changes: dict[str, float] = {}
     for item in items:
-        kind, sep, value = item.partition("=")
-        if not sep or kind not in kinds:
-            raise argparse.ArgumentTypeError(f"--mix {item!r}: expected KIND=WEIGHT with KIND one of {', '.join(kinds)}")
-        try:
-            weight = float(value)
-        except ValueError:
-            weight = -1.0
-        if not math.isfinite(weight) or weight < 0:
-            raise argparse.ArgumentTypeError(f"--mix {item!r}: the weight must be a number >= 0")
+        kind, weight = mix_item(item)
+        if kind in changes:
+            raise argparse.ArgumentTypeError(f"--mix {kind} given more than once")
         changes[kind] = weight
     mix = replace(TextMix(), **changes)
-    if sum(asdict(mix).values()) <= 0:
+    total = sum(asdict(mix).values())
+    if total <= 0:
         raise argparse.ArgumentTypeError("--mix: at least one weight must be above 0")
+    if not math.isfinite(total):
+        raise argparse.ArgumentTypeError("--mix: the weights are too large to add up; use smaller numbers (they are normalised)")
     return mix
 
 
@@ -72,7 +90,8 @@ def run_synth(args: argparse.Namespace) -> int:
     try:
         mix = parse_mix(args.mix)
     except argparse.ArgumentTypeError as e:
-        raise SystemExit(f"safl synth: {e}") from None
+        print(f"safl synth: {e}", file=sys.stderr)
+        return 2
     render_dataset(args.out, args.count, SynthConfig(seed=args.seed, text_mix=mix), args.workers, args.shard_size, args.format, progress=not args.no_progress)
     return 0
 

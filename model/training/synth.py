@@ -353,6 +353,7 @@ def render_dataset(out: Path, count: int, cfg: SynthConfig, workers: int = 2, sh
     old = out / "meta.json"
     if old.is_file():
         prev = json.loads(old.read_text())
+        prev.setdefault("text_mix", asdict(TextMix()))  # written before the mix was recorded: the default then
         if {k: v for k, v in prev.items() if k != "count"} != {k: v for k, v in meta.items() if k != "count"}:
             raise SystemExit(f"{out} holds a data set rendered with other settings; use another --out or delete it")
     old.write_text(json.dumps(meta, indent=2))

@@ -39,13 +39,16 @@ from ..charset import NUM_SPECIAL, Charset
 from ..checkpoint import load_checkpoint, read_info, save_checkpoint
 from ..device import DeviceUnavailable, resolve_device
 from ..loss import sequence_loss
-from ..preprocess import to_tensor
+from ..preprocess import ViewConfig, to_tensor
 from ..safl import SAFL, SAFLConfig
 from .config import RUNTIME_FIELDS, TrainConfig
 from .data import ArrayDataset, augment, degrade, load_any, load_folder_part
 from .distributed import Ranks, derived_seed, stream_seed
 from .evaluate import evaluate
 from .stream import RenderStream
+
+#: What validation reads: the service's default views, so validation numbers are what it answers.
+VAL_VIEWS = ViewConfig()
 
 
 class TrainingSetupError(ValueError):
@@ -285,6 +288,7 @@ class Trainer:
         for n, p in self.model.named_parameters():
             no_decay = p.dim() < 2 or n == "decoder.pos"
             groups.setdefault((n.startswith("rectifier."), no_decay), []).append(p)
+        self.fused_adamw = self.device.type in ("cpu", "cuda")
         self.opt = torch.optim.AdamW(
             [
                 {"params": ps, "lr": cfg.lr * (cfg.tps_lr_scale if tps else 1.0), "weight_decay": 0.0 if nd else cfg.weight_decay}
@@ -292,7 +296,7 @@ class Trainer:
             ],
             lr=cfg.lr,
             betas=(0.9, 0.98),
-            fused=self.device.type in ("cpu", "cuda"),
+            fused=self.fused_adamw,
         )
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, self.cfg))
         self.step = 0
@@ -334,7 +338,7 @@ class Trainer:
             real_sets.append(kept)
         real = _concat(real_sets, "real", pcfg) if real_sets else None
         # Rank 0 alone validates: the other ranks leave the validation sets unloaded.
-        self.val_sets = [load_folder_part(p, pcfg, "val", cfg.split) for p in cfg.val] if self.dist.is_main else []
+        self.val_sets = [load_folder_part(p, pcfg, "val", cfg.split, view_cfg=VAL_VIEWS) for p in cfg.val] if self.dist.is_main else []
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.sampler = BatchSampler(synth, real, cfg, self.charset, self.gen, self.device, self.dist.rank, self.dist.world_size)
         self.n_train = (n_synth, len(real) if real is not None else 0)
@@ -349,6 +353,7 @@ class Trainer:
             "step": self.step,
             "train_seconds": self.train_seconds,
             "best": self.best,
+            "val_views": asdict(VAL_VIEWS),
             "rng_data": self.gen.get_state(),
             "rng_torch": torch.get_rng_state(),
         }
@@ -357,10 +362,20 @@ class Trainer:
         state = torch.load(path, map_location=self.device, weights_only=True)
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
+        for group in self.opt.param_groups:
+            # load_state_dict restores the saved kernel choice too: a state saved before the
+            # fused kernel (fused=None) would otherwise resume on the slower per-tensor loop.
+            group["fused"], group["foreach"] = self.fused_adamw, None if self.fused_adamw else group.get("foreach")
         self.sched.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         self.train_seconds = float(state["train_seconds"])
         self.best = float(state["best"])
+        if state.get("val_views") != asdict(VAL_VIEWS):
+            # The best checkpoint was chosen under other views (the contrast views were on by
+            # default until 2026-11-30): scores under different views do not compare.
+            if self.dist.is_main:
+                print(f"--resume: validation now reads {VAL_VIEWS}; the best score so far was measured with other views and starts again", flush=True)
+            self.best = -1.0
         self.gen.set_state(state["rng_data"].cpu())  # map_location moved it to the device
         torch.set_rng_state(state["rng_torch"].cpu())
 
