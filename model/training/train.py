@@ -279,8 +279,8 @@ class Trainer:
         else:
             self._build_data(cfg)  # before the model touches the GPU: render workers are forked
         self.dist.start(self.device, cfg.ddp_timeout)  # after the fork, too
-        # Channels-last convolutions with the fused AdamW kernel: 1.31x the images/s of a step
-        # on 2 CPU cores together (each alone 1.05-1.25x; bench/train_speed.py, training log).
+        # Channels-last convolutions with the fused AdamW kernel: 1.07-1.13x the images/s of a
+        # step on 2 CPU cores, bf16 or fp32 (bench/train_speed.py in alternating rounds; training log).
         self.model = model.to(self.device, memory_format=torch.channels_last)
         self._train_mode()
 
