@@ -155,14 +155,14 @@ def folder_crops(model: SAFL, folders: list[Path], limit: int) -> tuple[torch.Te
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", type=Path, default=REPO / "weights" / "safl.safetensors")
+    p.add_argument("--weights", type=Path, default=REPO / "weights" / "safl.safetensors", help="checkpoint (default: the shipped weights)")
     p.add_argument("--data", type=Path, nargs="*", default=[], help="labelled folders: read their val-unseen crops (default: rendered words)")
     p.add_argument("--limit", type=int, default=400, help="crops read for the readings check (default: 400)")
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    p.add_argument("--json", type=Path)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="batch sizes timed (default: 1 32)")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per batch size; the median counts (default: 5)")
+    p.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime threads (default: 2)")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="what to measure (default: all)")
+    p.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)

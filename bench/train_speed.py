@@ -117,15 +117,15 @@ def run(variant: str, preset: str, labels: list[str], batch_default: int, warmup
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="small")
+    p.add_argument("--preset", default="small", help="model size (default: small, what the CPU campaign trains)")
     p.add_argument("--labels", type=Path, help="label file, one per line (default: a dozen built-in words)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    p.add_argument("--json", type=Path)
+    p.add_argument("--batch-size", type=int, default=64, help="batch of the variants without one in their name (default: 64)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant (default: 3)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per variant; the median counts (default: 10)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and batches (default: 0)")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="in this order; repeat names for alternating rounds (default: all)")
+    p.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)

@@ -65,10 +65,10 @@ def at_threshold(readings: list[list[Recognition]], confident_at: float) -> tupl
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", type=Path, default=REPO / "weights" / "safl.safetensors")
+    p.add_argument("--weights", type=Path, default=REPO / "weights" / "safl.safetensors", help="checkpoint (default: the shipped weights)")
     p.add_argument("--data", type=Path, nargs="+", required=True, help="labelled folders (labels.tsv)")
-    p.add_argument("--part", choices=PARTS, default="val-unseen")
-    p.add_argument("--thresholds", type=float, nargs="+", default=list(DEFAULT_THRESHOLDS))
+    p.add_argument("--part", choices=PARTS, default="val-unseen", help="part of each folder (default: val-unseen)")
+    p.add_argument("--thresholds", type=float, nargs="+", default=list(DEFAULT_THRESHOLDS), help="confident_at values; the default one is always added")
     p.add_argument(
         "--contrast-views",
         dest="contrast",
@@ -77,10 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         help="SAFL_CONTRAST_VIEWS (default: %(default)s)",
     )
     p.add_argument("--turn-tall", action=argparse.BooleanOptionalAction, default=ViewConfig().turn_tall, help="SAFL_TURN_TALL (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=128, help="model inputs per call (default: 128)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     p.add_argument("--list", action="store_true", help="list the crops each threshold gains or loses against the default")
-    p.add_argument("--json", type=Path)
+    p.add_argument("--json", type=Path, help="also write the rows and the answers at the default threshold here")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
