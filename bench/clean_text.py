@@ -115,21 +115,48 @@ def exact(prediction: str, label: str) -> bool:
     return "".join(prediction.split()) == "".join(label.split())
 
 
-def score(samples: list[Sample], by_margin: dict[float, list[str]]) -> dict:
-    """Accuracy per margin, per length bucket (over every margin) and overall."""
-    per_margin = {f"{m:g}": sum(exact(p, s.text) for p, s in zip(preds, samples)) / len(samples) for m, preds in by_margin.items()}
+def accuracy(samples: list[Sample], by_condition: dict[float, list[str]]) -> tuple[dict[str, float], dict[str, float | None], float]:
+    """Exact accuracy per condition (a margin, an arc: the keys, written with ``:g``), per
+    length bucket (over every condition) and overall, from each condition's readings of ``samples``."""
+    per_condition = {f"{k:g}": sum(exact(p, s.text) for p, s in zip(preds, samples)) / len(samples) for k, preds in by_condition.items()}
     per_bucket = {}
     for lo, hi in BUCKETS:
         key = f"{lo}-{hi}"
-        hits = [exact(p, s.text) for preds in by_margin.values() for p, s in zip(preds, samples) if s.bucket == key]
+        hits = [exact(p, s.text) for preds in by_condition.values() for p, s in zip(preds, samples) if s.bucket == key]
         per_bucket[key] = sum(hits) / len(hits) if hits else None
-    total = [exact(p, s.text) for preds in by_margin.values() for p, s in zip(preds, samples)]
+    total = [exact(p, s.text) for preds in by_condition.values() for p, s in zip(preds, samples)]
+    return per_condition, per_bucket, sum(total) / len(total)
+
+
+def score(samples: list[Sample], by_margin: dict[float, list[str]]) -> dict:
+    """Accuracy per margin, per length bucket (over every margin) and overall."""
+    per_margin, per_bucket, overall = accuracy(samples, by_margin)
     return {
         "per_margin": per_margin,
         "per_length": per_bucket,
-        "overall": sum(total) / len(total),
+        "overall": overall,
         "targets_met": min(per_margin.values()) >= TARGET_PER_MARGIN and (per_bucket["13-25"] or 0.0) >= TARGET_LONG,
     }
+
+
+def run_engines(folders: list[Folder], names: list[str], weights: Path, threads: int, progress: bool) -> tuple[list, dict, dict[str, str]]:
+    """Every engine of ``names`` that loads, one crop per call, on every folder: the peers,
+    ``bench.peers.run_benchmark``'s results and the engines skipped (name → why).
+
+    Raises ``SystemExit(2)`` with a message when no engine could run.
+    """
+    peers, skipped = [], {}
+    for peer in build_peers(names, weights, [1], threads):
+        try:
+            peer.load()
+            peers.append(peer)
+        except (PeerUnavailable, CheckpointError) as exc:
+            skipped[peer.name] = str(exc)
+            print(f"{peer.name}: skipped ({exc})", file=sys.stderr)
+    if not peers:
+        print("error: no engine could run", file=sys.stderr)
+        raise SystemExit(2)
+    return peers, run_benchmark(folders, peers, progress=progress), skipped
 
 
 def to_markdown(report: dict) -> str:
@@ -173,18 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         Folder(f"{m:g}", Path(f"margin-{m:g}"), [f"{i:04d}.png" for i in range(len(samples))], [s.text for s in samples], [render(s, m) for s in samples])
         for m in args.margins
     ]
-    peers, skipped = [], {}
-    for peer in build_peers(args.peers, args.weights, [1], args.threads):
-        try:
-            peer.load()
-            peers.append(peer)
-        except (PeerUnavailable, CheckpointError) as exc:
-            skipped[peer.name] = str(exc)
-            print(f"{peer.name}: skipped ({exc})", file=sys.stderr)
-    if not peers:
-        print("error: no engine could run", file=sys.stderr)
-        return 2
-    results = run_benchmark(folders, peers, progress=not args.no_progress)
+    peers, results, skipped = run_engines(folders, args.peers, args.weights, args.threads, progress=not args.no_progress)
     engines = {}
     for peer in peers:
         vr = results[peer.name][0]

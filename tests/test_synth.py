@@ -25,7 +25,7 @@ from model.charset import DEFAULT_CHARS
 from model.training.cli import parse_mix
 from model.training.data import load_any, load_lmdb, load_shards
 from model.training.fonts import REQUIRED, FontFace, by_family, discover_fonts
-from model.training.synth import RENDERER_VERSION, Renderer, SynthConfig, render_dataset
+from model.training.synth import RENDERER_VERSION, Renderer, SynthConfig, arc_mask, render_dataset
 from model.training.words import TextMix, TextSampler
 
 CFG = SynthConfig(seed=0)
@@ -125,6 +125,44 @@ def test_output_matches_model_input_and_labels_are_valid(renderer: Renderer) -> 
     # The text mix holds more than plain lowercase words.
     joined = "".join(labels)
     assert any(c.isupper() for c in joined) and any(c.isdigit() for c in joined)
+
+
+def _ink_rows(mask: np.ndarray, cols: slice) -> float:
+    """Mean row of the ink in a band of columns."""
+    rows, _ = np.nonzero(mask[:, cols] > 127)
+    return float(rows.mean())
+
+
+def test_arc_mask_bends_the_line_and_turns_the_glyphs() -> None:
+    font = ImageFont.load_default(40)
+    flat = np.asarray(arc_mask("HORIZONTAL", font, 0))
+    arch = np.asarray(arc_mask("HORIZONTAL", font, 90))
+    valley = np.asarray(arc_mask("HORIZONTAL", font, -90))
+    # Straight: as wide as the text and one line high.
+    assert flat.shape[1] == pytest.approx(font.getlength("HORIZONTAL"), rel=0.1) and flat.shape[0] < 45
+    # An arch: the middle highest, both ends lower; a valley the other way; both taller than a line.
+    for bent, middle_higher in ((arch, True), (valley, False)):
+        w = bent.shape[1]
+        ends = (_ink_rows(bent, slice(0, w // 8)) + _ink_rows(bent, slice(w - w // 8, w))) / 2
+        middle = _ink_rows(bent, slice(w // 2 - w // 16, w // 2 + w // 16))
+        assert (middle < ends - 10) if middle_higher else (middle > ends + 10)
+        assert bent.shape[0] > 2 * flat.shape[0]
+    with pytest.raises(ValueError, match="360"):
+        arc_mask("A", font, 400)
+    with pytest.raises(ValueError, match="no ink"):
+        arc_mask("   ", font, 30)
+
+
+def test_arc_crops_are_valid_and_deterministic(faces: list[FontFace]) -> None:
+    arcs = Renderer(dataclasses.replace(CFG, p_arc=1.0, p_curve=0.0), faces)
+    plain = Renderer(dataclasses.replace(CFG, p_arc=0.0, p_curve=0.0), faces)
+    for i in range(12):
+        img, label = arcs.render(i)
+        _assert_valid(img, label)
+        assert np.array_equal(img, arcs.render(i)[0])
+    # The arc changes the crops, not the labels drawn for them.
+    assert [arcs.render(i)[1] for i in range(12)] == [plain.render(i)[1] for i in range(12)]
+    assert sum(not np.array_equal(arcs.render(i)[0], plain.render(i)[0]) for i in range(12)) >= 10
 
 
 def test_default_font_path(default_font_renderer: Renderer, renderer: Renderer) -> None:

@@ -36,7 +36,7 @@ from ..preprocess import PreprocessConfig, resize
 from .fonts import FontFace, by_family, discover_fonts
 from .words import Lexicon, TextMix, TextSampler
 
-RENDERER_VERSION = 2  # 2: tight crops more often, weak contrast, long tokens (words.TextMix.long_token)
+RENDERER_VERSION = 3  # 2: tight crops more often, weak contrast, long tokens (words.TextMix.long_token); 3: text set along arcs (p_arc)
 BACKGROUND_DIRS = (Path("/usr/share/backgrounds"), Path("/usr/share/images/desktop-base"), Path("/usr/share/wallpapers"))
 
 
@@ -59,7 +59,8 @@ class SynthConfig:
     p_underline: float = 0.04
     p_rotate: float = 0.35
     p_perspective: float = 0.25
-    p_curve: float = 0.12
+    p_curve: float = 0.12  # vertical strips shifted along a parabola (glyphs stay upright)
+    p_arc: float = 0.1  # glyphs set along a circular arc and turned with it (arc_mask), as on round signs
     p_blur: float = 0.3
     p_lowres: float = 0.2
     p_noise: float = 0.3
@@ -103,6 +104,49 @@ def _load_textures(max_side: int = 480) -> tuple[Image.Image, ...]:
             except (OSError, ValueError):
                 continue
     return tuple(textures)
+
+
+def arc_mask(text: str, font: ImageFont.FreeTypeFont, degrees: float, stroke: int = 0) -> Image.Image:
+    """``text`` set along a circular arc that spans ``degrees`` of the circle, each glyph
+    turned to the arc's tangent: the curved words of round signs, logos and stamps
+    (CUTE80, Risnumawan et al. 2014). ``degrees`` > 0 bends the line into an arch (the
+    middle highest), < 0 into a valley, 0 leaves it straight; ``stroke`` outlines the
+    glyphs by that many pixels.
+
+    Returns an 8-bit mask (mode ``L``, 255 on the ink) cropped to the ink. Raises
+    ``ValueError`` for ``|degrees|`` > 360 or a text with no ink.
+    """
+    if abs(degrees) > 360:
+        raise ValueError(f"an arc spans at most 360 degrees, not {degrees}")
+    advances = [font.getlength(ch) + 2 * stroke for ch in text]
+    length = sum(advances)
+    size = font.size + 2 * stroke
+    radius = length / math.radians(abs(degrees)) if degrees else 0.0
+    sign = 1 if degrees >= 0 else -1
+    pad = size
+    half = math.radians(abs(degrees)) / 2
+    half_width = radius * math.sin(min(half, math.pi / 2)) if radius else length / 2
+    sagitta = radius * (1 - math.cos(half))  # how far the ends drop below (rise above) the middle
+    canvas = Image.new("L", (int(2 * half_width + 4 * pad), int(sagitta + 4 * pad)), 0)
+    centre_x, centre_y = canvas.width / 2, 2 * pad if sign > 0 else canvas.height - 2 * pad
+    x = -length / 2
+    for ch, adv in zip(text, advances):
+        glyph = Image.new("L", (int(adv + 2 * pad), 3 * size), 0)
+        ImageDraw.Draw(glyph).text((pad + stroke, size), ch, font=font, fill=255, stroke_width=stroke, stroke_fill=255)
+        mid = x + adv / 2
+        if radius:
+            # The glyph's centre on the circle, its baseline along the tangent.
+            theta = mid / radius
+            gx, gy = centre_x + radius * math.sin(theta), centre_y + sign * radius * (1 - math.cos(theta))
+            glyph = glyph.rotate(-sign * math.degrees(theta), resample=Image.Resampling.BICUBIC, expand=True)
+        else:
+            gx, gy = centre_x + mid, centre_y
+        canvas.paste(Image.new("L", glyph.size, 255), (int(round(gx - glyph.width / 2)), int(round(gy - glyph.height / 2))), glyph)
+        x += adv
+    box = canvas.getbbox()
+    if box is None:
+        raise ValueError(f"no ink drawn for {text!r}")
+    return canvas.crop(box)
 
 
 class Renderer:
@@ -200,29 +244,39 @@ class Renderer:
         mt, mb = (int(th * (rng.uniform(-0.06, 0.06) if tight else rng.uniform(-0.05, 0.45))) for _ in range(2))
         curve = rng.random() < c.p_curve
         amp = int(th * rng.uniform(0.15, 0.6)) if curve else 0
-        w, h = tw + ml + mr, th + mt + mb + 2 * amp
+        # An arch twice as often as a valley, spanning 20-120 degrees of the circle.
+        arc = 0.0 if curve or rng.random() >= c.p_arc else rng.choice((1, 1, -1)) * rng.uniform(20, 120)
+        arc_ink = arc_mask(text, font, arc) if arc else None  # plain glyphs: no outline, no letter spacing
+        if arc_ink is not None:
+            w, h = arc_ink.width + ml + mr, arc_ink.height + mt + mb
+        else:
+            w, h = tw + ml + mr, th + mt + mb + 2 * amp
         w, h = max(w, 4), max(h, 4)
         origin = (ml - left, mt + amp - top)
 
-        mask = Image.new("L", (w, h), 0)
-        draw = ImageDraw.Draw(mask)
-        self._text(draw, origin, text, font, stroke, spacing, 255)
-        if rng.random() < c.p_underline:
+        def ink(offset: tuple[int, int] = (0, 0), stroke_w: int = stroke) -> Image.Image:
+            m = Image.new("L", (w, h), 0)
+            if arc_ink is not None:
+                m.paste(arc_ink, (ml + offset[0], mt + offset[1]))
+            else:
+                self._text(ImageDraw.Draw(m), (origin[0] + offset[0], origin[1] + offset[1]), text, font, stroke_w, spacing, 255)
+            return m
+
+        mask = ink()
+        if rng.random() < c.p_underline and arc_ink is None:
             y = origin[1] + bottom + max(1, size_px // 20)
-            draw.line([(ml, y), (ml + tw, y)], fill=255, width=max(1, size_px // 16))
+            ImageDraw.Draw(mask).line([(ml, y), (ml + tw, y)], fill=255, width=max(1, size_px // 16))
 
         bg_level = rng.randint(0, 255)
         bg = self._background((w, h), bg_level, rng)
         bg_mean = int(np.asarray(bg).mean())
         fg_level = self._contrasting(bg_mean, rng, (20, 60) if rng.random() < c.p_low_contrast else (60, 200))
         if rng.random() < c.p_shadow:
-            shadow = Image.new("L", (w, h), 0)
             d = max(1, size_px // 15)
-            self._text(ImageDraw.Draw(shadow), (origin[0] + rng.randint(-d, d), origin[1] + rng.randint(1, d)), text, font, stroke, spacing, 255)
+            shadow = ink((rng.randint(-d, d), rng.randint(1, d)))
             bg = Image.composite(Image.new("L", (w, h), self._contrasting(bg_mean, rng)), bg, shadow)
-        if stroke:
-            inner = Image.new("L", (w, h), 0)
-            self._text(ImageDraw.Draw(inner), origin, text, font, 0, spacing, 255)
+        if stroke and arc_ink is None:
+            inner = ink(stroke_w=0)
             bg = Image.composite(Image.new("L", (w, h), self._contrasting(fg_level, rng)), bg, mask)
             mask = inner
         img = Image.composite(Image.new("L", (w, h), fg_level), bg, mask)

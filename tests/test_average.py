@@ -1,0 +1,50 @@
+"""model.training.average: a uniform weight average of real checkpoints, and its errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import SAFL, SAFLConfig
+from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from model.training.average import average_checkpoints, main
+
+
+def _perturbed(tiny_model: SAFL, seed: int) -> SAFL:
+    model = SAFL(tiny_model.config)
+    model.load_state_dict(tiny_model.state_dict())
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    return model
+
+
+def test_the_average_is_the_mean_of_every_float_tensor(tiny_model: SAFL, tmp_path: Path) -> None:
+    a, b, c = (_perturbed(tiny_model, s) for s in (1, 2, 3))
+    paths = [save_checkpoint(m, tmp_path / f"{n}.safetensors").weights_path for n, m in zip("abc", (a, b, c))]
+    info = average_checkpoints(paths, tmp_path / "soup.safetensors")
+    soup, loaded = load_checkpoint(info.weights_path)
+    assert loaded.training["averaged"] == [load_checkpoint(p)[1].model_id for p in paths]
+    states = [m.state_dict() for m in (a, b, c)]
+    for k, v in soup.state_dict().items():
+        if v.is_floating_point():
+            assert torch.allclose(v, sum(s[k] for s in states) / 3, atol=1e-6), k
+        else:
+            assert torch.equal(v, states[0][k]), k
+    # It reads: the averaged network runs end to end.
+    soup.recognize(torch.zeros(1, 1, soup.config.height, soup.config.width))
+
+
+def test_mismatched_or_too_few_checkpoints_are_refused(tiny_model: SAFL, tmp_path: Path, capsys) -> None:
+    tiny = save_checkpoint(tiny_model, tmp_path / "tiny.safetensors").weights_path
+    other = save_checkpoint(SAFL(SAFLConfig.from_preset("tiny", d_model=32)), tmp_path / "other.safetensors").weights_path
+    with pytest.raises(CheckpointError, match="another model config"):
+        average_checkpoints([tiny, other], tmp_path / "x.safetensors")
+    with pytest.raises(CheckpointError, match="at least two"):
+        average_checkpoints([tiny], tmp_path / "x.safetensors")
+    assert main([str(tmp_path / "y.safetensors"), str(tiny), str(tmp_path / "missing.safetensors")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert not (tmp_path / "y.safetensors").exists()

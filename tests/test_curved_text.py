@@ -1,0 +1,66 @@
+"""bench/curved_text.py: the arcs it renders and a real run with the tiny checkpoint."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from bench_support import load_bench
+from PIL import Image
+
+from model.charset import DEFAULT_CHARS
+from model.training.fonts import FontFace, discover_fonts
+
+
+@pytest.fixture(scope="module")
+def curved_text():
+    return load_bench("curved_text")
+
+
+@pytest.fixture(scope="module")
+def faces() -> list[FontFace]:
+    found = discover_fonts(DEFAULT_CHARS, families="all")
+    if not found:
+        pytest.skip("no fonts installed")
+    return found
+
+
+def test_crops_bend_as_asked_with_the_margin_all_round(curved_text, faces) -> None:
+    sample = curved_text.Sample("Roundabout", faces[0].path, inverted=False)
+    straight = np.asarray(Image.open(io.BytesIO(curved_text.render(sample, 0.0, arch=True))))
+    arch = np.asarray(Image.open(io.BytesIO(curved_text.render(sample, 90.0, arch=True))))
+    valley = np.asarray(Image.open(io.BytesIO(curved_text.render(sample, 90.0, arch=False))))
+    m = round(curved_text.MARGIN * 48)
+    for crop in (straight, arch, valley):
+        assert crop[:m].min() == 255 and crop[-m:].min() == 255 and crop[:, :m].min() == 255 and crop[:, -m:].min() == 255
+        assert crop[m:-m, m:-m].min() == 0  # the ink reaches into the crop
+    assert arch.shape[0] > 1.5 * straight.shape[0]
+    # Ink in the middle columns: near the top for an arch, near the bottom for a valley.
+    mid = slice(arch.shape[1] // 2 - 4, arch.shape[1] // 2 + 4)
+    assert np.nonzero(arch[:, mid] < 128)[0].mean() < arch.shape[0] / 2 < np.nonzero(valley[:, mid] < 128)[0].mean()
+    inverted = np.asarray(Image.open(io.BytesIO(curved_text.render(curved_text.Sample("Roundabout", faces[0].path, True), 30.0, arch=True))))
+    assert inverted[:m].max() == 0
+    assert [curved_text.is_arch(i) for i in range(6)] == [True, True, False, False, True, True]
+
+
+def test_a_run_with_the_tiny_model(curved_text, faces, tiny_checkpoint: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    draw = curved_text.draw_texts  # the held-out families may be missing here (CI: DejaVu only)
+    monkeypatch.setattr(curved_text, "draw_texts", lambda per_bucket, seed: draw(per_bucket, seed, faces=faces))
+    out = tmp_path / "curved.json"
+    rc = curved_text.main(
+        ["--weights", str(tiny_checkpoint), "--peers", "safl", "--per-bucket", "2", "--arcs", "0", "90", "--threads", "1", "--json", str(out), "--no-progress"]
+    )
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["texts"] == 8 and set(report["engines"]) == {"safl"} and report["bar_met"] is None
+    assert set(report["engines"]["safl"]["per_arc"]) == {"0", "90"}
+    assert "| safl |" in capsys.readouterr().out
+
+
+def test_arcs_out_of_range_are_a_usage_error(curved_text, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        curved_text.main(["--arcs", "400"])
+    assert exc.value.code == 2 and "0-360" in capsys.readouterr().err
