@@ -55,6 +55,31 @@ def is_arch(index: int) -> bool:
     return index // 2 % 2 == 0
 
 
+def draw_examples(samples: list[Sample], arcs: list[float], out: Path, rows: int = 4) -> None:
+    """A picture of the first text of each length bucket (up to ``rows``) at every arc, as
+    the benchmark renders them, written as PNG to ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    firsts = [next(i for i, s in enumerate(samples) if s.bucket == f"{lo}-{hi}") for lo, hi in BUCKETS][:rows]
+    fig, axes = plt.subplots(len(firsts), len(arcs), figsize=(2.6 * len(arcs), 1.5 * len(firsts)), squeeze=False)
+    for r, i in enumerate(firsts):
+        for c, a in enumerate(arcs):
+            ax = axes[r][c]
+            ax.imshow(Image.open(io.BytesIO(render(samples[i], a, is_arch(i)))), cmap="gray", vmin=0, vmax=255)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"arc {a:g}°")
+    fig.suptitle("bench/curved_text.py: held-out fonts set along arcs (arches and valleys)")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+
+
 def to_markdown(report: dict) -> str:
     arcs = report["arcs"]
     buckets = [f"{lo}-{hi}" for lo, hi in BUCKETS]
@@ -82,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, help="write the report here")
+    p.add_argument("--png", type=Path, help="also draw one text of each length bucket at every arc here (e.g. docs/curved_text.png)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.per_bucket < 1:
@@ -93,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.png:
+        draw_examples(samples, args.arcs, args.png)
     folders = [
         Folder(
             f"{a:g}",

@@ -51,13 +51,31 @@ def test_a_run_with_the_tiny_model(curved_text, faces, tiny_checkpoint: Path, tm
     monkeypatch.setattr(curved_text, "draw_texts", lambda per_bucket, seed: draw(per_bucket, seed, faces=faces))
     out = tmp_path / "curved.json"
     rc = curved_text.main(
-        ["--weights", str(tiny_checkpoint), "--peers", "safl", "--per-bucket", "2", "--arcs", "0", "90", "--threads", "1", "--json", str(out), "--no-progress"]
+        [
+            "--weights",
+            str(tiny_checkpoint),
+            "--peers",
+            "safl",
+            "--per-bucket",
+            "2",
+            "--arcs",
+            "0",
+            "90",
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+            "--png",
+            str(tmp_path / "arcs.png"),
+            "--no-progress",
+        ]
     )
     assert rc == 0
     report = json.loads(out.read_text())
     assert report["texts"] == 8 and set(report["engines"]) == {"safl"} and report["bar_met"] is None
     assert set(report["engines"]["safl"]["per_arc"]) == {"0", "90"}
     assert "| safl |" in capsys.readouterr().out
+    assert Image.open(tmp_path / "arcs.png").size[0] > 200
 
 
 def test_arcs_out_of_range_are_a_usage_error(curved_text, capsys) -> None:
