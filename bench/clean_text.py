@@ -141,10 +141,8 @@ def score(samples: list[Sample], by_margin: dict[float, list[str]]) -> dict:
 
 def run_engines(folders: list[Folder], names: list[str], weights: Path, threads: int, progress: bool) -> tuple[list, dict, dict[str, str]]:
     """Every engine of ``names`` that loads, one crop per call, on every folder: the peers,
-    ``bench.peers.run_benchmark``'s results and the engines skipped (name → why).
-
-    Raises ``SystemExit(2)`` with a message when no engine could run.
-    """
+    ``bench.peers.run_benchmark``'s results and the engines skipped (name → why). When none
+    loads, it says so on stderr and returns no peers and no results."""
     peers, skipped = [], {}
     for peer in build_peers(names, weights, [1], threads):
         try:
@@ -155,7 +153,7 @@ def run_engines(folders: list[Folder], names: list[str], weights: Path, threads:
             print(f"{peer.name}: skipped ({exc})", file=sys.stderr)
     if not peers:
         print("error: no engine could run", file=sys.stderr)
-        raise SystemExit(2)
+        return [], {}, skipped
     return peers, run_benchmark(folders, peers, progress=progress), skipped
 
 
@@ -201,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         for m in args.margins
     ]
     peers, results, skipped = run_engines(folders, args.peers, args.weights, args.threads, progress=not args.no_progress)
+    if not peers:
+        return 2
     engines = {}
     for peer in peers:
         vr = results[peer.name][0]

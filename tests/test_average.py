@@ -24,9 +24,10 @@ def _perturbed(tiny_model: SAFL, seed: int) -> SAFL:
 
 def test_the_average_is_the_mean_of_every_float_tensor(tiny_model: SAFL, tmp_path: Path) -> None:
     a, b, c = (_perturbed(tiny_model, s) for s in (1, 2, 3))
-    paths = [save_checkpoint(m, tmp_path / f"{n}.safetensors").weights_path for n, m in zip("abc", (a, b, c))]
+    paths = [save_checkpoint(m, tmp_path / f"{n}.safetensors", name="safl-tiny").weights_path for n, m in zip("abc", (a, b, c))]
     info = average_checkpoints(paths, tmp_path / "soup.safetensors")
     soup, loaded = load_checkpoint(info.weights_path)
+    assert loaded.name == "safl-tiny"  # the inputs' name, so a shipped average keeps safl-<preset>
     assert loaded.training["averaged"] == [load_checkpoint(p)[1].model_id for p in paths]
     states = [m.state_dict() for m in (a, b, c)]
     for k, v in soup.state_dict().items():
@@ -45,6 +46,12 @@ def test_mismatched_or_too_few_checkpoints_are_refused(tiny_model: SAFL, tmp_pat
         average_checkpoints([tiny, other], tmp_path / "x.safetensors")
     with pytest.raises(CheckpointError, match="at least two"):
         average_checkpoints([tiny], tmp_path / "x.safetensors")
+    with pytest.raises(CheckpointError, match="twice"):
+        average_checkpoints([tiny, tmp_path / "." / "tiny.safetensors"], tmp_path / "x.safetensors")
+    twin = save_checkpoint(tiny_model, tmp_path / "twin.safetensors").weights_path
+    with pytest.raises(CheckpointError, match="one of the inputs"):
+        average_checkpoints([tiny, twin], twin)
+    assert load_checkpoint(twin)[1].sha256 == load_checkpoint(tiny)[1].sha256  # left as it was
     assert main([str(tmp_path / "y.safetensors"), str(tiny), str(tmp_path / "missing.safetensors")]) == 2
     assert "not found" in capsys.readouterr().err
     assert not (tmp_path / "y.safetensors").exists()

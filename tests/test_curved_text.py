@@ -82,3 +82,12 @@ def test_arcs_out_of_range_are_a_usage_error(curved_text, capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         curved_text.main(["--arcs", "400"])
     assert exc.value.code == 2 and "0-360" in capsys.readouterr().err
+
+
+def test_no_engine_that_loads_is_exit_2(curved_text, faces, tmp_path: Path, monkeypatch, capsys) -> None:
+    draw = curved_text.draw_texts
+    monkeypatch.setattr(curved_text, "draw_texts", lambda per_bucket, seed: draw(per_bucket, seed, faces=faces))
+    rc = curved_text.main(["--weights", str(tmp_path / "missing.safetensors"), "--peers", "safl", "--per-bucket", "1", "--no-progress"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "safl: skipped" in err and "error: no engine could run" in err

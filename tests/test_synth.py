@@ -133,6 +133,28 @@ def _ink_rows(mask: np.ndarray, cols: slice) -> float:
     return float(rows.mean())
 
 
+def _pieces(mask: np.ndarray) -> list[np.ndarray]:
+    """The ink of ``mask`` split at empty columns, left to right (each piece cropped to its rows)."""
+    cols = (mask > 127).any(axis=0)
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], cols.astype(int), [0]))))
+    out = []
+    for a, b in zip(edges[::2], edges[1::2]):
+        piece = mask[:, a:b]
+        rows = np.flatnonzero((piece > 127).any(axis=1))
+        out.append(piece[rows[0] : rows[-1] + 1])
+    return out
+
+
+def _lean(piece: np.ndarray) -> float:
+    """How far right the ink's top quarter sits from its bottom quarter, in pixels."""
+    q = max(1, piece.shape[0] // 4)
+
+    def centre(band: np.ndarray) -> float:
+        return float(np.nonzero(band > 127)[1].mean())
+
+    return centre(piece[:q]) - centre(piece[-q:])
+
+
 def test_arc_mask_bends_the_line_and_turns_the_glyphs() -> None:
     font = ImageFont.load_default(40)
     flat = np.asarray(arc_mask("HORIZONTAL", font, 0))
@@ -147,22 +169,41 @@ def test_arc_mask_bends_the_line_and_turns_the_glyphs() -> None:
         middle = _ink_rows(bent, slice(w // 2 - w // 16, w // 2 + w // 16))
         assert (middle < ends - 10) if middle_higher else (middle > ends + 10)
         assert bent.shape[0] > 2 * flat.shape[0]
+    # Each glyph is turned with the arc: at the right end of an arch the letters lean right
+    # (clockwise), at the right end of a valley left, and the left ends the other way.
+    for degrees, right_leans in ((90, 1), (-90, -1)):
+        pieces = _pieces(np.asarray(arc_mask("I    I    I    I    I", font, degrees)))
+        assert len(pieces) == 5
+        assert np.sign(_lean(pieces[-1])) == right_leans and np.sign(_lean(pieces[0])) == -right_leans
+        assert abs(_lean(pieces[-1])) > 3 and abs(_lean(pieces[2])) < 2  # the middle one stands upright
     with pytest.raises(ValueError, match="360"):
         arc_mask("A", font, 400)
     with pytest.raises(ValueError, match="no ink"):
         arc_mask("   ", font, 30)
 
 
-def test_arc_crops_are_valid_and_deterministic(faces: list[FontFace]) -> None:
+def test_arc_crops_are_valid_and_deterministic(faces: list[FontFace], monkeypatch: pytest.MonkeyPatch) -> None:
+    import model.training.synth as synth
+
+    spans: list[float] = []
+
+    def spy(text: str, font: ImageFont.FreeTypeFont, degrees: float, stroke: int = 0):
+        spans.append(degrees)
+        return arc_mask(text, font, degrees, stroke)
+
+    monkeypatch.setattr(synth, "arc_mask", spy)
     arcs = Renderer(dataclasses.replace(CFG, p_arc=1.0, p_curve=0.0), faces)
-    plain = Renderer(dataclasses.replace(CFG, p_arc=0.0, p_curve=0.0), faces)
     for i in range(12):
         img, label = arcs.render(i)
         _assert_valid(img, label)
         assert np.array_equal(img, arcs.render(i)[0])
-    # The arc changes the crops, not the labels drawn for them.
-    assert [arcs.render(i)[1] for i in range(12)] == [plain.render(i)[1] for i in range(12)]
-    assert sum(not np.array_equal(arcs.render(i)[0], plain.render(i)[0]) for i in range(12)) >= 10
+    # Every crop was set along an arc of 20-120 degrees, arches and valleys both.
+    assert len(spans) >= 24 and all(20 <= abs(d) <= 120 for d in spans) and min(spans) < 0 < max(spans)
+    spans.clear()
+    plain = Renderer(dataclasses.replace(CFG, p_arc=0.0), faces)
+    for i in range(12):
+        plain.render(i)
+    assert spans == []
 
 
 def test_default_font_path(default_font_renderer: Renderer, renderer: Renderer) -> None:

@@ -22,14 +22,21 @@ import torch
 from ..checkpoint import CheckpointError, CheckpointInfo, load_checkpoint, save_checkpoint
 
 
-def average_checkpoints(paths: Sequence[Path], out: Path, name: str = "safl") -> CheckpointInfo:
-    """Write the uniform average of the checkpoints ``paths`` to ``out`` and return its info.
+def average_checkpoints(paths: Sequence[Path], out: Path, name: str | None = None) -> CheckpointInfo:
+    """Write the uniform average of the checkpoints ``paths`` to ``out`` and return its info;
+    ``name`` defaults to the first checkpoint's (e.g. ``safl-small``).
 
-    Raises ``CheckpointError`` for fewer than two inputs, an unreadable input, or inputs
-    whose model configs (architecture, charset, input geometry) differ.
+    Raises ``CheckpointError`` for fewer than two distinct inputs, an input given twice, an
+    ``out`` that is one of the inputs (it would be overwritten before it is read), an
+    unreadable input, or inputs whose model configs (architecture, charset, input geometry) differ.
     """
+    resolved = [Path(p).resolve() for p in paths]
+    if len(set(resolved)) != len(resolved):
+        raise CheckpointError("a checkpoint is given twice; each input counts once in a uniform average")
     if len(paths) < 2:
         raise CheckpointError("averaging needs at least two checkpoints")
+    if Path(out).resolve() in resolved:
+        raise CheckpointError(f"{out} is one of the inputs; write the average elsewhere (and promote it with model.training.ship)")
     model, first = load_checkpoint(paths[0])
     total = {k: v.double() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     sources = [first.model_id]
@@ -41,16 +48,16 @@ def average_checkpoints(paths: Sequence[Path], out: Path, name: str = "safl") ->
             if v.is_floating_point():
                 total[k] += v.double()
         sources.append(info.model_id)
-    state = {k: (v / len(paths)).to(model.state_dict()[k].dtype) if v.is_floating_point() else v for k, v in total.items()}
-    model.load_state_dict(state)
-    return save_checkpoint(model, out, name=name, training={"averaged": sources})
+    dtypes = {k: v.dtype for k, v in model.state_dict().items()}
+    model.load_state_dict({k: (v / len(paths)).to(dtypes[k]) if v.is_floating_point() else v for k, v in total.items()})
+    return save_checkpoint(model, out, name=name or first.name, training={"averaged": sources})
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", type=Path, help="where to write the averaged checkpoint (.safetensors; the .json sidecar goes beside it)")
     p.add_argument("checkpoints", type=Path, nargs="+", help="two or more checkpoints of one architecture")
-    p.add_argument("--name", default="safl", help="model name recorded in the sidecar (default: safl)")
+    p.add_argument("--name", help="model name recorded in the sidecar (default: the first checkpoint's, e.g. safl-small)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     try:

@@ -60,7 +60,7 @@ class SynthConfig:
     p_rotate: float = 0.35
     p_perspective: float = 0.25
     p_curve: float = 0.12  # vertical strips shifted along a parabola (glyphs stay upright)
-    p_arc: float = 0.1  # glyphs set along a circular arc and turned with it (arc_mask), as on round signs
+    p_arc: float = 0.1  # of the crops not bent by p_curve (so 8.8 % of all): glyphs set along a circular arc and turned with it (arc_mask)
     p_blur: float = 0.3
     p_lowres: float = 0.2
     p_noise: float = 0.3
@@ -246,7 +246,8 @@ class Renderer:
         amp = int(th * rng.uniform(0.15, 0.6)) if curve else 0
         # An arch twice as often as a valley, spanning 20-120 degrees of the circle.
         arc = 0.0 if curve or rng.random() >= c.p_arc else rng.choice((1, 1, -1)) * rng.uniform(20, 120)
-        arc_ink = arc_mask(text, font, arc) if arc else None  # plain glyphs: no outline, no letter spacing
+        # Arc crops are plain: no outline (stroke is ignored below), no letter spacing, no underline.
+        arc_ink = arc_mask(text, font, arc) if arc else None
         if arc_ink is not None:
             w, h = arc_ink.width + ml + mr, arc_ink.height + mt + mb
         else:
