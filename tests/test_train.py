@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 from conftest import random_words, render_word, write_shards
 
 from model import load_checkpoint
+from model.checkpoint import read_info
 from model.training.cli import main as cli_main
 from model.training.data import ArrayDataset
 from model.training.train import BatchSampler, TrainConfig, Trainer, lr_factor
@@ -141,6 +143,24 @@ def test_a_best_score_measured_under_other_views_starts_again(tmp_path: Path, sh
     capsys.readouterr()
     assert Trainer(_cfg(tmp_path / "run", shards), resume=True).best == -1.0
     assert "measured with other views" in capsys.readouterr().out
+
+
+def test_checkpoints_record_the_data_and_a_resume_on_other_data_says_so(tmp_path: Path, shards: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rendered = tmp_path / "rendered"
+    shutil.copytree(shards, rendered)
+    (rendered / "meta.json").write_text(json.dumps({"renderer_version": 3, "seed": 9, "count": 48, "height": 32, "width": 128, "channels": 1}))
+    first = Trainer(_cfg(tmp_path / "run", rendered, stop_at_step=2, real_ratio=0.0))
+    first.run()
+    data = read_info(tmp_path / "run" / "last.safetensors").training["data"]
+    assert data == {"synthetic": [{"path": str(rendered), "renderer_version": 3, "seed": 9, "count": 48}], "real": [], "real_ratio": 0.0}
+    capsys.readouterr()
+    Trainer(_cfg(tmp_path / "run", rendered, real_ratio=0.0), resume=True)
+    assert "continues on" not in capsys.readouterr().out  # the same data: nothing to say
+    # The folder re-rendered by another renderer version: every crop differs from what the run began on.
+    (rendered / "meta.json").write_text(json.dumps({"renderer_version": 2, "seed": 9, "count": 48, "height": 32, "width": 128, "channels": 1}))
+    resumed = Trainer(_cfg(tmp_path / "run", rendered, real_ratio=0.0), resume=True)
+    assert "--resume: the run started on" in capsys.readouterr().out
+    assert resumed.training_meta()["data"]["synthetic"][0]["renderer_version"] == 2
 
 
 def test_a_state_saved_before_the_fused_optimiser_resumes_on_it(tmp_path: Path, shards: Path) -> None:

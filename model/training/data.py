@@ -202,6 +202,13 @@ def load_lmdb(path: str | Path, cfg: PreprocessConfig, limit: int | None = None,
     return _from_views(Path(path).name, images, labels, cfg, keys, str(path))
 
 
+def shard_meta(path: str | Path) -> dict | None:
+    """The ``meta.json`` that ``safl synth`` wrote into a shard folder (renderer version, seed,
+    count, geometry, charset, text mix), or ``None`` when the folder has none."""
+    meta = Path(path) / "meta.json"
+    return json.loads(meta.read_text()) if meta.is_file() else None
+
+
 def load_any(path: str | Path, cfg: PreprocessConfig, view_cfg: ViewConfig | None = None) -> ArrayDataset:
     """Shards, LMDB or ``labels.tsv`` folder, whichever ``path`` holds; ``view_cfg`` as in
     ``load_folder`` (shards hold resized crops only: no further views)."""
@@ -209,9 +216,8 @@ def load_any(path: str | Path, cfg: PreprocessConfig, view_cfg: ViewConfig | Non
     if (p / "labels.tsv").is_file():
         return load_folder(p, cfg, view_cfg=view_cfg)
     if any(p.glob("shard-*.npy")):
-        meta = p / "meta.json"
-        if meta.is_file():
-            m = json.loads(meta.read_text())
+        m = shard_meta(p)
+        if m is not None:
             if (m.get("height"), m.get("width"), m.get("channels")) != (cfg.height, cfg.width, cfg.channels):
                 raise ValueError(
                     f"{p} was rendered at {m.get('height')}x{m.get('width')}x{m.get('channels')}, the model takes {cfg.height}x{cfg.width}x{cfg.channels}"

@@ -42,7 +42,7 @@ from ..loss import sequence_loss
 from ..preprocess import ViewConfig, to_tensor
 from ..safl import SAFL, SAFLConfig
 from .config import RUNTIME_FIELDS, TrainConfig
-from .data import ArrayDataset, augment, degrade, load_any, load_folder_part
+from .data import ArrayDataset, augment, degrade, load_any, load_folder_part, shard_meta
 from .distributed import Ranks, derived_seed, stream_seed
 from .evaluate import evaluate
 from .stream import RenderStream
@@ -171,6 +171,13 @@ class _Window:
         self.data += other.data
         self.total += other.total
         self.n += other.n
+
+
+def _synth_source(path: Path) -> dict[str, Any]:
+    """A synthetic folder as a checkpoint records it: its path and, for ``safl synth`` shards,
+    the renderer version, seed and crop count their ``meta.json`` gives."""
+    meta = shard_meta(path) or {}
+    return {"path": str(path), **{k: meta[k] for k in ("renderer_version", "seed", "count") if k in meta}}
 
 
 @dataclass
@@ -316,7 +323,7 @@ class Trainer:
     def _build_data(self, cfg: TrainConfig) -> None:
         pcfg = self.model_cfg.preprocess
         if cfg.stream_workers > 0:
-            from .synth import SynthConfig
+            from .synth import RENDERER_VERSION, SynthConfig
 
             seed = stream_seed(cfg.stream_seed, self.dist.rank)  # each rank renders crops of its own
             scfg = SynthConfig(
@@ -324,10 +331,14 @@ class Trainer:
             )
             synth: ArrayDataset | RenderStream = RenderStream(scfg, cfg.stream_workers)
             n_synth: int | str = "streamed"
+            synth_sources: list[dict[str, Any]] = [{"stream": True, "renderer_version": RENDERER_VERSION, "seed": cfg.stream_seed}]
         else:
             synth_sets = [load_any(p, pcfg).filtered(self.charset, self.model_cfg.max_len) for p in cfg.synth]
             synth = _concat(synth_sets, "synth", pcfg)
             n_synth = len(synth)
+            synth_sources = [_synth_source(p) for p in cfg.synth]
+        # Recorded in every checkpoint and the resumable state: which data trained the weights.
+        self.data_sources = {"synthetic": synth_sources, "real": [str(p) for p in cfg.real], "real_ratio": cfg.real_ratio}
         real_sets = []
         for p in cfg.real:
             part = load_folder_part(p, pcfg, "train", cfg.split, view_cfg=None)
@@ -354,6 +365,7 @@ class Trainer:
             "train_seconds": self.train_seconds,
             "best": self.best,
             "val_views": asdict(VAL_VIEWS),
+            "data": self.data_sources,
             "rng_data": self.gen.get_state(),
             "rng_torch": torch.get_rng_state(),
         }
@@ -376,6 +388,10 @@ class Trainer:
             if self.dist.is_main:
                 print(f"--resume: validation now reads {VAL_VIEWS}; the best score so far was measured with other views and starts again", flush=True)
             self.best = -1.0
+        if state.get("data", self.data_sources) != self.data_sources and self.dist.is_main:
+            # Not refused: a moved folder is the same data. A re-rendered or re-streamed one is not
+            # (a renderer version bump changes every crop), and the checkpoint's record says so.
+            print(f"--resume: the run started on {state['data']}; it continues on {self.data_sources}", flush=True)
         self.gen.set_state(state["rng_data"].cpu())  # map_location moved it to the device
         torch.set_rng_state(state["rng_torch"].cpu())
 
@@ -398,6 +414,7 @@ class Trainer:
             "loss": self.cfg.loss,
             "gamma": self.cfg.gamma if self.cfg.loss == "focal" else 0.0,
             "run": self.out.name,
+            "data": self.data_sources,
         }
         if self.dist.enabled:
             meta["world_size"] = self.dist.world_size  # train_hours is wall time: device hours are this many times it
