@@ -157,35 +157,44 @@ def run_engines(folders: list[Folder], names: list[str], weights: Path, threads:
     return peers, run_benchmark(folders, peers, progress=progress), skipped
 
 
+def engine_table(report: dict, per: str, conditions: list[str], headers: list[str]) -> list[str]:
+    """A markdown table, one row per engine of ``report``: its accuracy under each condition
+    (``report["engines"][name][per][condition]``, columns titled ``headers``), each length
+    bucket, and overall, in %."""
+    buckets = [f"{lo}-{hi}" for lo, hi in BUCKETS]
+    lines = ["| engine | " + " | ".join(headers) + " | " + " | ".join(f"{b} chars" for b in buckets) + " | overall |"]
+    lines.append("|---|" + "---:|" * (len(conditions) + len(buckets) + 1))
+    for name, r in report["engines"].items():
+        cells = [f"{100 * r[per][c]:.1f}" for c in conditions] + [f"{100 * r['per_length'][b]:.1f}" for b in buckets]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | **{100 * r['overall']:.1f}** |")
+    return lines
+
+
+def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    """The flags both text benchmarks take: the checkpoint, the engines, how many texts, the seed, threads and output."""
+    p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="safl checkpoint (default: the shipped weights)")
+    p.add_argument("--peers", nargs="+", default=["safl", "rapidocr", "rapidocr3"], choices=["safl", "rapidocr", "rapidocr3"])
+    p.add_argument("--per-bucket", type=int, default=50, help="texts per length bucket (default: 50)")
+    p.add_argument("--seed", type=int, default=SEED)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", type=Path, help="write the report here")
+    p.add_argument("--no-progress", action="store_true")
+
+
 def to_markdown(report: dict) -> str:
     margins = list(next(iter(report["engines"].values()))["per_margin"])
-    buckets = [f"{lo}-{hi}" for lo, hi in BUCKETS]
-    head = "| engine | " + " | ".join(f"margin {float(m) * 100:g} %" for m in margins) + " | " + " | ".join(f"{b} chars" for b in buckets) + " | overall |"
-    lines = [
-        f"Clean text, held-out fonts ({report['texts']} texts x {len(margins)} margins, exact case-sensitive accuracy)",
-        "",
-        head,
-        "|---|" + "---:|" * (len(margins) + len(buckets) + 1),
-    ]
-    for name, r in report["engines"].items():
-        cells = [f"{100 * r['per_margin'][m]:.1f}" for m in margins] + [f"{100 * r['per_length'][b]:.1f}" for b in buckets]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | **{100 * r['overall']:.1f}** |")
+    lines = [f"Clean text, held-out fonts ({report['texts']} texts x {len(margins)} margins, exact case-sensitive accuracy)", ""]
+    lines += engine_table(report, "per_margin", margins, [f"margin {float(m) * 100:g} %" for m in margins])
     lines.append("")
     lines.append(f"Targets: >= {100 * TARGET_PER_MARGIN:g} % at every margin, >= {100 * TARGET_LONG:g} % for 13-25 characters.")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="safl checkpoint (default: the shipped weights)")
-    p.add_argument("--peers", nargs="+", default=["safl", "rapidocr", "rapidocr3"], choices=["safl", "rapidocr", "rapidocr3"])
-    p.add_argument("--per-bucket", type=int, default=50, help="texts per length bucket (default: 50)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].rstrip(":"), formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_engine_flags(p)
     p.add_argument("--margins", type=float, nargs="+", default=list(MARGINS), help="margins, as fractions of the ink height")
-    p.add_argument("--seed", type=int, default=SEED)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--json", type=Path, help="write the report here")
     p.add_argument("--predictions", type=Path, help="write every crop's label and readings here (TSV)")
-    p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.per_bucket < 1:
         p.error("--per-bucket must be at least 1")

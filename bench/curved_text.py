@@ -34,8 +34,8 @@ from PIL import Image, ImageFont
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.clean_text import BUCKETS, SEED, Sample, accuracy, draw_texts, run_engines  # noqa: E402
-from bench.peers import DEFAULT_WEIGHTS, Folder  # noqa: E402
+from bench.clean_text import BUCKETS, Sample, accuracy, add_engine_flags, draw_texts, engine_table, run_engines  # noqa: E402
+from bench.peers import Folder  # noqa: E402
 from model.training.synth import arc_mask  # noqa: E402
 
 ARCS = (0.0, 30.0, 60.0, 90.0, 120.0)
@@ -88,33 +88,18 @@ def draw_examples(samples: list[Sample], arcs: list[float], out: Path, rows: int
 
 def to_markdown(report: dict) -> str:
     arcs = report["arcs"]
-    buckets = [f"{lo}-{hi}" for lo, hi in BUCKETS]
-    head = "| engine | " + " | ".join(f"arc {a:g}°" for a in arcs) + " | " + " | ".join(f"{b} chars" for b in buckets) + " | overall |"
-    lines = [
-        f"Curved text, held-out fonts ({report['texts']} texts x {len(arcs)} arcs, exact case-sensitive accuracy)",
-        "",
-        head,
-        "|---|" + "---:|" * (len(arcs) + len(buckets) + 1),
-    ]
-    for name, r in report["engines"].items():
-        cells = [f"{100 * r['per_arc'][f'{a:g}']:.1f}" for a in arcs] + [f"{100 * r['per_length'][b]:.1f}" for b in buckets]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | **{100 * r['overall']:.1f}** |")
+    lines = [f"Curved text, held-out fonts ({report['texts']} texts x {len(arcs)} arcs, exact case-sensitive accuracy)", ""]
+    lines += engine_table(report, "per_arc", [f"{a:g}" for a in arcs], [f"arc {a:g}°" for a in arcs])
     lines.append("")
     lines.append("Bar: at every arc, at least the best RapidOCR package's accuracy in the same run.")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="safl checkpoint (default: the shipped weights)")
-    p.add_argument("--peers", nargs="+", default=["safl", "rapidocr", "rapidocr3"], choices=["safl", "rapidocr", "rapidocr3"])
-    p.add_argument("--per-bucket", type=int, default=50, help="texts per length bucket (default: 50)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].rstrip(":"), formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_engine_flags(p)
     p.add_argument("--arcs", type=float, nargs="+", default=list(ARCS), help="arc spans in degrees, 0-360 (default: 0 30 60 90 120)")
-    p.add_argument("--seed", type=int, default=SEED)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--json", type=Path, help="write the report here")
     p.add_argument("--png", type=Path, help="also draw one text of each length bucket at every arc here (e.g. docs/curved_text.png)")
-    p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.per_bucket < 1:
         p.error("--per-bucket must be at least 1")
