@@ -28,7 +28,7 @@ from model.training.cli import main as cli_main
 from model.training.data import augment
 from model.training.fonts import FontFace, discover_fonts
 from model.training.stream import RenderStream
-from model.training.synth import Renderer, SynthConfig
+from model.training.synth import RENDERER_VERSION, Renderer, SynthConfig
 from model.training.train import TrainConfig, Trainer, train, train_lockstep
 
 CFG = SynthConfig(seed=0)
@@ -191,6 +191,8 @@ def test_lockstep_twins_share_every_batch(tmp_path: Path, shards: Path) -> None:
         assert (t.out / "state.pt").is_file() and (t.out / "last.safetensors").is_file()
         assert [r["step"] for r in _log(t.out)] == [2, 4, 6, 8]
     assert json.loads((ce.out / "config.json").read_text())["loss"] == "ce"
+    # Both checkpoints name the data they shared.
+    assert json.loads((ce.out / "last.json").read_text())["training"]["data"] == json.loads((focal.out / "last.json").read_text())["training"]["data"]
     assert [r["loss"] for r in _log(focal.out)] != [r["loss"] for r in _log(ce.out)]
     assert not torch.equal(focal.model.decoder.head.weight, ce.model.decoder.head.weight)
 
@@ -248,6 +250,8 @@ def test_stream_training_resumes_at_the_stream_position(tmp_path: Path, renderer
     assert t.sampler.synth.cfg.seed == cfg.stream_seed == 1
     assert t.sampler.synth.position == 3 * b
     assert [r["step"] for r in _log(cfg.out)] == [1, 2, 3]
+    data = json.loads((Path(cfg.out) / "last.json").read_text())["training"]["data"]
+    assert data["synthetic"] == [{"stream": True, "renderer_version": RENDERER_VERSION, "seed": 1}]
     # A twin that cannot join (no state: step 0) is refused, and the render workers stop.
     before = set(mp.active_children())
     with pytest.raises(ValueError, match="same step"):

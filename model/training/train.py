@@ -282,7 +282,7 @@ class Trainer:
         if share_data_with is not None:
             # A lockstep twin: the same batches, augmentation draws and validation sets.
             self.val_sets, self.gen, self.sampler = share_data_with.val_sets, share_data_with.gen, share_data_with.sampler
-            self.n_train = share_data_with.n_train
+            self.n_train, self.data_sources = share_data_with.n_train, share_data_with.data_sources
         else:
             self._build_data(cfg)  # before the model touches the GPU: render workers are forked
         self.dist.start(self.device, cfg.ddp_timeout)  # after the fork, too
