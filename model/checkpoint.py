@@ -108,8 +108,10 @@ def save_checkpoint(model: SAFL, path: str | os.PathLike[str], name: str = "safl
     weights.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     # The config (charset included) also goes into the weights file's own header, which the
-    # sha256 covers: a sidecar edited after the fact is caught on load.
-    header = {"format": FORMAT, "config": json.dumps(model.config.to_dict(), sort_keys=True)}
+    # sha256 covers: a sidecar edited after the fact is caught on load. One key only: safetensors
+    # writes its metadata map in hash order, so two keys made the same model's sha256 (its id)
+    # differ from one save to the next.
+    header = {"config": json.dumps(model.config.to_dict(), sort_keys=True)}
     _atomic_write(weights, lambda tmp: save_file(state, tmp, metadata=header))
     sha = file_sha256(weights)
     meta = {
