@@ -44,3 +44,18 @@ def test_grow_refuses_to_shrink() -> None:
     model = SAFL(SAFLConfig.from_preset("tiny"))
     with pytest.raises(ValueError, match="only adds"):
         grow(model, enc_layers=0, dec_layers=1, ffn_mult=2)
+    with pytest.raises(ValueError, match="only adds"):
+        grow(SAFL(SAFLConfig.from_preset("tiny", grid_h=2)), enc_layers=1, dec_layers=1, ffn_mult=2, grid_h=1)
+    with pytest.raises(ValueError, match="must divide"):
+        grow(model, enc_layers=1, dec_layers=1, ffn_mult=2, grid_h=3)
+
+
+def test_more_grid_rows_keep_every_weight_and_double_the_tokens() -> None:
+    small = _trained_looking(SAFLConfig.from_preset("tiny", grid_h=2))
+    tall = grow(small, enc_layers=1, dec_layers=1, ffn_mult=2, grid_h=4)
+    assert tall.config.grid_h == 4
+    src = small.state_dict()
+    assert all(torch.equal(v, src[k]) for k, v in tall.state_dict().items())
+    images = torch.rand(2, 1, 32, 128) * 2 - 1
+    with torch.no_grad():
+        assert tall.encoder(images).shape[1] == 2 * small.encoder(images).shape[1] == 4 * 32

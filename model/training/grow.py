@@ -9,6 +9,11 @@ stream and learns from there.
 
     python -m model.training.grow weights/safl.safetensors runs/grown/init.safetensors \
         --enc-layers 4 --dec-layers 3 --ffn-mult 4
+
+``--grid-h`` also gives the encoder more token-grid rows (SATRN's 2D feature map, section 3.1:
+curved lines need more than one row of tokens to follow). The stem's height pool then keeps
+more rows; no parameter changes shape, so every weight carries over, but the function does
+change: the encoder sees twice the tokens, and the model has to be trained on from there.
 """
 
 from __future__ import annotations
@@ -26,15 +31,24 @@ from ..safl import SAFL
 _RESIDUAL_OUTPUTS = ("attn.out_proj.", "ffn.net.3.")
 
 
-def grow(model: SAFL, enc_layers: int, dec_layers: int, ffn_mult: int) -> SAFL:
-    """A model with at least as many layers and as wide FFNs as ``model``, with the same outputs."""
+def grow(model: SAFL, enc_layers: int, dec_layers: int, ffn_mult: int, grid_h: int | None = None) -> SAFL:
+    """A model with at least as many layers and as wide FFNs as ``model``, with the same outputs;
+    with ``grid_h`` (token-grid rows, at least the model's own) the same weights on a taller
+    token grid, whose outputs differ until it is trained.
+
+    Raises ``ValueError`` for a smaller model, a locality-aware FFN, or a ``grid_h`` that does
+    not divide the stem's feature-map height (``height / 4``: 1, 2, 4 or 8 for 32-pixel crops).
+    """
     old = model.config
-    if enc_layers < old.enc_layers or dec_layers < old.dec_layers or ffn_mult < old.ffn_mult:
-        raise ValueError("grow only adds: layers and ffn_mult must be at least the model's own")
+    grid_h = old.grid_h if grid_h is None else grid_h
+    if enc_layers < old.enc_layers or dec_layers < old.dec_layers or ffn_mult < old.ffn_mult or grid_h < old.grid_h:
+        raise ValueError("grow only adds: layers, ffn_mult and grid_h must be at least the model's own")
     if old.locality_ffn:
         raise ValueError("growing a locality-aware FFN (convolutional) is not supported")
     grown = old.preset if old.preset.endswith("-grown") else f"{old.preset}-grown"
-    cfg = replace(old, preset=grown, enc_layers=enc_layers, dec_layers=dec_layers, ffn_mult=ffn_mult)
+    if (old.height // 4) % grid_h:
+        raise ValueError(f"grid_h {grid_h} must divide the stem's feature-map height {old.height // 4}")
+    cfg = replace(old, preset=grown, enc_layers=enc_layers, dec_layers=dec_layers, ffn_mult=ffn_mult, grid_h=grid_h)
     big = SAFL(cfg)
     src = model.state_dict()
     with torch.no_grad():
@@ -64,9 +78,10 @@ def main() -> None:
     p.add_argument("--enc-layers", type=int, required=True)
     p.add_argument("--dec-layers", type=int, required=True)
     p.add_argument("--ffn-mult", type=int, required=True)
+    p.add_argument("--grid-h", type=int, help="token-grid rows (default: the model's own)")
     args = p.parse_args()
     model, info = load_checkpoint(args.src)
-    big = grow(model, args.enc_layers, args.dec_layers, args.ffn_mult)
+    big = grow(model, args.enc_layers, args.dec_layers, args.ffn_mult, args.grid_h)
     training = dict(info.training or {}, grown_from=info.model_id)
     out = save_checkpoint(big, args.dst, name=f"safl-{big.config.preset}", training=training)
     print(f"{info.model_id} ({model.num_parameters() / 1e6:.2f} M params) → {out.model_id} ({big.num_parameters() / 1e6:.2f} M params): {args.dst}")
