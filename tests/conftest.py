@@ -16,6 +16,19 @@ from model import SAFL, SAFLConfig, save_checkpoint
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session")
+def any_faces() -> list:
+    """Every installed font face that draws the default charset, of any family (CI: DejaVu
+    only; the text benchmarks themselves ask for held-out families); skips without fonts."""
+    from model.charset import DEFAULT_CHARS
+    from model.training.fonts import discover_fonts
+
+    found = discover_fonts(DEFAULT_CHARS, families="all")
+    if not found:
+        pytest.skip("no fonts installed")
+    return found
+
+
 def render_word(text: str, size: tuple[int, int] = (128, 32), mode: str = "L") -> Image.Image:
     """A plain black-on-white word image drawn with Pillow's built-in font."""
     img = Image.new("L", size, 255)

@@ -13,21 +13,12 @@ from bench_support import load_bench
 from PIL import Image
 
 from model.charset import DEFAULT_CHARS
-from model.training.fonts import HELD_OUT_FAMILIES, FontFace, discover_fonts
+from model.training.fonts import HELD_OUT_FAMILIES, discover_fonts
 
 
 @pytest.fixture(scope="module")
 def clean_text():
     return load_bench("clean_text")
-
-
-@pytest.fixture(scope="module")
-def faces() -> list[FontFace]:
-    # Whatever this machine has (CI: DejaVu only); the benchmark itself asks for held-out ones.
-    found = discover_fonts(DEFAULT_CHARS, families="all")
-    if not found:
-        pytest.skip("no fonts installed")
-    return found
 
 
 def test_training_never_sees_the_held_out_families(tmp_path: Path) -> None:
@@ -44,10 +35,10 @@ def test_training_never_sees_the_held_out_families(tmp_path: Path) -> None:
         discover_fonts(DEFAULT_CHARS, cache=cache, families="some")
 
 
-def test_texts_fill_every_length_bucket_deterministically(clean_text, faces) -> None:
-    samples = clean_text.draw_texts(4, seed=1, faces=faces)
-    assert samples == clean_text.draw_texts(4, seed=1, faces=faces)
-    assert samples != clean_text.draw_texts(4, seed=2, faces=faces)
+def test_texts_fill_every_length_bucket_deterministically(clean_text, any_faces) -> None:
+    samples = clean_text.draw_texts(4, seed=1, faces=any_faces)
+    assert samples == clean_text.draw_texts(4, seed=1, faces=any_faces)
+    assert samples != clean_text.draw_texts(4, seed=2, faces=any_faces)
     by_bucket = {}
     for s in samples:
         by_bucket.setdefault(s.bucket, []).append(s)
@@ -56,8 +47,8 @@ def test_texts_fill_every_length_bucket_deterministically(clean_text, faces) -> 
     assert [s.inverted for s in samples[:4]] == [False, True, False, True]
 
 
-def test_crops_are_cut_at_the_ink_plus_the_margin(clean_text, faces) -> None:
-    sample = clean_text.Sample("Station", faces[0].path, inverted=False)
+def test_crops_are_cut_at_the_ink_plus_the_margin(clean_text, any_faces) -> None:
+    sample = clean_text.Sample("Station", any_faces[0].path, inverted=False)
     tight = np.asarray(Image.open(io.BytesIO(clean_text.render(sample, 0.0))))
     loose = np.asarray(Image.open(io.BytesIO(clean_text.render(sample, 0.4))))
     # Tight: ink touches every border. Loose: a band of background 40 % of the ink height.
@@ -65,7 +56,7 @@ def test_crops_are_cut_at_the_ink_plus_the_margin(clean_text, faces) -> None:
     m = round(0.4 * tight.shape[0])
     assert loose.shape == (tight.shape[0] + 2 * m, tight.shape[1] + 2 * m)
     assert loose[:m].min() == 255 and loose[:, :m].min() == 255 and loose[-m:].min() == 255
-    inverted = np.asarray(Image.open(io.BytesIO(clean_text.render(clean_text.Sample("Station", faces[0].path, True), 0.4))))
+    inverted = np.asarray(Image.open(io.BytesIO(clean_text.render(clean_text.Sample("Station", any_faces[0].path, True), 0.4))))
     assert inverted[:m].max() == 0
 
 
@@ -77,8 +68,8 @@ def test_score_counts_exact_case_sensitive_readings(clean_text) -> None:
     assert r["overall"] == pytest.approx(4 / 6) and r["targets_met"] is False
 
 
-def test_a_run_with_the_tiny_model(clean_text, faces, tiny_checkpoint: Path, tmp_path: Path, monkeypatch, capsys) -> None:
-    monkeypatch.setattr(clean_text, "discover_fonts", lambda charset, families="train": faces)
+def test_a_run_with_the_tiny_model(clean_text, any_faces, tiny_checkpoint: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(clean_text, "discover_fonts", lambda charset, families="train": any_faces)
     out = tmp_path / "clean.json"
     rc = clean_text.main(
         [

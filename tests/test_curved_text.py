@@ -11,25 +11,14 @@ import pytest
 from bench_support import load_bench
 from PIL import Image
 
-from model.charset import DEFAULT_CHARS
-from model.training.fonts import FontFace, discover_fonts
-
 
 @pytest.fixture(scope="module")
 def curved_text():
     return load_bench("curved_text")
 
 
-@pytest.fixture(scope="module")
-def faces() -> list[FontFace]:
-    found = discover_fonts(DEFAULT_CHARS, families="all")
-    if not found:
-        pytest.skip("no fonts installed")
-    return found
-
-
-def test_crops_bend_as_asked_with_the_margin_all_round(curved_text, faces) -> None:
-    sample = curved_text.Sample("Roundabout", faces[0].path, inverted=False)
+def test_crops_bend_as_asked_with_the_margin_all_round(curved_text, any_faces) -> None:
+    sample = curved_text.Sample("Roundabout", any_faces[0].path, inverted=False)
     straight = np.asarray(Image.open(io.BytesIO(curved_text.render(sample, 0.0, arch=True))))
     arch = np.asarray(Image.open(io.BytesIO(curved_text.render(sample, 90.0, arch=True))))
     valley = np.asarray(Image.open(io.BytesIO(curved_text.render(sample, 90.0, arch=False))))
@@ -41,14 +30,14 @@ def test_crops_bend_as_asked_with_the_margin_all_round(curved_text, faces) -> No
     # Ink in the middle columns: near the top for an arch, near the bottom for a valley.
     mid = slice(arch.shape[1] // 2 - 4, arch.shape[1] // 2 + 4)
     assert np.nonzero(arch[:, mid] < 128)[0].mean() < arch.shape[0] / 2 < np.nonzero(valley[:, mid] < 128)[0].mean()
-    inverted = np.asarray(Image.open(io.BytesIO(curved_text.render(curved_text.Sample("Roundabout", faces[0].path, True), 30.0, arch=True))))
+    inverted = np.asarray(Image.open(io.BytesIO(curved_text.render(curved_text.Sample("Roundabout", any_faces[0].path, True), 30.0, arch=True))))
     assert inverted[:m].max() == 0
     assert [curved_text.is_arch(i) for i in range(6)] == [True, True, False, False, True, True]
 
 
-def test_a_run_with_the_tiny_model(curved_text, faces, tiny_checkpoint: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+def test_a_run_with_the_tiny_model(curved_text, any_faces, tiny_checkpoint: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     draw = curved_text.draw_texts  # the held-out families may be missing here (CI: DejaVu only)
-    monkeypatch.setattr(curved_text, "draw_texts", lambda per_bucket, seed: draw(per_bucket, seed, faces=faces))
+    monkeypatch.setattr(curved_text, "draw_texts", lambda per_bucket, seed: draw(per_bucket, seed, faces=any_faces))
     out = tmp_path / "curved.json"
     rc = curved_text.main(
         [
@@ -84,9 +73,9 @@ def test_arcs_out_of_range_are_a_usage_error(curved_text, capsys) -> None:
     assert exc.value.code == 2 and "0-360" in capsys.readouterr().err
 
 
-def test_no_engine_that_loads_is_exit_2(curved_text, faces, tmp_path: Path, monkeypatch, capsys) -> None:
+def test_no_engine_that_loads_is_exit_2(curved_text, any_faces, tmp_path: Path, monkeypatch, capsys) -> None:
     draw = curved_text.draw_texts
-    monkeypatch.setattr(curved_text, "draw_texts", lambda per_bucket, seed: draw(per_bucket, seed, faces=faces))
+    monkeypatch.setattr(curved_text, "draw_texts", lambda per_bucket, seed: draw(per_bucket, seed, faces=any_faces))
     rc = curved_text.main(["--weights", str(tmp_path / "missing.safetensors"), "--peers", "safl", "--per-bucket", "1", "--no-progress"])
     assert rc == 2
     err = capsys.readouterr().err
