@@ -1,7 +1,9 @@
 """Plots and tables of the training campaign (``docs/``): training curves, focal vs
-cross entropy, and the label-frequency skew that motivates the focal loss.
+cross entropy, the label-frequency skew that motivates the focal loss, and the pooled
+validation of continuations from one checkpoint (whether more CPU training still moves it).
 
     python -m model.training.plots --runs runs/small-focal-s0 runs/small-ce-s0 --synth data/synth --out docs
+    python -m model.training.plots --plateau runs/r7-long runs/r9-arcs --line "shipped=78.36" --out docs
 """
 
 from __future__ import annotations
@@ -133,6 +135,40 @@ def plot_continuations(runs: list[Path], metrics: Path, out: Path, since_step: d
     return _save(fig, out)
 
 
+def pooled_curve(run: Path) -> list[tuple[int, float]]:
+    """(images trained, pooled validation accuracy in %) at each validation of a run, step 0
+    (the ``--init`` weights' own validation) included: crops read right over all crops of
+    every set, 36-char, the figure ``model.training.ship`` compares."""
+    _, val = read_log(run)
+    curve = []
+    for rec in val:
+        sets = [v for v in rec["val"].values() if isinstance(v, dict)]
+        right = sum(round(v["acc36"] * v["n"]) for v in sets)
+        curve.append((int(rec["images"]), 100 * right / sum(v["n"] for v in sets)))
+    return curve
+
+
+def plot_plateau(runs: list[Path], out: Path, lines: dict[str, float] | None = None) -> Path:
+    """Pooled validation accuracy of runs continued from a checkpoint against the images each
+    trained (``pooled_curve``), with reference models as horizontal lines (``lines``: label →
+    pooled %): whether more CPU training moves the model or each run returns to where it began."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for run in runs:
+        curve = pooled_curve(run)
+        if curve:
+            ax.plot([i / 1e3 for i, _ in curve], [a for _, a in curve], "o-", lw=1.5, label=run.name)
+    for k, (label, value) in enumerate((lines or {}).items()):
+        ax.axhline(value, color=f"C{len(runs) + k}", ls="--", lw=1, label=f"{label}: {value:.2f} %")
+    ax.set(
+        xlabel="images trained since the run's start (thousands)",
+        ylabel="pooled word accuracy, 36-char (%)",
+        title="Continuations on CPU (validation part, default views; step 0 = the start checkpoint)",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out)
+
+
 def focal_vs_ce_table(focal: Path, ce: Path) -> str:
     """Markdown table of validation accuracy at every step both runs were validated."""
     _, vf = read_log(focal)
@@ -203,13 +239,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--continuations", type=Path, nargs="*", default=[], help="runs continued from the shipped checkpoint: docs/cpu_continuations.png")
     p.add_argument("--metrics", type=Path, default=Path("weights/metrics.json"), help="the shipped model's validation (the line to beat)")
     p.add_argument("--since", nargs="*", default=[], metavar="RUN=STEP", help="drop a continuation's validations before STEP")
+    p.add_argument("--plateau", type=Path, nargs="*", default=[], help="runs whose pooled validation to plot from step 0: docs/continuation_plateau.png")
+    p.add_argument("--line", nargs="*", default=[], metavar="LABEL=PERCENT", help="with --plateau: a reference model's pooled validation accuracy")
     args = p.parse_args(argv)
-    if not args.runs and not args.continuations:
-        p.error("give --runs and/or --continuations")
+    if not args.runs and not args.continuations and not args.plateau:
+        p.error("give --runs, --continuations and/or --plateau")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.continuations:
         since = {k: int(v) for k, v in (item.split("=", 1) for item in args.since)}
         print(plot_continuations(args.continuations, args.metrics, args.out / "cpu_continuations.png", since))
+    if args.plateau:
+        try:
+            lines = {k: float(v) for k, v in (item.rsplit("=", 1) for item in args.line)}
+        except ValueError:
+            p.error("--line takes LABEL=PERCENT, e.g. 'shipped 112a46b67e37=78.36'")
+        print(plot_plateau(args.plateau, args.out / "continuation_plateau.png", lines))
     if not args.runs:
         return 0
     print(plot_curves(args.runs[:1], args.out / "training_curves.png"))
