@@ -249,8 +249,7 @@ class Predictor:
         output as an image at the model's input size (``SAFL.rectify``). For debugging a
         misreading; runs outside the batcher."""
         batch = collate(list(crops)).to(self.device)
-        with torch.inference_mode():  # no autograd graph over the weights for a debug picture
-            pixels = to_pixels(self.model.rectify(batch))
+        pixels = to_pixels(self.model.rectify(batch))
         return [Image.fromarray(p) for p in pixels]
 
     def warmup(self, max_batch_size: int) -> list[int]:

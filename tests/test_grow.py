@@ -7,7 +7,7 @@ import torch
 
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.safl import SAFL, SAFLConfig
-from model.training.grow import grow
+from model.training.grow import grow, main
 
 
 def _trained_looking(cfg: SAFLConfig) -> SAFL:
@@ -59,3 +59,14 @@ def test_more_grid_rows_keep_every_weight_and_double_the_tokens() -> None:
     images = torch.rand(2, 1, 32, 128) * 2 - 1
     with torch.no_grad():
         assert tall.encoder(images).shape[1] == 2 * small.encoder(images).shape[1] == 4 * 32
+
+
+def test_the_command_line_grows_the_grid_alone_and_refuses_bad_rows(tmp_path, capsys) -> None:
+    src = save_checkpoint(_trained_looking(SAFLConfig.from_preset("tiny")), tmp_path / "src.safetensors", name="safl-tiny").weights_path
+    main([str(src), str(tmp_path / "tall.safetensors"), "--grid-h", "2"])
+    tall, info = load_checkpoint(tmp_path / "tall.safetensors")
+    assert info.config.grid_h == 2 and info.config.enc_layers == 1 and info.training["grown_from"].startswith("safl-tiny@")
+    with pytest.raises(SystemExit) as exc:
+        main([str(src), str(tmp_path / "bad.safetensors"), "--grid-h", "3"])
+    assert exc.value.code == 2 and "must divide" in capsys.readouterr().err
+    assert not (tmp_path / "bad.safetensors").exists()

@@ -9,11 +9,12 @@ stream and learns from there.
 
     python -m model.training.grow weights/safl.safetensors runs/grown/init.safetensors \
         --enc-layers 4 --dec-layers 3 --ffn-mult 4
+    python -m model.training.grow weights/safl.safetensors runs/g4-init.safetensors --grid-h 4
 
 ``--grid-h`` also gives the encoder more token-grid rows (SATRN's 2D feature map, section 3.1:
 curved lines need more than one row of tokens to follow). The stem's height pool then keeps
 more rows; no parameter changes shape, so every weight carries over, but the function does
-change: the encoder sees twice the tokens, and the model has to be trained on from there.
+change: the encoder sees ``grid_h / old grid_h`` times the tokens, and the model has to be trained on from there.
 """
 
 from __future__ import annotations
@@ -70,18 +71,22 @@ def grow(model: SAFL, enc_layers: int, dec_layers: int, ffn_mult: int, grid_h: i
     return big.eval()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Command line: grow a checkpoint file into another."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--enc-layers", type=int, required=True)
-    p.add_argument("--dec-layers", type=int, required=True)
-    p.add_argument("--ffn-mult", type=int, required=True)
-    p.add_argument("--grid-h", type=int, help="token-grid rows (default: the model's own)")
-    args = p.parse_args()
+    p.add_argument("--enc-layers", type=int, help="encoder layers, at least the model's own (default: its own)")
+    p.add_argument("--dec-layers", type=int, help="decoder layers, at least the model's own (default: its own)")
+    p.add_argument("--ffn-mult", type=int, help="FFN width as a multiple of d_model, at least the model's own (default: its own)")
+    p.add_argument("--grid-h", type=int, help="token-grid rows, at least the model's own and a divisor of height/4 (default: its own)")
+    args = p.parse_args(argv)
     model, info = load_checkpoint(args.src)
-    big = grow(model, args.enc_layers, args.dec_layers, args.ffn_mult, args.grid_h)
+    c = model.config
+    try:
+        big = grow(model, args.enc_layers or c.enc_layers, args.dec_layers or c.dec_layers, args.ffn_mult or c.ffn_mult, args.grid_h)
+    except ValueError as exc:
+        p.error(str(exc))
     training = dict(info.training or {}, grown_from=info.model_id)
     out = save_checkpoint(big, args.dst, name=f"safl-{big.config.preset}", training=training)
     print(f"{info.model_id} ({model.num_parameters() / 1e6:.2f} M params) → {out.model_id} ({big.num_parameters() / 1e6:.2f} M params): {args.dst}")

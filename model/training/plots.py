@@ -3,7 +3,7 @@ cross entropy, the label-frequency skew that motivates the focal loss, and the p
 validation of continuations from one checkpoint (whether more CPU training still moves it).
 
     python -m model.training.plots --runs runs/small-focal-s0 runs/small-ce-s0 --synth data/synth --out docs
-    python -m model.training.plots --plateau runs/r7-long runs/r9-arcs --line "shipped=78.36" --out docs
+    python -m model.training.plots --plateau runs/r7-long runs/r9-arcs --line "shipped 112a46b67e37=78.36" --out docs
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def read_log(run: Path) -> tuple[list[dict], list[dict]]:
+def read_log(run: Path, chain: bool = True) -> tuple[list[dict], list[dict]]:
     """(train records, validation records) of a run's ``log.jsonl``; a resumed run's
     repeated steps keep the last record written.
 
@@ -29,8 +29,8 @@ def read_log(run: Path) -> tuple[list[dict], list[dict]]:
     """
     train: dict[int, dict] = {}
     val: dict[int, dict] = {}
-    offset, images_offset = chain_offset(run)
-    parent = parent_run(run)
+    offset, images_offset = chain_offset(run) if chain else (0, 0)
+    parent = parent_run(run) if chain else None
     if parent is not None:
         ptrain, pval = read_log(parent[0])
         train.update({r["step"]: r for r in ptrain if r["step"] <= offset})
@@ -138,12 +138,14 @@ def plot_continuations(runs: list[Path], metrics: Path, out: Path, since_step: d
 def pooled_curve(run: Path) -> list[tuple[int, float]]:
     """(images trained, pooled validation accuracy in %) at each validation of a run, step 0
     (the ``--init`` weights' own validation) included: crops read right over all crops of
-    every set, 36-char, the figure ``model.training.ship`` compares."""
-    _, val = read_log(run)
+    every set the run validates on (its ``val`` part), 36-char; ``ship`` pools the same way
+    on ``val-unseen``. Only the run's own log: a run started from another run's checkpoint
+    is not chained to it here, so step 0 is where this run began."""
+    _, val = read_log(run, chain=False)
     curve = []
     for rec in val:
         sets = [v for v in rec["val"].values() if isinstance(v, dict)]
-        right = sum(round(v["acc36"] * v["n"]) for v in sets)
+        right = sum(round(v["acc36"] * v["n"]) for v in sets)  # exact: acc36 is logged to 4 decimals, n < 10,000
         curve.append((int(rec["images"]), 100 * right / sum(v["n"] for v in sets)))
     return curve
 
@@ -244,15 +246,17 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.runs and not args.continuations and not args.plateau:
         p.error("give --runs, --continuations and/or --plateau")
+    if args.line and not args.plateau:
+        p.error("--line draws on the --plateau plot; give --plateau RUN...")
+    try:
+        lines = {k: float(v) for k, v in (item.rsplit("=", 1) for item in args.line)}
+    except ValueError:
+        p.error("--line takes LABEL=PERCENT, e.g. 'shipped 112a46b67e37=78.36'")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.continuations:
         since = {k: int(v) for k, v in (item.split("=", 1) for item in args.since)}
         print(plot_continuations(args.continuations, args.metrics, args.out / "cpu_continuations.png", since))
     if args.plateau:
-        try:
-            lines = {k: float(v) for k, v in (item.rsplit("=", 1) for item in args.line)}
-        except ValueError:
-            p.error("--line takes LABEL=PERCENT, e.g. 'shipped 112a46b67e37=78.36'")
         print(plot_plateau(args.plateau, args.out / "continuation_plateau.png", lines))
     if not args.runs:
         return 0
