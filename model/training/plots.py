@@ -118,18 +118,30 @@ def plot_continuations(runs: list[Path], metrics: Path, out: Path, since_step: d
     """
     shipped = json.loads(metrics.read_text())
     baseline = 100 * sum(d["acc36"] for d in shipped["datasets"]) / len(shipped["datasets"])
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    series = {}
     for run in runs:
         _, val = read_log(run)
-        val = [r for r in val if r["step"] >= (since_step or {}).get(run.name, 0)]
-        if val:
-            ax.plot([r["images"] / 1e3 for r in val], [100 * r["val"]["mean_acc36"] for r in val], "o-", lw=1.5, label=run.name)
-    ax.axhline(baseline, color="black", ls="--", lw=1, label=f"shipped {shipped['model']}: {baseline:.2f} %")
-    ax.set(
+        series[run.name] = [(r["images"], 100 * r["val"]["mean_acc36"]) for r in val if r["step"] >= (since_step or {}).get(run.name, 0)]
+    return _accuracy_plot(
+        series,
+        {f"shipped {shipped['model']}": baseline},
+        out,
         xlabel="images trained since the shipped checkpoint (thousands)",
         ylabel="mean word accuracy, 36-char (%)",
         title="CPU continuations of the shipped model (validation, default views)",
     )
+
+
+def _accuracy_plot(series: dict[str, list[tuple[int, float]]], lines: dict[str, float], out: Path, **labels: str) -> Path:
+    """Accuracy (%) against images trained, one line of points per run, and dashed
+    horizontal reference lines; ``labels`` are ``xlabel``, ``ylabel`` and ``title``."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, points in series.items():
+        if points:
+            ax.plot([i / 1e3 for i, _ in points], [a for _, a in points], "o-", lw=1.5, label=name)
+    for k, (label, value) in enumerate(lines.items()):
+        ax.axhline(value, color=f"C{len(series) + k}", ls="--", lw=1, label=f"{label}: {value:.2f} %")
+    ax.set(**labels)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, out)
@@ -154,21 +166,14 @@ def plot_plateau(runs: list[Path], out: Path, lines: dict[str, float] | None = N
     """Pooled validation accuracy of runs continued from a checkpoint against the images each
     trained (``pooled_curve``), with reference models as horizontal lines (``lines``: label →
     pooled %): whether more CPU training moves the model or each run returns to where it began."""
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for run in runs:
-        curve = pooled_curve(run)
-        if curve:
-            ax.plot([i / 1e3 for i, _ in curve], [a for _, a in curve], "o-", lw=1.5, label=run.name)
-    for k, (label, value) in enumerate((lines or {}).items()):
-        ax.axhline(value, color=f"C{len(runs) + k}", ls="--", lw=1, label=f"{label}: {value:.2f} %")
-    ax.set(
+    return _accuracy_plot(
+        {run.name: pooled_curve(run) for run in runs},
+        lines or {},
+        out,
         xlabel="images trained since the run's start (thousands)",
         ylabel="pooled word accuracy, 36-char (%)",
         title="Continuations on CPU (validation part, default views; step 0 = the start checkpoint)",
     )
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save(fig, out)
 
 
 def focal_vs_ce_table(focal: Path, ce: Path) -> str:
