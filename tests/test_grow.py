@@ -70,3 +70,18 @@ def test_the_command_line_grows_the_grid_alone_and_refuses_bad_rows(tmp_path, ca
         main([str(src), str(tmp_path / "bad.safetensors"), "--grid-h", "3"])
     assert exc.value.code == 2 and "must divide" in capsys.readouterr().err
     assert not (tmp_path / "bad.safetensors").exists()
+
+
+def test_a_wider_input_keeps_every_weight_and_widens_the_token_grid() -> None:
+    small = _trained_looking(SAFLConfig.from_preset("tiny"))
+    wide = grow(small, enc_layers=1, dec_layers=1, ffn_mult=2, width=256)
+    assert wide.config.width == 256 and wide.config.preprocess.width == 256
+    src = small.state_dict()
+    assert all(torch.equal(v, src[k]) for k, v in wide.state_dict().items())
+    with torch.no_grad():
+        assert wide.encoder(torch.rand(2, 1, 32, 256)).shape[1] == 2 * small.encoder(torch.rand(2, 1, 32, 128)).shape[1]
+        wide.recognize(torch.zeros(1, 1, 32, 256))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        grow(small, enc_layers=1, dec_layers=1, ffn_mult=2, width=130)
+    with pytest.raises(ValueError, match="only adds"):
+        grow(small, enc_layers=1, dec_layers=1, ffn_mult=2, width=64)

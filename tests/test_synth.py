@@ -247,6 +247,20 @@ def test_safl_synth_mix_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixt
     assert err.strip() == "safl synth: --mix code given more than once" and not (tmp_path / "s").exists()
 
 
+def test_safl_synth_renders_at_another_width_and_a_model_that_wide_trains_on_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from model.preprocess import PreprocessConfig
+    from model.training.cli import main
+
+    out = tmp_path / "wide"
+    assert main(["synth", "--out", str(out), "--count", "4", "--workers", "1", "--shard-size", "4", "--width", "160", "--no-progress"]) == 0
+    assert np.load(out / "shard-00000.npy").shape == (4, 32, 160)
+    assert load_any(out, PreprocessConfig(width=160)).images.shape == (4, 32, 160)
+    with pytest.raises(ValueError, match="rendered at 32x160"):
+        load_any(out, PreprocessConfig())  # a 128-wide model refuses them
+    assert main(["synth", "--out", str(tmp_path / "bad"), "--count", "1", "--width", "130"]) == 2
+    assert "multiple of 4" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
 def test_parse_mix_names_the_problem() -> None:
     assert parse_mix([]) == TextMix()
     assert parse_mix(["long_token=0.15", "number=0"]).long_token == 0.15

@@ -29,6 +29,12 @@ def add_synth_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-size", type=int, default=50000, help="crops per shard (default: 50000)")
     p.add_argument("--format", choices=("npy", "lmdb"), default="npy", help="npy shards (fast) or STR-layout LMDB")
     p.add_argument(
+        "--width",
+        type=int,
+        default=128,
+        help="input width in pixels, a multiple of 4 (default: 128, the presets'; a model grown wider with grow --width trains on crops rendered at its own)",
+    )
+    p.add_argument(
         "--mix",
         action="append",
         default=[],
@@ -92,7 +98,11 @@ def run_synth(args: argparse.Namespace) -> int:
     except argparse.ArgumentTypeError as e:
         print(f"safl synth: {e}", file=sys.stderr)
         return 2
-    render_dataset(args.out, args.count, SynthConfig(seed=args.seed, text_mix=mix), args.workers, args.shard_size, args.format, progress=not args.no_progress)
+    if args.width < 8 or args.width % 4:
+        print(f"safl synth: --width {args.width}: the encoder's stem needs a multiple of 4, at least 8", file=sys.stderr)
+        return 2
+    cfg = SynthConfig(seed=args.seed, text_mix=mix, width=args.width)
+    render_dataset(args.out, args.count, cfg, args.workers, args.shard_size, args.format, progress=not args.no_progress)
     return 0
 
 

@@ -32,24 +32,31 @@ from ..safl import SAFL
 _RESIDUAL_OUTPUTS = ("attn.out_proj.", "ffn.net.3.")
 
 
-def grow(model: SAFL, enc_layers: int, dec_layers: int, ffn_mult: int, grid_h: int | None = None) -> SAFL:
+def grow(model: SAFL, enc_layers: int, dec_layers: int, ffn_mult: int, grid_h: int | None = None, width: int | None = None) -> SAFL:
     """A model with at least as many layers and as wide FFNs as ``model``, with the same outputs;
     with ``grid_h`` (token-grid rows, at least the model's own) the same weights on a taller
-    token grid, whose outputs differ until it is trained.
+    token grid, whose outputs differ until it is trained; with ``width`` (input pixels, at least
+    the model's own) the same weights on a wider input: crops are stretched less, so long words
+    get more token columns (``width / 4``), and the model must be trained on crops rendered at
+    that width (``safl synth --width``).
 
     Raises ``ValueError`` for a smaller model, a locality-aware FFN, or a ``grid_h`` that does
-    not divide the stem's feature-map height (``height / 4``: 1, 2, 4 or 8 for 32-pixel crops).
+    not divide the stem's feature-map height (``height / 4``: 1, 2, 4 or 8 for 32-pixel crops),
+    or a ``width`` that is not a multiple of 4.
     """
     old = model.config
     grid_h = old.grid_h if grid_h is None else grid_h
-    if enc_layers < old.enc_layers or dec_layers < old.dec_layers or ffn_mult < old.ffn_mult or grid_h < old.grid_h:
-        raise ValueError("grow only adds: layers, ffn_mult and grid_h must be at least the model's own")
+    width = old.width if width is None else width
+    if enc_layers < old.enc_layers or dec_layers < old.dec_layers or ffn_mult < old.ffn_mult or grid_h < old.grid_h or width < old.width:
+        raise ValueError("grow only adds: layers, ffn_mult, grid_h and width must be at least the model's own")
+    if width % 4:
+        raise ValueError(f"width {width} must be a multiple of 4 (the stem's stride)")
     if old.locality_ffn:
         raise ValueError("growing a locality-aware FFN (convolutional) is not supported")
     grown = old.preset if old.preset.endswith("-grown") else f"{old.preset}-grown"
     if (old.height // 4) % grid_h:
         raise ValueError(f"grid_h {grid_h} must divide the stem's feature-map height {old.height // 4}")
-    cfg = replace(old, preset=grown, enc_layers=enc_layers, dec_layers=dec_layers, ffn_mult=ffn_mult, grid_h=grid_h)
+    cfg = replace(old, preset=grown, enc_layers=enc_layers, dec_layers=dec_layers, ffn_mult=ffn_mult, grid_h=grid_h, width=width)
     big = SAFL(cfg)
     src = model.state_dict()
     with torch.no_grad():
@@ -80,11 +87,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dec-layers", type=int, help="decoder layers, at least the model's own (default: its own)")
     p.add_argument("--ffn-mult", type=int, help="FFN width as a multiple of d_model, at least the model's own (default: its own)")
     p.add_argument("--grid-h", type=int, help="token-grid rows, at least the model's own and a divisor of height/4 (default: its own)")
+    p.add_argument("--width", type=int, help="input width in pixels, at least the model's own and a multiple of 4 (default: its own)")
     args = p.parse_args(argv)
     model, info = load_checkpoint(args.src)
     c = model.config
     try:
-        big = grow(model, args.enc_layers or c.enc_layers, args.dec_layers or c.dec_layers, args.ffn_mult or c.ffn_mult, args.grid_h)
+        big = grow(model, args.enc_layers or c.enc_layers, args.dec_layers or c.dec_layers, args.ffn_mult or c.ffn_mult, args.grid_h, args.width)
     except ValueError as exc:
         p.error(str(exc))
     training = dict(info.training or {}, grown_from=info.model_id)
