@@ -81,7 +81,7 @@ def test_a_wider_input_keeps_every_weight_and_widens_the_token_grid() -> None:
     with torch.no_grad():
         assert wide.encoder(torch.rand(2, 1, 32, 256)).shape[1] == 2 * small.encoder(torch.rand(2, 1, 32, 128)).shape[1]
         wide.recognize(torch.zeros(1, 1, 32, 256))
-    with pytest.raises(ValueError, match="multiple of 4"):
+    with pytest.raises(ValueError, match="multiples of 4"):
         grow(small, enc_layers=1, dec_layers=1, ffn_mult=2, width=130)
     with pytest.raises(ValueError, match="only adds"):
         grow(small, enc_layers=1, dec_layers=1, ffn_mult=2, width=64)

@@ -49,15 +49,11 @@ def grow(model: SAFL, enc_layers: int, dec_layers: int, ffn_mult: int, grid_h: i
     width = old.width if width is None else width
     if enc_layers < old.enc_layers or dec_layers < old.dec_layers or ffn_mult < old.ffn_mult or grid_h < old.grid_h or width < old.width:
         raise ValueError("grow only adds: layers, ffn_mult, grid_h and width must be at least the model's own")
-    if width % 4:
-        raise ValueError(f"width {width} must be a multiple of 4 (the stem's stride)")
     if old.locality_ffn:
         raise ValueError("growing a locality-aware FFN (convolutional) is not supported")
     grown = old.preset if old.preset.endswith("-grown") else f"{old.preset}-grown"
-    if (old.height // 4) % grid_h:
-        raise ValueError(f"grid_h {grid_h} must divide the stem's feature-map height {old.height // 4}")
     cfg = replace(old, preset=grown, enc_layers=enc_layers, dec_layers=dec_layers, ffn_mult=ffn_mult, grid_h=grid_h, width=width)
-    big = SAFL(cfg)
+    big = SAFL(cfg)  # the encoder's stem refuses a grid_h or width its strides cannot take
     src = model.state_dict()
     with torch.no_grad():
         for name, param in big.state_dict().items():
