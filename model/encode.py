@@ -11,9 +11,14 @@ from torch import nn
 from .attention import FeedForward, MultiHeadAttention
 
 
-def sinusoid(length: int, dim: int) -> torch.Tensor:
-    """Standard sinusoidal position table ``[length, dim]``."""
-    pos = torch.arange(length, dtype=torch.float32).unsqueeze(1)
+def sinusoid(length: int, dim: int, step: float = 1.0) -> torch.Tensor:
+    """Sinusoidal position table ``[length, dim]`` (float32) for positions ``0, step, 2*step, ...``.
+
+    ``step`` below 1 is position interpolation (ViT, Dosovitskiy et al. 2021, section 3.2):
+    a grid grown ``k`` times longer with ``step = 1/k`` spans the positions the model was
+    trained on instead of running past them.
+    """
+    pos = torch.arange(length, dtype=torch.float32).unsqueeze(1) * step
     div = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
     table = torch.zeros(length, dim)
     table[:, 0::2] = torch.sin(pos * div)
@@ -50,10 +55,10 @@ class ShallowStem(nn.Module):
 class Adaptive2DPositionalEncoding(nn.Module):
     """SATRN's A2DPE: height and width sinusoids mixed by per-image gates from the features."""
 
-    def __init__(self, d_model: int, grid_h: int, grid_w: int) -> None:
+    def __init__(self, d_model: int, grid_h: int, grid_w: int, pos_step: tuple[float, float] = (1.0, 1.0)) -> None:
         super().__init__()
-        self.register_buffer("pe_h", sinusoid(grid_h, d_model), persistent=False)
-        self.register_buffer("pe_w", sinusoid(grid_w, d_model), persistent=False)
+        self.register_buffer("pe_h", sinusoid(grid_h, d_model, pos_step[0]), persistent=False)
+        self.register_buffer("pe_w", sinusoid(grid_w, d_model, pos_step[1]), persistent=False)
 
         def gate() -> nn.Module:
             return nn.Sequential(nn.Linear(d_model, d_model), nn.ReLU(inplace=True), nn.Linear(d_model, d_model), nn.Sigmoid())
@@ -115,12 +120,23 @@ class SATRNEncoder(nn.Module):
     """Image ``[B, C, H, W]`` → memory tokens ``[B, grid_h * W/4, d_model]``."""
 
     def __init__(
-        self, in_channels: int, height: int, width: int, d_model: int, heads: int, layers: int, d_ff: int, grid_h: int, locality_ffn: bool, dropout: float
+        self,
+        in_channels: int,
+        height: int,
+        width: int,
+        d_model: int,
+        heads: int,
+        layers: int,
+        d_ff: int,
+        grid_h: int,
+        locality_ffn: bool,
+        dropout: float,
+        pos_step: tuple[float, float] = (1.0, 1.0),
     ) -> None:
         super().__init__()
         self.stem = ShallowStem(in_channels, d_model, height, width, grid_h)
         grid = self.stem.grid
-        self.pos = Adaptive2DPositionalEncoding(d_model, *grid)
+        self.pos = Adaptive2DPositionalEncoding(d_model, *grid, pos_step)
         self.layers = nn.ModuleList(EncoderLayer(d_model, heads, d_ff, grid, locality_ffn, dropout) for _ in range(layers))
         self.norm = nn.LayerNorm(d_model)
 

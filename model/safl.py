@@ -36,6 +36,10 @@ class SAFLConfig:
     dec_layers: int = 2
     ffn_mult: int = 2
     grid_h: int = 2
+    # Position-table steps (token rows, columns): below 1 after model.training.grow made the grid
+    # longer, so the grown grid reads the positions the model was trained on (encode.sinusoid).
+    pos_step_h: float = 1.0
+    pos_step_w: float = 1.0
     locality_ffn: bool = False
     use_tps: bool = True
     tps_points: int = 20
@@ -90,7 +94,17 @@ class SAFL(nn.Module):
         c = config
         self.rectifier = TPSRectifier(c.channels, c.height, c.width, c.tps_points, c.tps_max_offset, c.tps_monotone) if c.use_tps else None
         self.encoder = SATRNEncoder(
-            c.channels, c.height, c.width, c.d_model, c.heads, c.enc_layers, c.d_model * c.ffn_mult, c.grid_h, c.locality_ffn, c.dropout
+            c.channels,
+            c.height,
+            c.width,
+            c.d_model,
+            c.heads,
+            c.enc_layers,
+            c.d_model * c.ffn_mult,
+            c.grid_h,
+            c.locality_ffn,
+            c.dropout,
+            (c.pos_step_h, c.pos_step_w),
         )
         self.decoder = TransformerDecoder(self.charset.vocab_size, c.d_model, c.heads, c.dec_layers, c.d_model * c.ffn_mult, c.max_len, c.dropout)
 

@@ -53,7 +53,8 @@ def test_grow_refuses_to_shrink() -> None:
 def test_more_grid_rows_keep_every_weight_and_double_the_tokens() -> None:
     small = _trained_looking(SAFLConfig.from_preset("tiny", grid_h=2))
     tall = grow(small, enc_layers=1, dec_layers=1, ffn_mult=2, grid_h=4)
-    assert tall.config.grid_h == 4
+    assert tall.config.grid_h == 4 and tall.config.pos_step_h == 0.5
+    assert torch.allclose(tall.encoder.pos.pe_h[::2], small.encoder.pos.pe_h, atol=1e-6)
     src = small.state_dict()
     assert all(torch.equal(v, src[k]) for k, v in tall.state_dict().items())
     images = torch.rand(2, 1, 32, 128) * 2 - 1
@@ -81,6 +82,11 @@ def test_a_wider_input_keeps_every_weight_and_widens_the_token_grid() -> None:
     with torch.no_grad():
         assert wide.encoder(torch.rand(2, 1, 32, 256)).shape[1] == 2 * small.encoder(torch.rand(2, 1, 32, 128)).shape[1]
         wide.recognize(torch.zeros(1, 1, 32, 256))
+    # Position interpolation: the wide grid's even columns carry the narrow grid's positions.
+    assert wide.config.pos_step_w == 0.5 and wide.config.pos_step_h == 1.0
+    assert torch.allclose(wide.encoder.pos.pe_w[::2], small.encoder.pos.pe_w, atol=1e-6)
+    wider = grow(wide, enc_layers=1, dec_layers=1, ffn_mult=2, width=512)
+    assert wider.config.pos_step_w == 0.25 and torch.allclose(wider.encoder.pos.pe_w[::4], small.encoder.pos.pe_w, atol=1e-6)
     with pytest.raises(ValueError, match="multiples of 4"):
         grow(small, enc_layers=1, dec_layers=1, ffn_mult=2, width=130)
     with pytest.raises(ValueError, match="only adds"):

@@ -15,6 +15,11 @@ stream and learns from there.
 curved lines need more than one row of tokens to follow). The stem's height pool then keeps
 more rows; no parameter changes shape, so every weight carries over, but the function does
 change: the encoder sees ``grid_h / old grid_h`` times the tokens, and the model has to be trained on from there.
+``--width`` does the same along the line. Both interpolate the position tables (the
+config's ``pos_step_h`` / ``pos_step_w``; ViT, Dosovitskiy et al. 2021, section 3.2), so the
+longer grid spans the positions the model was trained on: measured on the shipped lineage
+(`20f0b56a81ad` grown to 256 pixels), IIIT5K's `val` part reads 47 % at once with
+interpolated positions and 2 % without.
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ def grow(model: SAFL, enc_layers: int, dec_layers: int, ffn_mult: int, grid_h: i
     token grid, whose outputs differ until it is trained; with ``width`` (input pixels, at least
     the model's own) the same weights on a wider input: crops are stretched less, so long words
     get more token columns (``width / 4``), and the model must be trained on crops rendered at
-    that width (``safl synth --width``).
+    that width (``safl synth --width``). Both keep the position tables' span (``pos_step_h``,
+    ``pos_step_w``: position interpolation).
 
     Raises ``ValueError`` for a smaller model, a locality-aware FFN, or a ``grid_h`` that does
     not divide the stem's feature-map height (``height / 4``: 1, 2, 4 or 8 for 32-pixel crops),
@@ -52,7 +58,18 @@ def grow(model: SAFL, enc_layers: int, dec_layers: int, ffn_mult: int, grid_h: i
     if old.locality_ffn:
         raise ValueError("growing a locality-aware FFN (convolutional) is not supported")
     grown = old.preset if old.preset.endswith("-grown") else f"{old.preset}-grown"
-    cfg = replace(old, preset=grown, enc_layers=enc_layers, dec_layers=dec_layers, ffn_mult=ffn_mult, grid_h=grid_h, width=width)
+    cfg = replace(
+        old,
+        preset=grown,
+        enc_layers=enc_layers,
+        dec_layers=dec_layers,
+        ffn_mult=ffn_mult,
+        grid_h=grid_h,
+        width=width,
+        # Position interpolation: a grid k times longer steps 1/k through the trained positions.
+        pos_step_h=old.pos_step_h * old.grid_h / grid_h,
+        pos_step_w=old.pos_step_w * old.width / width,
+    )
     big = SAFL(cfg)  # the encoder's stem refuses a grid_h or width its strides cannot take
     src = model.state_dict()
     with torch.no_grad():
