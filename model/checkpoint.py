@@ -181,8 +181,8 @@ def _check_embedded_config(info: CheckpointInfo) -> None:
     if "tps_max_offset" not in stored:
         stored["tps_max_offset"] = 0.0  # written before the field existed (format 1)
     stored.setdefault("tps_monotone", False)  # written before the field existed (format 2)
-    for field in ("pos_step_h", "pos_step_w"):
-        stored.setdefault(field, 1.0)  # written before position interpolation: whole steps
+    for key in ("pos_step_h", "pos_step_w"):
+        stored.setdefault(key, 1.0)  # written before position interpolation: whole steps
     if stored != info.config.to_dict():
         raise CheckpointError(
             f"the sidecar of {info.weights_path.name} does not match the config stored in the weights (was the charset or another field edited?)"
