@@ -10,7 +10,6 @@ import torch
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
-from starlette.routing import Route
 
 from . import page, pipeline
 from .auth import api_key_dependency
@@ -23,6 +22,7 @@ from .runtime import Runtime
 from .schemas import (
     CONFIDENCE_DOC,
     LEXICON_DOC,
+    PER_FILE_ERRORS_DOC,
     TOP_K_DOC,
     BatchingInfo,
     ErrorResponse,
@@ -63,8 +63,10 @@ _RECOGNIZE_BODY: dict[str, Any] = {
                         "blocklist": {"description": "text: characters an answer may not hold (at most 1,000)"},
                         "lexicon": {"description": f"text: {LEXICON_DOC}"},
                         "top_k": {"description": f"text: a whole number, {TOP_K_DOC}"},
+                        "per_file_errors": {"description": f"text: true or false (or 1 or 0), {PER_FILE_ERRORS_DOC}"},
                     },
-                    "description": "image parts named 'files' ('file' is accepted too); a file part under any other name is refused",
+                    "description": "image parts named 'files' ('file' is accepted too); a file part under any other name, "
+                    "or a plain field that is none of these options, is refused (422 invalid_option)",
                 }
             },
             "application/json": {"schema": RecognizeJSON.model_json_schema()},
@@ -83,7 +85,15 @@ _RECOGNIZE_BODY: dict[str, Any] = {
             "in": "query",
             "required": False,
             "schema": {"type": "string", "enum": list(pipeline.DEBUG_VALUES)},
-            "description": "rectified: add each crop's rectified image (what the model read) to its result, as a PNG data: URL",
+            "description": "rectified: add each crop's rectified image (what the model read, of the view its answer came from: "
+            "a tall crop turned when the turned reading won) to its result, as a PNG data: URL",
+        },
+        {
+            "name": "per_file_errors",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "boolean"},
+            "description": f"{PER_FILE_ERRORS_DOC}; the same as the form field or JSON key of that name (when both are given they must agree)",
         },
     ],
 }
@@ -136,16 +146,13 @@ def create_app(settings: Settings | None = None, *, predictor: Predictor | None 
     app.state.retry_after_s = settings.retry_after_s
     install_error_handlers(app)
 
-    def known_paths() -> set[str]:
-        return {r.path for r in app.routes if isinstance(r, Route)}
-
     # Added last = outermost: the latency histogram also times the 503s and 413s answered
     # by the request and body limits.
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, on_reject=metrics.error)
     app.add_middleware(
         ConcurrencyLimitMiddleware, limit=settings.max_connections, exempt=UNLIMITED_PATHS, retry_after_s=settings.retry_after_s, on_reject=metrics.error
     )
-    app.add_middleware(RequestMetricsMiddleware, metrics=metrics, known_paths=known_paths)
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics, routes=lambda: app.routes)
 
     auth = api_key_dependency(settings.api_key.get_secret_value()) if settings.api_key else None
     protected = [Depends(auth)] if auth else []

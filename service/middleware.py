@@ -8,8 +8,9 @@ for the disconnect watcher in ``service.app``.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+from starlette.routing import BaseRoute, Match, Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import APIError, error_response
@@ -98,14 +99,14 @@ class ConcurrencyLimitMiddleware:
 class RequestMetricsMiddleware:
     """Observes ``safl_request_duration_seconds{route, status}`` for every HTTP request.
 
-    ``route`` is the matched route's path template; unmatched paths share one label so
-    scanners cannot blow up the series count.
+    ``route`` is the path template of the route that matched (``route_label``); unmatched
+    paths share one label so scanners cannot blow up the series count.
     """
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, known_paths: Callable[[], set[str]]) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, routes: Callable[[], Sequence[BaseRoute]]) -> None:
         self.app = app
         self.metrics = metrics
-        self.known_paths = known_paths
+        self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -113,6 +114,7 @@ class RequestMetricsMiddleware:
             return
         start = time.perf_counter()
         status = 500
+        arrived = dict(scope)  # a mount rewrites path and root_path in place; match on the original
 
         async def recording_send(message: Message) -> None:
             nonlocal status
@@ -123,10 +125,25 @@ class RequestMetricsMiddleware:
         try:
             await self.app(scope, receive, recording_send)
         finally:
-            route = scope.get("route")
-            path = getattr(route, "path", None) or scope.get("path", "")
-            label = path if path in self.known_paths() else "unmatched"
-            self.metrics.request_duration.labels(route=label, status=str(status)).observe(time.perf_counter() - start)
+            self.metrics.request_duration.labels(route=route_label(scope, arrived, self.routes()), status=str(status)).observe(time.perf_counter() - start)
+
+
+def route_label(scope: Scope, arrived: Scope, routes: Sequence[BaseRoute]) -> str:
+    """The metrics label of a finished request: the path template of the route that matched
+    it (a mount's as ``PREFIX/{path}``), or "unmatched".
+
+    FastAPI's routes put themselves in ``scope["route"]`` when they match, inside included
+    routers too (the web page); plain Starlette routes and mounts of the app itself
+    (``/openapi.json``, the offline docs' assets) do not, so those are matched against
+    ``arrived``, the scope as it came in.
+    """
+    route = scope.get("route")
+    if not isinstance(getattr(route, "path", None), str):
+        route = next((r for r in routes if isinstance(r, Route | Mount) and r.matches(arrived)[0] is not Match.NONE), None)
+    if route is None:
+        return "unmatched"
+    # A mount's path is its prefix: the files under it share one label.
+    return f"{route.path}/{{path}}" if isinstance(route, Mount) else route.path
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-from service_support import settings_for
+from service_support import metric, settings_for
 
 from service import create_app
 from service.page import ASSETS
@@ -101,3 +101,18 @@ async def test_the_page_needs_no_api_key_but_the_api_does(tiny_checkpoint: Path)
             assert (await client.get(f"/static/{name}")).status_code == 200
         assert (await client.get("/info")).json()["error"]["code"] == "unauthorized"
         assert (await client.post("/recognize")).status_code == 401
+
+
+async def test_page_and_docs_requests_are_counted_by_their_route(client: httpx.AsyncClient) -> None:
+    # The page's routes sit in an included router and the offline docs' assets under a mount:
+    # both were counted as route="unmatched", the bucket of scanners' 404s.
+    docs = (await client.get("/docs")).text
+    asset = re.search(r'src="(/static-offline-docs/[^"]+)"', docs)
+    assert asset, "the offline docs page links no asset of its own"
+    paths = ["/", "/static/page.js", "/static/page.css", asset.group(1), "/openapi.json", "/static/nope.js"]
+    statuses = [(await client.get(p)).status_code for p in paths]
+    text = (await client.get("/metrics")).text
+    assert statuses == [200, 200, 200, 200, 200, 404]
+    for route in ("/", "/static/page.js", "/static/page.css", "/static-offline-docs/{path}", "/openapi.json", "/docs"):
+        assert metric(text, "safl_request_duration_seconds_count", route=route, status="200") == 1, route
+    assert metric(text, "safl_request_duration_seconds_count", route="unmatched") == 1  # /static/nope.js only
