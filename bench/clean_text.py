@@ -1,7 +1,7 @@
 """Clean-text benchmark: printed words in fonts the model never trained on, cropped the way a
 text detector crops them, read by safl and the RapidOCR packages side by side in one run::
 
-    python bench/clean_text.py --weights weights/safl.safetensors --json bench/results/clean_text.json
+    python bench/clean_text.py --weights weights/safl.safetensors --json docs/results/clean_text.json
 
 What is read. Texts of 1-25 characters in four length buckets (1-4, 5-8, 9-12, 13-25), drawn
 by the synthetic renderer's text sampler with a seed training never uses: English words in

@@ -2,7 +2,7 @@
 round signs, logos and stamps (CUTE80's kind), read by safl and the RapidOCR packages side
 by side in one run::
 
-    python bench/curved_text.py --weights weights/safl.safetensors --json bench/results/curved_text.json
+    python bench/curved_text.py --weights weights/safl.safetensors --json docs/results/curved_text.json
 
 What is read. ``bench/clean_text.py``'s texts (1-25 characters in four length buckets, fonts of
 the held-out families, black on white and white on black), each drawn by the renderer's
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].rstrip(":"), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_engine_flags(p)
     p.add_argument("--arcs", type=float, nargs="+", default=list(ARCS), help="arc spans in degrees, 0-360 (default: 0 30 60 90 120)")
-    p.add_argument("--png", type=Path, help="also draw one text of each length bucket at every arc here (e.g. docs/curved_text.png)")
+    p.add_argument("--png", type=Path, help="also draw one text of each length bucket at every arc here (e.g. docs/results/curved_text.png)")
     args = p.parse_args(argv)
     if args.per_bucket < 1:
         p.error("--per-bucket must be at least 1")

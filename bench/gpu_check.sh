@@ -3,12 +3,12 @@
 # drive the load benchmark, force an out-of-memory split, and print served throughput as a
 # fraction of offline batched throughput on the same GPU (goal: at least 0.8).
 #
-#     bash bench/gpu_check.sh [OUT_DIR]        # default OUT_DIR: bench/results/gpu
+#     bash bench/gpu_check.sh [OUT_DIR]        # default OUT_DIR: docs/results/gpu
 #
 # Without CUDA it stops at once with one line and exit status 2.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-out="${1:-bench/results/gpu}"
+out="${1:-docs/results/gpu}"
 
 if ! python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
     echo "gpu_check: no CUDA device here (torch.cuda.is_available() is False); run it on a machine with a GPU and a CUDA build of torch" >&2

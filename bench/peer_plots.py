@@ -1,7 +1,7 @@
 """Plots of the benchmarks: accuracy and speed of safl vs its peers (``bench/peers.py --json``)
 and, when given, the service's latency percentiles vs offered load (``bench/service_load.py --json``)::
 
-    python bench/peer_plots.py --peers bench/results/peers.json --service-load bench/results/load.json --out bench/results/peers.png
+    python bench/peer_plots.py --peers docs/results/peers.json --service-load docs/results/load.json --out docs/results/peers.png
 
 ``bench/peers.py --plot PNG [--service-load JSON]`` draws the same figure at the end of its run.
 """

@@ -5,7 +5,7 @@ per line) and prints a markdown table; ``--json``, ``--markdown`` and ``--plot``
 
     python bench/peers.py --weights weights/safl.safetensors \\
         --data ../shared/data/train/iiit5k ../shared/data/train/svt ../shared/data/train/ic15 \\
-        --json bench/results/peers.json --markdown bench/results/peers.md --plot bench/results/peers.png
+        --json docs/results/peers.json --markdown docs/results/peers.md --plot docs/results/peers.png
 
 Engines (``--peers``, default all four; one that is not installed is skipped with a message):
 

@@ -130,7 +130,7 @@ class ViewConfig:
     Each view is one more model input; ``model.reading`` reads the further views of a
     crop only when the crop alone reads less confidently than ``confident_at``, and the
     most confident reading is the answer. Chosen per shipped model on the validation
-    crops (README, "Reading several views"; ``bench/views_threshold.py``).
+    crops (README, "Reading options"; the measurements: weights/TRAINING_LOG.md, "Reading views").
     """
 
     #: A crop taller than wide usually holds a word written along its long side (a

@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,6 +26,13 @@ def test_a_wheel_install_serves_the_shipped_weights(tmp_path: Path) -> None:
     build = [sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels)]
     subprocess.run(build, check=True, capture_output=True, timeout=300)
     (wheel,) = wheels.glob("safl-*.whl")
+    # Nothing outside the product: no tests, benchmarks, scripts, docs or training log.
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+    tops = {name.split("/")[0] for name in names}
+    assert tops - {"model", "service", "safl_weights"} == {next(t for t in tops if t.endswith(".dist-info"))}, sorted(tops)
+    weights = sorted(name.split("/", 1)[1] for name in names if name.startswith("safl_weights/"))
+    assert weights == ["MODEL_CARD.md", "safl.json", "safl.safetensors"], weights
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)], check=True, capture_output=True, timeout=300
     )

@@ -1,9 +1,9 @@
-"""Plots and tables of the training campaign (``docs/``): training curves, focal vs
+"""Plots and tables of the training campaign (``docs/results/``): training curves, focal vs
 cross entropy, the label-frequency skew that motivates the focal loss, and the pooled
 validation of continuations from one checkpoint (whether more CPU training still moves it).
 
-    python -m model.training.plots --runs runs/small-focal-s0 runs/small-ce-s0 --synth data/synth --out docs
-    python -m model.training.plots --plateau runs/r7-long runs/r9-arcs --line "shipped 112a46b67e37=78.36" --out docs
+    python -m model.training.plots --runs runs/small-focal-s0 runs/small-ce-s0 --synth data/synth --out docs/results
+    python -m model.training.plots --plateau runs/r7-long runs/r9-arcs --line "shipped 112a46b67e37=78.36" --out docs/results
 """
 
 from __future__ import annotations
@@ -242,11 +242,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=Path, nargs="+", default=[], help="run folders; with two (focal, ce) also the comparison")
     p.add_argument("--synth", type=Path, help="shard folder whose labels to plot")
     p.add_argument("--real", type=Path, nargs="*", default=[], help="labels.tsv folders to compare the skew with")
-    p.add_argument("--out", type=Path, default=Path("docs"))
-    p.add_argument("--continuations", type=Path, nargs="*", default=[], help="runs continued from the shipped checkpoint: docs/cpu_continuations.png")
+    p.add_argument("--out", type=Path, default=Path("docs/results"))
+    p.add_argument("--continuations", type=Path, nargs="*", default=[], help="runs continued from the shipped checkpoint: docs/results/cpu_continuations.png")
     p.add_argument("--metrics", type=Path, default=Path("weights/metrics.json"), help="the shipped model's validation (the line to beat)")
     p.add_argument("--since", nargs="*", default=[], metavar="RUN=STEP", help="drop a continuation's validations before STEP")
-    p.add_argument("--plateau", type=Path, nargs="*", default=[], help="runs whose pooled validation to plot from step 0: docs/continuation_plateau.png")
+    p.add_argument(
+        "--plateau", type=Path, nargs="*", default=[], help="runs whose pooled validation to plot from step 0: docs/results/continuation_plateau.png"
+    )
     p.add_argument("--line", nargs="*", default=[], metavar="LABEL=PERCENT", help="with --plateau: a reference model's pooled validation accuracy")
     args = p.parse_args(argv)
     if not args.runs and not args.continuations and not args.plateau:

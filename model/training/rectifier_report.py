@@ -1,7 +1,7 @@
 """What a checkpoint's TPS rectifier does: a picture and the numbers behind it.
 
     python -m model.training.rectifier_report weights/safl.safetensors runs/mine/last.safetensors \\
-        --png docs/rectifier.png --json docs/rectifier.json
+        --png docs/results/rectifier.png --json docs/results/rectifier.json
 
 Words are rendered in the held-out font families (``fonts.HELD_OUT_FAMILIES``), dark on
 light, cropped at the ink, three ways: straight, under a perspective warp and bent along an
