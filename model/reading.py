@@ -6,9 +6,10 @@ too, and the most confident of all its readings is the answer. Confident first r
 are nearly always right, so this keeps the accuracy of reading every view at a fraction
 of its cost (README, "Reading several views").
 
-``read_views`` does it with a synchronous reader, ``aread_views`` with a coroutine (the
-service's batcher); both drive the same steps (``first_views`` → ``unsure`` →
-``further_views`` → ``merge``).
+``read_views`` does it with a synchronous reader, ``aread_answers`` with a coroutine (the
+service's batcher), also saying which view each answer was read from (the service shows
+that view's rectified image); both drive the same steps (``first_views`` → ``unsure`` →
+``further_views`` → ``answers``).
 """
 
 from __future__ import annotations
@@ -51,11 +52,17 @@ class Recognition:
     alternatives: tuple[Alternative, ...] = field(default=())
 
 
-def most_confident(readings: Sequence[Recognition]) -> Recognition:
-    """The most confident of one crop's readings; the first (the crop as it is) on a tie."""
+def most_confident_index(readings: Sequence[Recognition]) -> int:
+    """Index of the most confident of one crop's readings; the first (the crop as it is) on
+    a tie. Raises ``ValueError`` for no readings."""
     if not readings:
         raise ValueError("no readings to choose from")
-    return max(readings, key=lambda r: r.confidence)
+    return max(range(len(readings)), key=lambda i: readings[i].confidence)
+
+
+def most_confident(readings: Sequence[Recognition]) -> Recognition:
+    """The most confident of one crop's readings; the first (the crop as it is) on a tie."""
+    return readings[most_confident_index(readings)]
 
 
 def first_views(per_crop: Sequence[Sequence[View]]) -> list[View]:
@@ -74,27 +81,37 @@ def further_views(per_crop: Sequence[Sequence[View]], crops: Sequence[int]) -> l
     return [v for i in crops for v in per_crop[i][1:]]
 
 
-def merge(first: Sequence[Recognition], per_crop: Sequence[Sequence[View]], crops: Sequence[int], more: Sequence[Recognition]) -> list[Recognition]:
-    """The answer per crop: its first reading, or for each of ``crops`` the most
-    confident of its first reading and ``more`` (the readings of ``further_views``)."""
-    answers, start = list(first), 0
+def answers(
+    first: Sequence[Recognition], per_crop: Sequence[Sequence[View]], crops: Sequence[int], more: Sequence[Recognition]
+) -> list[tuple[Recognition, int]]:
+    """The answer per crop and the index of the view it was read from (in the crop's
+    views): its first reading (0), or for each of ``crops`` the most confident of its first
+    reading and ``more`` (the readings of ``further_views``)."""
+    out, start = [(r, 0) for r in first], 0
     for i in crops:
         n = len(per_crop[i]) - 1
-        answers[i] = most_confident([first[i], *more[start : start + n]])
+        readings = [first[i], *more[start : start + n]]
+        best = most_confident_index(readings)
+        out[i] = (readings[best], best)
         start += n
     if start != len(more):
         raise ValueError(f"{len(more)} readings for {start} further views")
-    return answers
+    return out
 
 
-def _read_steps(per_crop: Sequence[Sequence[View]], confident_at: float) -> Generator[list[View], list[Recognition], list[Recognition]]:
-    # Yields the views to read (at most twice) and is sent their readings; returns the answers.
+def merge(first: Sequence[Recognition], per_crop: Sequence[Sequence[View]], crops: Sequence[int], more: Sequence[Recognition]) -> list[Recognition]:
+    """``answers`` without the views' indices."""
+    return [r for r, _ in answers(first, per_crop, crops, more)]
+
+
+def _read_steps(per_crop: Sequence[Sequence[View]], confident_at: float) -> Generator[list[View], list[Recognition], list[tuple[Recognition, int]]]:
+    # Yields the views to read (at most twice) and is sent their readings; returns ``answers``.
     if not per_crop:
         return []
     first = yield first_views(per_crop)
     crops = unsure(first, per_crop, confident_at)
     more = (yield further_views(per_crop, crops)) if crops else []
-    return merge(first, per_crop, crops, more)
+    return answers(first, per_crop, crops, more)
 
 
 def read_views(read: Callable[[list[View]], list[Recognition]], per_crop: Sequence[Sequence[View]], confident_at: float) -> list[Recognition]:
@@ -106,11 +123,14 @@ def read_views(read: Callable[[list[View]], list[Recognition]], per_crop: Sequen
         while True:
             views = steps.send(read(views))
     except StopIteration as done:
-        return done.value
+        return [r for r, _ in done.value]
 
 
-async def aread_views(read: Callable[[list[View]], Awaitable[list[Recognition]]], per_crop: Sequence[Sequence[View]], confident_at: float) -> list[Recognition]:
-    """``read_views`` with a coroutine ``read``; exceptions from ``read`` propagate."""
+async def aread_answers(
+    read: Callable[[list[View]], Awaitable[list[Recognition]]], per_crop: Sequence[Sequence[View]], confident_at: float
+) -> list[tuple[Recognition, int]]:
+    """``read_views`` with a coroutine ``read``, each answer with the index of the view it
+    was read from (``answers``); exceptions from ``read`` propagate."""
     steps = _read_steps(per_crop, confident_at)
     try:
         views = next(steps)

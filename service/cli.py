@@ -199,7 +199,7 @@ def add_recognize_parser(sub: argparse._SubParsersAction) -> None:
         default="tsv",
         help="tsv: file<TAB>text<TAB>confidence, a tab, newline, carriage return or backslash in a file name written \\t \\n \\r \\\\; csv: the same with a "
         "header row; jsonl: one object per file (file, text, confidence, char_confidences, or error); "
-        "json: one document, the API's response shape plus errors (default: %(default)s)",
+        "json: one document, the API's response shape with per-file errors in place, {\"filename\", \"error\": {\"code\", \"message\"}} (default: %(default)s)",
     )
     p.add_argument("--json", dest="format", action="store_const", const="json", help="same as --format json")
     p.add_argument(

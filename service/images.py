@@ -142,20 +142,39 @@ def load_crops(
     cfg: PreprocessConfig,
     view_cfg: ViewConfig = ViewConfig(),
     before_each: Callable[[], None] = lambda: None,
-) -> list[list[torch.Tensor]]:
+    per_file: bool = False,
+) -> list[list[torch.Tensor] | ImageRejected]:
     """``load_crop`` for a request's ``(bytes, filename)`` pairs, in order.
 
     Every header is read first, so the request's pixel budget
     (``limits.max_request_pixels``) is checked before any image is decoded;
     ``before_each`` runs before each decode (the service checks its deadline there).
-    Raises ``ImageRejected`` for the first image that fails.
+    Raises ``ImageRejected`` for the first image that fails; with ``per_file`` a failing
+    image's ``ImageRejected`` takes its place in the list instead, and the pixel budget
+    (still the request's error) counts the images whose headers could be read.
     """
-    opened = [(open_image(data, name, limits), name) for data, name in files]
-    total = sum(img.size[0] * img.size[1] for img, _ in opened)
+    opened: list[tuple[Image.Image | ImageRejected, str]] = []
+    for data, name in files:
+        try:
+            opened.append((open_image(data, name, limits), name))
+        except ImageRejected as exc:
+            if not per_file:
+                raise
+            opened.append((exc, name))
+    readable = [img for img, _ in opened if isinstance(img, Image.Image)]
+    total = sum(img.size[0] * img.size[1] for img in readable)
     if limits.max_request_pixels is not None and total > limits.max_request_pixels:
-        raise ImageRejected("too_many_pixels", f"the request's {len(opened)} images hold {total} pixels together; the limit is {limits.max_request_pixels}")
-    crops = []
+        raise ImageRejected("too_many_pixels", f"the request's {len(readable)} images hold {total} pixels together; the limit is {limits.max_request_pixels}")
+    crops: list[list[torch.Tensor] | ImageRejected] = []
     for img, name in opened:
+        if isinstance(img, ImageRejected):
+            crops.append(img)
+            continue
         before_each()
-        crops.append(to_model_input(_load(img, name), name, cfg, view_cfg))
+        try:
+            crops.append(to_model_input(_load(img, name), name, cfg, view_cfg))
+        except ImageRejected as exc:
+            if not per_file:
+                raise
+            crops.append(exc)
     return crops

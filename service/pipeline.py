@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 
 from model import Recognition
 from model.preprocess import PreprocessConfig, ViewConfig
-from model.reading import aread_views
+from model.reading import aread_answers
 from model.search import PLAIN
 
 from .batcher import BatcherClosed, CropFailed, QueueFull
@@ -33,8 +33,8 @@ from .errors import APIError, error_response
 from .images import ImageLimits, load_crops
 from .predictor import ModelInput
 from .runtime import Runtime
-from .schemas import Alternative, RecognitionResult, RecognizeResponse
-from .uploads import Upload, read_uploads
+from .schemas import Alternative, ErrorDetail, FileError, RecognitionResult, RecognizeResponse
+from .uploads import PER_FILE_ERRORS, Upload, parse_flag, read_uploads
 
 #: Header a client may send to shorten the server's default deadline.
 TIMEOUT_HEADER = "X-Request-Timeout-Ms"
@@ -89,10 +89,64 @@ def request_deadline(request: Request, default_s: float) -> Deadline:
     return Deadline.after(min(ms / 1000.0, default_s))
 
 
-def decode_uploads(uploads: Sequence[Upload], limits: ImageLimits, cfg: PreprocessConfig, view_cfg: ViewConfig, deadline: Deadline) -> list[list[torch.Tensor]]:
+def decode_uploads(
+    uploads: Sequence[Upload], limits: ImageLimits, cfg: PreprocessConfig, view_cfg: ViewConfig, deadline: Deadline, per_file: bool = False
+) -> list[list[torch.Tensor] | APIError]:
     """Each upload's model inputs (``service.images.load_crops``), the deadline checked
-    before each image is decoded. Runs in a worker thread."""
-    return load_crops([(u.data, u.filename) for u in uploads], limits, cfg, view_cfg, before_each=lambda: deadline.check(DECODE))
+    before each image is decoded. Runs in a worker thread.
+
+    Raises the first upload's ``APIError`` (``Upload.rejected`` or ``ImageRejected``);
+    with ``per_file`` a failing upload's error takes its place in the list instead."""
+    if not per_file:
+        for u in uploads:
+            if u.rejected is not None:
+                raise u.rejected
+    kept = [i for i, u in enumerate(uploads) if u.rejected is None]
+    loaded = load_crops([(uploads[i].data, uploads[i].filename) for i in kept], limits, cfg, view_cfg, lambda: deadline.check(DECODE), per_file)
+    out: list[list[torch.Tensor] | APIError] = [u.rejected if u.rejected is not None else [] for u in uploads]
+    for i, crop in zip(kept, loaded, strict=True):
+        out[i] = crop
+    return out
+
+
+#: Query parameters of ``/recognize``: ``debug`` and ``per_file_errors``.
+QUERY_PARAMETERS = ("debug", PER_FILE_ERRORS)
+
+
+@dataclass(frozen=True)
+class QueryOptions:
+    """``/recognize``'s query parameters: ``debug`` (``DEBUG_VALUES``) and
+    ``per_file_errors`` (``None``: not given)."""
+
+    debug: str | None = None
+    per_file_errors: bool | None = None
+
+
+def query_options(request: Request) -> QueryOptions:
+    """The request's query parameters; ``APIError`` ``invalid_option`` for an unknown one
+    or a value it cannot take."""
+    params = request.query_params
+    unknown = sorted(set(params) - set(QUERY_PARAMETERS))
+    if unknown:  # a typo such as ?debg=rectified must not be ignored silently
+        raise APIError(
+            "invalid_option",
+            f"unknown query parameter {unknown[0][:40]!r}: /recognize takes only debug={'|'.join(DEBUG_VALUES)} and {PER_FILE_ERRORS}=true|false",
+        )
+    debug = params.get("debug")
+    if debug is not None and debug not in DEBUG_VALUES:
+        raise APIError("invalid_option", f"debug must be one of {', '.join(DEBUG_VALUES)}, got {debug[:40]!r}")
+    per_file = params.get(PER_FILE_ERRORS)
+    return QueryOptions(debug, None if per_file is None else parse_flag(PER_FILE_ERRORS, per_file))
+
+
+def per_file_errors(in_query: bool | None, in_body: bool | None, default: bool) -> bool:
+    """Whether a request's unreadable files are per-file errors: as the request says (query
+    parameter or body), else the server's ``default``. ``APIError`` ``invalid_option`` when
+    the query and the body disagree."""
+    if in_query is not None and in_body is not None and in_query != in_body:
+        raise APIError("invalid_option", f"{PER_FILE_ERRORS} is {str(in_query).lower()} in the query but {str(in_body).lower()} in the body")
+    said = in_query if in_query is not None else in_body
+    return default if said is None else said
 
 
 class ClientGone(Exception):
@@ -147,14 +201,12 @@ async def await_results(request: Request, futures: list[asyncio.Future[Recogniti
 async def recognize(request: Request, runtime: Runtime, view_cfg: ViewConfig) -> RecognizeResponse | JSONResponse:
     """Answer one ``/recognize`` request: its results in the order sent, or an ``APIError``.
 
-    ``?debug=rectified`` adds each crop's rectified image (``Predictor.rectified``)."""
+    With ``per_file_errors`` (``per_file_errors``) a file that cannot be read is a
+    ``FileError`` in its place among the results, counted in the metrics by its code.
+    ``?debug=rectified`` adds each crop's rectified image (``Predictor.rectified``) of the
+    view its answer was read from."""
     settings = runtime.settings
-    unknown = sorted(set(request.query_params) - {"debug"})
-    if unknown:  # a typo such as ?debg=rectified must not be ignored silently
-        raise APIError("invalid_option", f"unknown query parameter {unknown[0][:40]!r}: /recognize takes only debug={'|'.join(DEBUG_VALUES)}")
-    debug = request.query_params.get("debug")
-    if debug is not None and debug not in DEBUG_VALUES:
-        raise APIError("invalid_option", f"debug must be one of {', '.join(DEBUG_VALUES)}, got {debug[:40]!r}")
+    query = query_options(request)
     if runtime.draining or runtime.stopped:
         raise APIError("shutting_down", "the server is shutting down; retry on another instance")
     if runtime.batcher is not None and not runtime.batcher.has_room():
@@ -166,6 +218,7 @@ async def recognize(request: Request, runtime: Runtime, view_cfg: ViewConfig) ->
             uploads, options = await asyncio.wait_for(read_uploads(request, settings.max_files, settings.max_file_bytes), max(deadline.remaining(), 0.0))
         except TimeoutError:
             raise deadline.passed(UPLOAD) from None
+        per_file = per_file_errors(query.per_file_errors, options.per_file_errors, settings.per_file_errors)
         batcher, predictor = runtime.batcher, runtime.predictor
         assert batcher is not None and predictor is not None
         try:
@@ -174,7 +227,7 @@ async def recognize(request: Request, runtime: Runtime, view_cfg: ViewConfig) ->
         except ValueError as exc:
             raise APIError("invalid_option", str(exc)) from None
         # Decoded and validated before queueing: a bad image fails alone, and early.
-        per_upload = await run_in_threadpool(decode_uploads, uploads, runtime.limits, predictor.preprocess_config, view_cfg, deadline)
+        per_upload = await run_in_threadpool(decode_uploads, uploads, runtime.limits, predictor.preprocess_config, view_cfg, deadline, per_file)
         deadline.check(DECODE)  # the last image's decode may have taken it past
 
         async def read(inputs: list[torch.Tensor]) -> list[Recognition]:
@@ -193,30 +246,37 @@ async def recognize(request: Request, runtime: Runtime, view_cfg: ViewConfig) ->
                     raise deadline.passed(QUEUED) from None
                 raise APIError(exc.code, exc.message) from None
 
+        crops = [crop for crop in per_upload if not isinstance(crop, APIError)]
         try:
-            answers = await aread_views(read, per_upload, view_cfg.confident_at)
+            answers = await aread_answers(read, crops, view_cfg.confident_at)
         except ClientGone:
             runtime.metrics.error("client_disconnected")
             # Nobody reads this; 499 (nginx's "client closed request") labels the metrics.
             return error_response("client_disconnected", "the client disconnected before the results were ready")
-        rectified: list[str | None] = [None] * len(uploads)
-        if debug == "rectified":
-            images = await run_in_threadpool(predictor.rectified, [views[0] for views in per_upload])
-            rectified = [png_data_url(im) for im in images]
-    return RecognizeResponse(
-        model=predictor.info.model_id,
-        results=[
+        pictures: list[str | None] = [None] * len(answers)
+        if query.debug == "rectified":
+            # The view each answer came from: a tall crop's turned view when that one was read best.
+            images = await run_in_threadpool(predictor.rectified, [views[view] for views, (_, view) in zip(crops, answers, strict=True)])
+            pictures = [png_data_url(im) for im in images]
+    results: list[RecognitionResult | FileError] = []
+    read_back = iter(zip(answers, pictures, strict=True))
+    for upload, crop in zip(uploads, per_upload, strict=True):
+        if isinstance(crop, APIError):
+            runtime.metrics.error(crop.code)
+            results.append(FileError(filename=upload.filename, error=ErrorDetail(code=crop.code, message=crop.message)))
+            continue
+        (r, _), picture = next(read_back)
+        results.append(
             RecognitionResult(
-                filename=u.filename,
+                filename=upload.filename,
                 text=r.text,
                 confidence=r.confidence,
                 char_confidences=r.char_confidences,
                 alternatives=[Alternative(text=a.text, confidence=a.confidence) for a in r.alternatives] if options.top_k else None,
                 rectified=picture,
             )
-            for u, r, picture in zip(uploads, answers, rectified, strict=True)
-        ],
-    )
+        )
+    return RecognizeResponse(model=predictor.info.model_id, results=results)
 
 
 #: Values of the ``debug`` query parameter of ``/recognize``.

@@ -134,12 +134,12 @@ def _reading(r: Recognition) -> dict[str, Any]:
 class Writer:
     """Writes one format to ``out``: a line per result as it comes (``json``: one document
     at ``close``). ``tsv`` and ``csv`` leave errors to standard error; ``jsonl`` and ``json``
-    carry them too."""
+    carry them too, in their place among the results (``json``: as the HTTP API's
+    ``per_file_errors`` does, ``{"filename", "error": {"code", "message"}}``)."""
 
     def __init__(self, fmt: str, out: IO[str], model_id: str) -> None:
         self.fmt, self.out, self.model_id = fmt, out, model_id
         self.results: list[dict[str, Any]] = []
-        self.errors: list[dict[str, str]] = []
         self._csv = csv.writer(out, lineterminator="\n") if fmt == "csv" else None
         if self._csv is not None:
             self._csv.writerow(["file", "text", "confidence"])
@@ -161,14 +161,11 @@ class Writer:
             line = {"file": problem["filename"], "error": {"code": problem["code"], "message": problem["message"]}}
             self.out.write(json.dumps(line, ensure_ascii=False) + "\n")
         elif self.fmt == "json":
-            self.errors.append(problem)
+            self.results.append({"filename": problem["filename"], "error": {"code": problem["code"], "message": problem["message"]}})
 
     def close(self) -> None:
         if self.fmt == "json":
-            doc: dict[str, Any] = {"model": self.model_id, "results": self.results}
-            if self.errors:
-                doc["errors"] = self.errors
-            self.out.write(json.dumps(doc, ensure_ascii=False) + "\n")
+            self.out.write(json.dumps({"model": self.model_id, "results": self.results}, ensure_ascii=False) + "\n")
         self.out.flush()
 
 

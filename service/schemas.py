@@ -22,6 +22,13 @@ LEXICON_DOC = (
     "a multipart field holds at most 64 KiB); "
     "its confidence is the model's probability of that word. Multipart: one word per line. Not with allowlist or blocklist"
 )
+PER_FILE_ERRORS_DOC = (
+    "true: a file that cannot be read (not an image, corrupt, empty, too large) takes its place among the results as "
+    '{"filename", "error": {"code", "message"}} with the code and message it would fail the whole request with, and the other '
+    "files are read; false: such a file fails the whole request. Unset: the server's default (SAFL_PER_FILE_ERRORS). "
+    "Errors of the request as a whole (the API key, too many files, the body size, the deadline, a malformed body, an option) "
+    "are always the request's"
+)
 TOP_K_DOC = f"1 to {MAX_TOP_K}: also return the k most probable readings (beam search) as alternatives; text is then the first of them"
 
 
@@ -40,16 +47,41 @@ class RecognitionResult(BaseModel):
     confidence: float = Field(description=CONFIDENCE_DOC)
     char_confidences: list[float] = Field(description="probability of each recognised character, in order")
     alternatives: list[Alternative] | None = Field(None, description="with top_k: the k most probable readings, most probable first (the first is text)")
-    rectified: str | None = Field(None, description="with ?debug=rectified: the image the model read (the TPS rectifier's output), a PNG data: URL")
+    rectified: str | None = Field(
+        None,
+        description="with ?debug=rectified: the image the model read (the TPS rectifier's output) of the view the answer came from (a tall crop turned, when its turned reading won), a PNG data: URL",
+    )
+
+
+class ErrorDetail(BaseModel):
+    """What went wrong."""
+
+    code: str = Field(description="stable machine-readable code, e.g. too_many_pixels")
+    message: str = Field(description="human-readable explanation, naming the file where there is one")
+
+
+class ErrorResponse(BaseModel):
+    """The body of every 4xx/5xx reply."""
+
+    error: ErrorDetail
+
+
+class FileError(BaseModel):
+    """A file that could not be read (with ``per_file_errors``), in its place among the results.
+
+    It has no ``text``: a client that reads only ``text`` cannot take it for a reading."""
+
+    filename: str = Field(description="the part's filename (multipart) or image-<index> (JSON)")
+    error: ErrorDetail = Field(description="the code and message the whole request would have failed with without per_file_errors")
 
 
 class RecognizeResponse(BaseModel):
-    """Results in the order the images were sent."""
+    """Results in the order the images were sent: one per image, never fewer."""
 
     model_config = ConfigDict(protected_namespaces=())
 
     model: str = Field(description="<name>@<first 12 hex digits of the weights' sha256>")
-    results: list[RecognitionResult]
+    results: list[RecognitionResult | FileError] = Field(description="a reading, or with per_file_errors an error for a file that could not be read")
 
 
 class RecognizeJSON(BaseModel):
@@ -67,19 +99,7 @@ class RecognizeJSON(BaseModel):
     # request's other checks (a request with too many images is 413 whatever its top_k), and
     # a schema limit would make that order a contract violation.
     top_k: int | None = Field(None, description=TOP_K_DOC)
-
-
-class ErrorDetail(BaseModel):
-    """What went wrong."""
-
-    code: str = Field(description="stable machine-readable code, e.g. too_many_pixels")
-    message: str = Field(description="human-readable explanation, naming the file where there is one")
-
-
-class ErrorResponse(BaseModel):
-    """The body of every 4xx/5xx reply."""
-
-    error: ErrorDetail
+    per_file_errors: bool | None = Field(None, description=PER_FILE_ERRORS_DOC)
 
 
 class Status(BaseModel):

@@ -89,6 +89,10 @@ class Settings(BaseSettings):
     max_request_pixels: int | None = Field(
         default=None, ge=1, description="most pixels of a request's images together, checked from their headers before any is decoded (unset: 4 x max_pixels)"
     )
+    per_file_errors: bool = Field(
+        default=False,
+        description="answer a file that cannot be read with an error in its place among the results and read the others, for requests that do not say (per_file_errors form field, JSON key or query parameter)",
+    )
 
     # --- access
     api_key: SecretStr | None = Field(default=None, description="when set, requests need 'Authorization: Bearer KEY' or 'X-API-Key: KEY'")

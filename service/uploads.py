@@ -19,7 +19,7 @@ from starlette.requests import ClientDisconnect, Request
 from .errors import APIError
 from .schemas import RecognizeJSON
 
-#: Non-file form fields are ignored, but their number and size are still bounded.
+#: Plain form fields are the reading options (``OPTION_FIELDS``); their number and size are bounded.
 _MAX_FIELDS = 16
 _MAX_FIELD_BYTES = 64 * 1024
 _HOW = "send multipart/form-data with one or more 'files' parts ('file' is an alias), or application/json {\"images\": [\"<base64>\", ...]}"
@@ -41,6 +41,9 @@ class ReadingOptions:
     blocklist: str | None = None
     lexicon: tuple[str, ...] | None = None
     top_k: int | None = None
+    #: Answer a file that cannot be read with an error in its place among the results
+    #: (``None``: the request did not say; ``request_options`` settles it).
+    per_file_errors: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,9 @@ class Upload:
 
     filename: str
     data: bytes
+    #: Why this part carries no usable bytes (not a file, over the size limit, not base64):
+    #: the error the whole request fails with, or its per-file error (``per_file_errors``).
+    rejected: APIError | None = None
 
 
 #: Field names of image parts: ``files``, and ``file`` for clients that name a single
@@ -69,7 +75,9 @@ class _MultiPartParser(MultiPartParser):
 
 async def read_uploads(request: Request, max_files: int, max_file_bytes: int) -> tuple[list[Upload], ReadingOptions]:
     """The request's images in the order sent and its reading options; ``APIError`` (4xx)
-    for anything malformed."""
+    for anything malformed in the request as a whole. A part that is not a usable file
+    (``not_a_file``, ``file_too_large``, ``invalid_base64``) is returned with its error as
+    ``Upload.rejected``: the caller decides whether it fails the request."""
     content_type = request.headers.get("content-type", "")
     media = content_type.split(";", 1)[0].strip().lower()
     coding = request.headers.get("content-encoding", "identity").strip().lower()
@@ -95,15 +103,29 @@ def _multipart_problem(exc: MultiPartException) -> str:
     return f"{exc} ({cause})" if cause is not None and str(cause) else str(exc)
 
 
-#: The plain form fields of a multipart request (all optional).
-OPTION_FIELDS = ("allowlist", "blocklist", "lexicon", "top_k")
+#: The option that turns a file's error into one result instead of the request's error:
+#: a form field, a JSON key and a query parameter of this one name.
+PER_FILE_ERRORS = "per_file_errors"
+#: The plain form fields of a multipart request (all optional); any other is refused.
+OPTION_FIELDS = ("allowlist", "blocklist", "lexicon", "top_k", PER_FILE_ERRORS)
+#: What a ``per_file_errors`` form field or query parameter may say.
+_BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
 
 
-def _options(allowlist: str | None, blocklist: str | None, lexicon: list[str] | None, top_k: int | None) -> ReadingOptions:
+def parse_flag(name: str, raw: str) -> bool:
+    """``true``/``1`` or ``false``/``0`` (any case, spaces around ignored) as a bool;
+    ``APIError`` ``invalid_option`` naming ``name`` for anything else."""
+    value = _BOOLEANS.get(raw.strip().lower())
+    if value is None:
+        raise APIError("invalid_option", f"{name} must be true or false, got {raw[:40]!r}")
+    return value
+
+
+def _options(allowlist: str | None, blocklist: str | None, lexicon: list[str] | None, top_k: int | None, per_file_errors: bool | None = None) -> ReadingOptions:
     for name, value in (("allowlist", allowlist), ("blocklist", blocklist)):
         if value is not None and len(value) > MAX_OPTION_CHARS:
             raise APIError("invalid_option", f"{name} has {len(value)} characters; the limit is {MAX_OPTION_CHARS}")
-    return ReadingOptions(allowlist, blocklist, None if lexicon is None else tuple(lexicon), top_k)
+    return ReadingOptions(allowlist, blocklist, None if lexicon is None else tuple(lexicon), top_k, per_file_errors)
 
 
 def _form_options(fields: dict[str, str]) -> ReadingOptions:
@@ -114,7 +136,14 @@ def _form_options(fields: dict[str, str]) -> ReadingOptions:
         except ValueError:
             raise APIError("invalid_option", f"top_k must be a whole number, got {top_k[:40]!r}") from None
     lexicon = fields.get("lexicon")
-    return _options(fields.get("allowlist"), fields.get("blocklist"), None if lexicon is None else lexicon.splitlines(), top_k)
+    per_file = fields.get(PER_FILE_ERRORS)
+    return _options(
+        fields.get("allowlist"),
+        fields.get("blocklist"),
+        None if lexicon is None else lexicon.splitlines(),
+        top_k,
+        None if per_file is None else parse_flag(PER_FILE_ERRORS, per_file),
+    )
 
 
 async def _read_multipart(request: Request, max_files: int, max_file_bytes: int) -> tuple[list[Upload], ReadingOptions]:
@@ -143,21 +172,28 @@ async def _read_multipart(request: Request, max_files: int, max_file_bytes: int)
         uploads = []
         for index, value in enumerate(parts):
             if not isinstance(value, UploadFile):
-                raise APIError(
+                problem = APIError(
                     "not_a_file",
                     f"image part #{index} is a plain form field: its Content-Disposition has no filename= parameter "
                     "(filename*= alone is not read), so it carries no file",
                 )
+                uploads.append(Upload(f"file-{index}", b"", problem))
+                continue
             name = value.filename or f"file-{index}"
             if value.size is not None and value.size > max_file_bytes:
-                raise APIError("file_too_large", f"file {name!r} is {value.size} bytes; the limit is {max_file_bytes}")
+                uploads.append(Upload(name, b"", APIError("file_too_large", f"file {name!r} is {value.size} bytes; the limit is {max_file_bytes}")))
+                continue
             uploads.append(Upload(name, await value.read()))
         fields: dict[str, str] = {}
         for key, value in items:
-            if key in OPTION_FIELDS:
-                if key in fields or not isinstance(value, str):
-                    raise APIError("invalid_option", f"{key} must be one plain form field")
-                fields[key] = value
+            if key in FILE_FIELDS:
+                continue
+            if key not in OPTION_FIELDS:
+                # A misspelt option (allow_list=, topk=) read unconstrained would look like a reading that ignored it.
+                raise APIError("invalid_option", f"unknown form field {key[:40]!r}: the options are {', '.join(OPTION_FIELDS)}")
+            if key in fields or not isinstance(value, str):
+                raise APIError("invalid_option", f"{key} must be one plain form field")
+            fields[key] = value
         return uploads, _form_options(fields)
     finally:
         await form.close()
@@ -193,10 +229,10 @@ def _read_json(body: bytes, max_files: int, max_file_bytes: int) -> tuple[list[U
     for index, text in enumerate(images):
         name = names[index] if names is not None else f"image-{index}"
         if len(text) * 3 // 4 > max_file_bytes + 3:  # checked before decoding it
-            raise APIError("file_too_large", f"image {name!r} is over {max_file_bytes} bytes")
+            uploads.append(Upload(name, b"", APIError("file_too_large", f"image {name!r} is over {max_file_bytes} bytes")))
+            continue
         try:
-            data = _b64decode(text)
+            uploads.append(Upload(name, _b64decode(text)))
         except (binascii.Error, ValueError):
-            raise APIError("invalid_base64", f"image {name!r} is not valid base64") from None
-        uploads.append(Upload(name, data))
-    return uploads, _options(payload.allowlist, payload.blocklist, payload.lexicon, payload.top_k)
+            uploads.append(Upload(name, b"", APIError("invalid_base64", f"image {name!r} is not valid base64")))
+    return uploads, _options(payload.allowlist, payload.blocklist, payload.lexicon, payload.top_k, payload.per_file_errors)

@@ -249,3 +249,26 @@ def test_a_dropped_or_pasted_crop_is_read(browser: Browser, server: str, kind: s
         assert problems == []
     finally:
         page.close()
+
+
+def test_a_file_that_is_no_image_fails_alone_in_its_card(browser: Browser, server: str) -> None:
+    from playwright.sync_api import expect
+
+    page, problems = _open(browser, server)
+    try:
+        crops = [_crop(WORDS[0]), {"name": "notes.png", "mimeType": "image/png", "buffer": b"hello, world\n" * 10}, _crop(WORDS[1])]
+        page.set_input_files("#files", crops)
+        _wait_for_readings(page, 3)
+        want = _api(server, crops, per_file_errors="true")
+        cards = page.locator("#results .card").all()
+        assert [c.locator(".text").text_content() for c in cards] == [want[0]["text"], "—", want[2]["text"]]
+        bad = cards[1].locator(".file-error")
+        expect(bad).to_be_visible()
+        assert bad.locator("code").text_content() == want[1]["error"]["code"] == "unsupported_image"
+        assert want[1]["error"]["message"] in (bad.text_content() or "")
+        assert cards[0].locator(".file-error").is_hidden() and cards[0].locator(".rectified").is_visible()
+        expect(page.locator("#status")).to_contain_text("1 of 3 could not be read")
+        expect(page.locator("#error")).to_be_empty()
+        assert problems == []
+    finally:
+        page.close()

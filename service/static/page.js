@@ -94,6 +94,19 @@ function card(file, previewUrl) {
   return li;
 }
 
+// A file the service could not read (sent with per_file_errors): its error in its own card,
+// and the other crops of the request are still read.
+function fillError(li, error) {
+  li.removeAttribute("aria-busy");
+  li.classList.add("failed");
+  li.querySelector(".text").textContent = "—";
+  const p = li.querySelector(".file-error");
+  const code = document.createElement("code");
+  code.textContent = error.code;
+  p.replaceChildren(code, " ", error.message);
+  p.hidden = false;
+}
+
 function fill(li, result) {
   li.removeAttribute("aria-busy");
   const text = li.querySelector(".text");
@@ -153,6 +166,7 @@ async function read(files) {
 
   const body = new FormData();
   for (const f of files) body.append("files", f, f.name);
+  body.append("per_file_errors", "true");
   for (const name of OPTIONS) {
     const value = form.elements[name].value;
     // A blank lexicon is no lexicon; a lone space is a meaningful allowlist.
@@ -177,8 +191,10 @@ async function read(files) {
   if (!reply || !Array.isArray(reply.results)) {
     return failed(response.ok ? { code: "bad_reply", message: "the reply was not the service's JSON" } : await errorOf(response), cards);
   }
-  reply.results.forEach((result, i) => fill(cards[i], result));
-  statusLine.textContent = `Read by ${reply.model} in ${Math.round(performance.now() - started)} ms.`;
+  reply.results.forEach((result, i) => (result.error ? fillError(cards[i], result.error) : fill(cards[i], result)));
+  const unread = reply.results.filter((result) => result.error).length;
+  const note = unread ? ` ${unread} of ${files.length} could not be read.` : "";
+  statusLine.textContent = `Read by ${reply.model} in ${Math.round(performance.now() - started)} ms.${note}`;
 }
 
 function failed(error, cards) {
