@@ -76,7 +76,11 @@ RUN pip wheel --no-deps --wheel-dir /dist /src
 # --- final image: Python + the venv (the weights inside, in safl_weights); no compilers, no pip cache, no wheels.
 FROM python:3.11-slim
 
-ENV PYTHONUNBUFFERED=1 \
+# ORT_DISABLE_TELEMETRY: ONNX Runtime's PyPI wheel sends usage events to Microsoft and keeps a
+# device id under ~/.cache unless this is set before it loads (safl sets it too, in
+# model/onnx_backend.py; here it also covers any other process started in the container).
+ENV ORT_DISABLE_TELEMETRY=1 \
+    PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -104,7 +108,7 @@ EXPOSE 8000
 # it drains on SIGTERM (`docker inspect` shows the status and reason, e.g. 503 ... "warming up").
 # Sends the API key when one is configured, in case SAFL_AUTH_HEALTH=true.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import os, sys, http.client as h; k = os.environ.get('SAFL_API_KEY'); c = h.HTTPConnection('127.0.0.1', 8000, timeout=4); c.request('GET', '/readyz', headers={'X-API-Key': k} if k else {}); r = c.getresponse(); print(r.status, r.read(300).decode(errors='replace')); sys.exit(r.status != 200)"]
+    CMD ["python", "-c", "import os, sys, http.client as h; k = os.environ.get('SAFL_API_KEY', '').strip(); c = h.HTTPConnection('127.0.0.1', 8000, timeout=4); c.request('GET', '/readyz', headers={'X-API-Key': k} if k else {}); r = c.getresponse(); print(r.status, r.read(300).decode(errors='replace')); sys.exit(r.status != 200)"]
 
 # Exec form: `safl` is PID 1 and receives SIGTERM itself; it stops taking work, drains the
 # admitted requests (up to SAFL_DRAIN_TIMEOUT_S, default 30 s) and exits 0.

@@ -87,9 +87,10 @@ class Lexicon:
 
 
 def read_lexicon(path: str | os.PathLike[str]) -> list[str]:
-    """The words of a UTF-8 text file, one per line (blank lines skipped).
+    """The words of a UTF-8 text file, one per line (blank lines skipped), without the byte
+    order mark that Windows editors write first.
 
     Raises ``OSError`` if it cannot be read and ``ValueError`` if it is not UTF-8.
     """
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         return [line.strip() for line in f if line.strip()]

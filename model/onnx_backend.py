@@ -9,6 +9,7 @@ rarer requests and stay with the PyTorch model this is built from.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -21,6 +22,23 @@ from .preprocess import ViewConfig
 from .reading import Recognition, read_images
 from .safl import SAFL
 from .search import PLAIN, DecodeOptions, token_masks
+
+#: The environment that keeps ONNX Runtime's telemetry off. The PyPI wheel has it on: on
+#: import it writes a device id under ~/.cache/Microsoft/DeveloperTools/.onnxruntime and
+#: sends events to mobile.events.data.microsoft.com. Only this variable, read when the
+#: library loads, stops both; ``onnxruntime.disable_telemetry_events()`` comes too late.
+TELEMETRY_OFF = {"ORT_DISABLE_TELEMETRY": "1"}
+
+
+def keep_telemetry_off() -> None:
+    """Set ``TELEMETRY_OFF`` unless the environment already says otherwise. Runs when this
+    module is imported, which every entry point (``safl serve``, ``safl recognize``, the
+    benchmarks) does before anything imports ``onnxruntime``."""
+    for name, value in TELEMETRY_OFF.items():
+        os.environ.setdefault(name, value)
+
+
+keep_telemetry_off()
 
 #: Batches up to this size run on one thread (``OnnxRecognizer``).
 SMALL_BATCH = 8

@@ -81,10 +81,23 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
     except ValidationError as exc:
-        print(f"safl serve: invalid settings:\n{exc}", file=sys.stderr)
+        for line in setting_errors(exc):
+            print(f"safl serve: {line}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return serve(settings)
+
+
+def setting_errors(exc: ValidationError) -> list[str]:
+    """One line per invalid setting, named as its environment variable; never the value
+    given (it may be the API key)."""
+    lines = []
+    for error in exc.errors(include_input=False, include_url=False):
+        message = str(error["msg"]).removeprefix("Value error, ")
+        name = ".".join(str(part) for part in error["loc"])
+        flag = f"--{name.replace('_', '-')} (SAFL_{name.upper()})"
+        lines.append(f"invalid {flag}: {message}" if name else f"invalid settings: {message}")
+    return lines
 
 
 #: glibc's mallopt parameter number of M_ARENA_MAX (malloc.h).
@@ -199,7 +212,7 @@ def add_recognize_parser(sub: argparse._SubParsersAction) -> None:
         default="tsv",
         help="tsv: file<TAB>text<TAB>confidence, a tab, newline, carriage return or backslash in a file name written \\t \\n \\r \\\\; csv: the same with a "
         "header row; jsonl: one object per file (file, text, confidence, char_confidences, or error); "
-        "json: one document, the API's response shape with per-file errors in place, {\"filename\", \"error\": {\"code\", \"message\"}} (default: %(default)s)",
+        'json: one document, the API\'s response shape with per-file errors in place, {"filename", "error": {"code", "message"}} (default: %(default)s)',
     )
     p.add_argument("--json", dest="format", action="store_const", const="json", help="same as --format json")
     p.add_argument(

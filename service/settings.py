@@ -95,7 +95,10 @@ class Settings(BaseSettings):
     )
 
     # --- access
-    api_key: SecretStr | None = Field(default=None, description="when set, requests need 'Authorization: Bearer KEY' or 'X-API-Key: KEY'")
+    api_key: SecretStr | None = Field(
+        default=None,
+        description="when set, requests need 'Authorization: Bearer KEY' or 'X-API-Key: KEY'; surrounding whitespace is dropped, and printable ASCII only",
+    )
     auth_health: bool = Field(default=False, description="also require the API key on /healthz and /readyz")
     auth_metrics: bool = Field(default=False, description="also require the API key on /metrics")
 
@@ -109,11 +112,22 @@ class Settings(BaseSettings):
 
     @field_validator("api_key")
     @classmethod
-    def _empty_key_is_none(cls, value: SecretStr | None) -> SecretStr | None:
-        # SAFL_API_KEY= (empty) in a deployment file means "no key", not "the empty key".
-        if value is not None and not value.get_secret_value():
+    def _usable_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
             return None
-        return value
+        # `echo KEY > file` and `kubectl create secret --from-file` end the key in a newline
+        # that no client can send in a header: every request was 401.
+        key = value.get_secret_value().strip()
+        if not key:
+            return None  # SAFL_API_KEY= (empty) in a deployment file means "no key", not "the empty key"
+        for i, char in enumerate(key):
+            # Printable ASCII only: a header value cannot carry control characters, and a
+            # non-ASCII key matched only the Latin-1 bytes some clients happen to send.
+            if not " " <= char <= "~":
+                kind = "a control character" if char.isascii() or not char.isprintable() else "a non-ASCII character"
+                # The position, never the key: this message is printed and logged.
+                raise ValueError(f"the API key holds {kind} at position {i + 1} of {len(key)}; use printable ASCII (what an HTTP header carries)")
+        return SecretStr(key)
 
     def request_pixel_budget(self) -> int:
         """``max_request_pixels``, or 4 x ``max_pixels`` when unset (so raising the per-image

@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 from conftest import render_word
 from PIL import Image
+from pydantic import ValidationError
 from service_support import assert_matches, encode, expected, metric, multipart, running_app, runtime_of, settings_for
 
 from model import SAFL
+from service import Settings
 
 pytestmark = pytest.mark.anyio
 
@@ -175,6 +177,44 @@ async def test_api_key(tiny_checkpoint: Path) -> None:
 
     async with running_app(settings_for(tiny_checkpoint, api_key="")) as (app, client):  # empty: no key
         assert (await client.post("/recognize", files=multipart([png]))).status_code == 200
+
+
+async def test_ambiguous_credentials_are_refused(tiny_checkpoint: Path) -> None:
+    # With two Authorization headers the first one won: a wrong key was let in behind a right
+    # one, and a right key refused behind a wrong one, depending on the order.
+    png = encode(render_word("key"))
+    right, wrong = ("Authorization", "Bearer s3cret"), ("Authorization", "Bearer nope")
+    cases = {
+        "right, wrong": [right, wrong],
+        "wrong, right": [wrong, right],
+        "bearer right, X-API-Key wrong": [right, ("X-API-Key", "nope")],
+        "two X-API-Key": [("X-API-Key", "s3cret"), ("X-API-Key", "nope")],
+        "right twice": [right, right],
+        "right, and another scheme": [right, ("Authorization", "Basic dXNlcjpwdw==")],
+    }
+    # The key as `echo s3cret > file` writes it: the newline is dropped, not required.
+    async with running_app(settings_for(tiny_checkpoint, api_key=" s3cret\n")) as (app, client):
+        codes = {name: (await client.post("/recognize", files=multipart([png]), headers=headers)).status_code for name, headers in cases.items()}
+    assert codes == {
+        "right, wrong": 401,
+        "wrong, right": 401,
+        "bearer right, X-API-Key wrong": 401,
+        "two X-API-Key": 401,
+        "right twice": 200,
+        "right, and another scheme": 200,
+    }
+
+
+def test_an_api_key_no_client_can_send_is_refused() -> None:
+    assert Settings(api_key="s3cret\n").api_key.get_secret_value() == "s3cret"  # type: ignore[union-attr]
+    assert Settings(api_key=" \n").api_key is None  # blank: no key, as the empty string
+    for key, kind in (
+        ("a\x01b", "a control character at position 2"),
+        ("cl\u00e9", "a non-ASCII character at position 3"),
+        ("a\u2028b", "a control character"),
+    ):
+        with pytest.raises(ValidationError, match=kind):
+            Settings(api_key=key)
 
 
 async def test_unexpected_server_error_is_a_bare_500(tiny_checkpoint: Path) -> None:
