@@ -1,6 +1,9 @@
 """Dynamic batching in the manner of Triton's dynamic batcher.
 
-Every request's crops (already decoded and validated) go into one bounded queue. A
+Every request's crops (already decoded and validated) go into one bounded queue, ordered
+by their request's arrival: a request's later crops (the turned views of an unsure tall
+crop, read in a second submission) keep its place instead of waiting behind every request
+that arrived meanwhile, so a request waits for its own work and what was ahead of it. A
 single worker forms a batch when it holds ``max_batch_size`` crops, when the oldest
 crop has waited ``max_wait_s`` since it arrived, or at once when the worker frees up
 and finds crops that arrived while it was busy (they have waited already). The batch
@@ -16,9 +19,10 @@ stay queued.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -74,6 +78,11 @@ class _Crop(Generic[R]):
     deadline: float
 
 
+#: A queue entry: (its request's arrival, submission number, crop); a heap of these pops
+#: the crops of the earliest request first, each request's in the order submitted.
+_Entry = tuple[float, int, _Crop[R]]
+
+
 class DynamicBatcher(Generic[R]):
     """Queue + supervised worker around a synchronous ``run_batch(list[Tensor]) -> list[R]``."""
 
@@ -90,7 +99,8 @@ class DynamicBatcher(Generic[R]):
         self._executor = executor
         self._metrics = metrics
         self._clock = clock
-        self._queue: deque[_Crop[R]] = deque()
+        self._queue: list[_Entry[R]] = []  # a heap
+        self._seq = itertools.count()
         self._running: list[_Crop[R]] = []
         self._wakeup = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
@@ -129,10 +139,13 @@ class DynamicBatcher(Generic[R]):
             self._purge()
         return len(self._queue) + n <= self.config.max_queue
 
-    def submit(self, tensors: Sequence[Any], deadline: float) -> list[asyncio.Future[R]]:
+    def submit(self, tensors: Sequence[Any], deadline: float, order: float | None = None) -> list[asyncio.Future[R]]:
         """Queue one request's crops, all or none; returns one future per crop, in order.
 
-        Raises ``QueueFull`` when they do not all fit and ``BatcherClosed`` after ``stop``.
+        ``order`` places them: the arrival time of their request on the batcher's clock
+        (seconds), so its later submissions queue ahead of requests that came after it;
+        unset, now. ``deadline`` is on the same clock. Raises ``QueueFull`` when they do not
+        all fit and ``BatcherClosed`` after ``stop``.
         """
         if self._closed:
             raise BatcherClosed("the batcher is shut down")
@@ -142,10 +155,11 @@ class DynamicBatcher(Generic[R]):
             raise QueueFull(f"{len(self._queue)} crops queued; {len(tensors)} more would exceed {self.config.max_queue}")
         loop = asyncio.get_running_loop()
         now = self._clock()
+        place = now if order is None else order
         futures: list[asyncio.Future[R]] = []
         for t in tensors:
             fut: asyncio.Future[R] = loop.create_future()
-            self._queue.append(_Crop(t, fut, now, deadline))
+            heapq.heappush(self._queue, (place, next(self._seq), _Crop(t, fut, now, deadline)))
             futures.append(fut)
         self._gauge_depth()
         self._wakeup.set()
@@ -167,7 +181,7 @@ class DynamicBatcher(Generic[R]):
                 await self._supervisor
             except asyncio.CancelledError:
                 pass
-        leftover = list(self._queue) + self._running
+        leftover = [crop for _, _, crop in self._queue] + self._running
         self._queue.clear()
         self._running = []
         self._fail(leftover, CropFailed("shutting_down", "the server shut down before this image was recognised"))
@@ -212,7 +226,7 @@ class DynamicBatcher(Generic[R]):
             if self._queue:
                 if len(self._queue) >= cfg.max_batch_size:
                     break
-                oldest = self._queue[0].arrived
+                oldest = min(crop.arrived for _, _, crop in self._queue)
                 if oldest <= self._freed_at:  # it arrived while the worker was busy
                     break
                 timeout = oldest + cfg.max_wait_s - self._clock()
@@ -224,7 +238,7 @@ class DynamicBatcher(Generic[R]):
                 await asyncio.wait_for(self._wakeup.wait(), timeout)
             except TimeoutError:
                 pass
-        batch = [self._queue.popleft() for _ in range(min(len(self._queue), cfg.max_batch_size))]
+        batch = [heapq.heappop(self._queue)[2] for _ in range(min(len(self._queue), cfg.max_batch_size))]
         self._gauge_depth()
         return batch
 
@@ -233,8 +247,9 @@ class DynamicBatcher(Generic[R]):
         if not self._queue:
             return
         now = self._clock()
-        kept: deque[_Crop[R]] = deque()
-        for crop in self._queue:
+        kept: list[_Entry[R]] = []
+        for entry in self._queue:
+            crop = entry[2]
             if now >= crop.deadline:
                 if not crop.future.done():
                     crop.future.set_exception(CropFailed("deadline_exceeded", "the deadline passed while the image was queued"))
@@ -242,8 +257,9 @@ class DynamicBatcher(Generic[R]):
             elif crop.future.done():  # cancelled: the request timed out, or its client went away
                 self._count_drop("cancelled")
             else:
-                kept.append(crop)
+                kept.append(entry)
         if len(kept) != len(self._queue):
+            heapq.heapify(kept)  # a heap's subsequence is not always a heap
             self._queue = kept
             self._gauge_depth()
 

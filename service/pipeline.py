@@ -213,6 +213,9 @@ async def recognize(request: Request, runtime: Runtime, view_cfg: ViewConfig) ->
         # Refused before the body is read and decoded: under overload the excess costs almost nothing.
         raise APIError("overloaded", "the recognition queue is full; retry later")
     with runtime.track_request():
+        # Every submission of this request queues at its arrival, the second pass of its
+        # unsure tall crops too (``DynamicBatcher.submit``).
+        arrived = time.monotonic()
         deadline = request_deadline(request, settings.timeout_ms / 1000.0)
         try:
             uploads, options = await asyncio.wait_for(read_uploads(request, settings.max_files, settings.max_file_bytes), max(deadline.remaining(), 0.0))
@@ -234,7 +237,7 @@ async def recognize(request: Request, runtime: Runtime, view_cfg: ViewConfig) ->
             deadline.check(MODEL)
             try:
                 items = inputs if decode is PLAIN else [ModelInput(t, decode) for t in inputs]
-                futures = batcher.submit(items, deadline=deadline.at)
+                futures = batcher.submit(items, deadline=deadline.at, order=arrived)
             except QueueFull:
                 raise APIError("overloaded", "the recognition queue is full; retry later") from None
             except BatcherClosed:

@@ -15,6 +15,7 @@ import httpx
 import pytest
 import torch
 from conftest import render_word
+from PIL import Image
 from service_support import assert_matches, encode, expected, gated_predictor, metric, multipart, running_app, runtime_of, settings_for, wait_until
 
 from model import SAFL
@@ -116,6 +117,36 @@ async def test_requests_beyond_max_connections_get_a_json_503_but_probes_pass(ti
     assert [r.status_code for r in done] == [200, 200] and after.status_code == 200
     assert metric(text, "safl_errors_total", reason="overloaded") == 2
     assert metric(text, "safl_request_duration_seconds_count", route="/recognize", status="503") == 1
+
+
+async def test_a_requests_second_pass_keeps_its_place_in_the_queue(tiny_checkpoint: Path, images: list[bytes]) -> None:
+    # An unsure tall crop's turned views are read in a second submission. Queued at the tail,
+    # they waited behind every request that arrived meanwhile: one such crop pinned its
+    # request's answer to the end of the whole backlog (6 lexicon requests all 504 at 10 s).
+    predictor, gated = gated_predictor(tiny_checkpoint)
+    tall = encode(render_word("tall", (100, 32)).transpose(Image.Transpose.ROTATE_90))
+    # One crop a batch, every view read: the order of the model's work is the queue's order.
+    settings = settings_for(tiny_checkpoint, max_batch_size=1, max_wait_ms=0.0, turn_tall=True, views_confident_at=1.0)
+    async with running_app(settings, predictor) as (app, client):
+        batcher = runtime_of(app).batcher
+        assert batcher is not None
+        gated.calls.clear()
+        gated.gate.clear()
+        gated.entered.clear()
+        finished: list[str] = []
+        first = asyncio.create_task(client.post("/recognize", files=multipart([tall])))
+        first.add_done_callback(lambda _: finished.append("tall"))
+        await wait_until(gated.entered.is_set)  # its first pass is in the model
+        later = asyncio.create_task(client.post("/recognize", files=multipart(images[:8])))
+        later.add_done_callback(lambda _: finished.append("later"))
+        await wait_until(lambda: batcher.depth == 8)
+        gated.gate.set()
+        replies = [await first, await later]
+    assert [r.status_code for r in replies] == [200, 200]
+    assert gated.calls == [1] * 11  # the tall crop, 2 turned views of it, 8 wide crops
+    # At most the one crop the freed worker took before the second pass was submitted went
+    # ahead of it; then the earlier request's views, then the rest.
+    assert finished == ["tall", "later"]
 
 
 async def test_deadline_is_504_and_expired_crops_never_reach_the_model(tiny_checkpoint: Path, images: list[bytes]) -> None:
