@@ -23,6 +23,7 @@ from model.training.cli import add_eval_parser, add_synth_parser, add_train_pars
 
 from .access_log import configure_probe_access_log
 from .app import create_app
+from .http_protocol import header_timeout_protocol
 from .predictor import Predictor, StartupError
 from .runtime import Runtime
 from .settings import DEFAULT_WEIGHTS, Settings
@@ -139,9 +140,10 @@ def serve(settings: Settings, predictor: Predictor | None = None) -> int:
         log_level=settings.log_level,
         lifespan="on",
         timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
-        # A backstop only: the app answers requests beyond max_connections itself (JSON 503,
-        # probes exempt); this caps idle keep-alive connections and anything else.
-        limit_concurrency=2 * settings.max_connections,
+        # No limit_concurrency: it counts open connections, idle ones too, and refuses every
+        # path beyond it, the probes included. The app caps requests in progress itself (JSON
+        # 503, probes exempt) and the protocol closes connections that send no request.
+        http=header_timeout_protocol(settings.header_timeout_s),
     )
     # After uvicorn.Config, which (re)configures uvicorn's loggers.
     configure_probe_access_log(settings.access_log_probes)

@@ -78,7 +78,13 @@ class Settings(BaseSettings):
     max_connections: int = Field(
         default=512,
         ge=1,
-        description="requests in progress at once, /healthz, /readyz and /metrics aside (so it also caps the bodies being received); beyond it a JSON 503 'overloaded'. uvicorn refuses connections beyond twice this (plain 503)",
+        description="requests in progress at once, /healthz, /readyz and /metrics aside (so it also caps the bodies being received); beyond it a JSON 503 'overloaded'",
+    )
+    header_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=300,
+        description="longest a connection may wait, open or between requests, without sending a complete request's headers; then it is closed (idle and trickling sockets cannot pile up)",
     )
 
     # --- input limits
