@@ -16,7 +16,7 @@ from .auth import api_key_dependency
 from .errors import ERRORS, APIError, install_error_handlers
 from .images import ALLOWED_FORMATS, treat_bomb_warning_as_error
 from .metrics import Metrics
-from .middleware import BodyLimitMiddleware, ConcurrencyLimitMiddleware, RequestMetricsMiddleware
+from .middleware import BodyLimitMiddleware, ConcurrencyLimitMiddleware, CutOffMiddleware, RequestMetricsMiddleware
 from .predictor import Predictor
 from .runtime import Runtime
 from .schemas import (
@@ -152,6 +152,7 @@ def create_app(settings: Settings | None = None, *, predictor: Predictor | None 
     app.add_middleware(
         ConcurrencyLimitMiddleware, limit=settings.max_connections, exempt=UNLIMITED_PATHS, retry_after_s=settings.retry_after_s, on_reject=metrics.error
     )
+    app.add_middleware(CutOffMiddleware, runtime=runtime, on_reject=metrics.error)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics, routes=lambda: app.routes)
 
     auth = api_key_dependency(settings.api_key.get_secret_value()) if settings.api_key else None

@@ -7,6 +7,7 @@ import asyncio
 import ctypes
 import logging
 import os
+import socket
 import sys
 import types
 import typing
@@ -158,7 +159,8 @@ class GracefulServer(uvicorn.Server):
     First SIGTERM/SIGINT: readiness turns 503 and new recognition requests get 503 at once
     (the listener stays open so they are answered, not reset); once the admitted ones
     have finished (or ``drain_timeout_s`` passed) uvicorn's own shutdown runs, and the
-    process exits 0. A second signal exits at once.
+    process exits 0. A second signal exits at once: no drain wait, the requests in
+    progress answered 503 ``shutting_down`` (``Runtime.abort``), exit 0.
     """
 
     def __init__(self, config: uvicorn.Config, runtime: Runtime) -> None:
@@ -166,15 +168,32 @@ class GracefulServer(uvicorn.Server):
         self._runtime = runtime
         self._drain_requested = False
         self._drain_task: asyncio.Task[bool] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Unlike uvicorn's own handler, the signal is not re-raised after shutdown: exit 0.
         if self._drain_requested:
+            # uvicorn's force_exit skips its waits and the lifespan's shutdown; the requests
+            # in progress are cancelled on the loop (not from this signal handler, which
+            # may have interrupted it anywhere) and answered before the loop closes.
             self.force_exit = True
             self.should_exit = True
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._runtime.abort)
             return
         self._drain_requested = True
         self._runtime.begin_drain()  # a flag: safe in a signal handler
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().shutdown(sockets)
+        if self.force_exit and self._runtime.aborted:
+            # uvicorn skips the lifespan's shutdown on a forced exit, and the loop's teardown
+            # then cancels it mid-wait (a traceback in the log). After abort it takes no time.
+            await self.lifespan.shutdown()
 
     async def on_tick(self, counter: int) -> bool:
         if self._drain_requested and self._drain_task is None:

@@ -7,6 +7,7 @@ for the disconnect watcher in ``service.app``.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Sequence
 
@@ -15,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import APIError, error_response
 from .metrics import Metrics
+from .runtime import Runtime
 
 
 class BodyLimitMiddleware:
@@ -94,6 +96,43 @@ class ConcurrencyLimitMiddleware:
             await self.app(scope, receive, send)
         finally:
             self.in_progress -= 1
+
+
+class CutOffMiddleware:
+    """A request cut off by ``Runtime.abort`` (a second SIGTERM) is answered 503
+    ``shutting_down`` in the API's shape, instead of uvicorn's plain-text 500 and a
+    ``CancelledError`` traceback in the log; a reply already under way is left as it is.
+    """
+
+    def __init__(self, app: ASGIApp, runtime: Runtime, on_reject: Callable[[str], None] | None = None) -> None:
+        self.app = app
+        self.runtime = runtime
+        self.on_reject = on_reject
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        replied = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal replied
+            replied = replied or message["type"] == "http.response.start"
+            await send(message)
+
+        with self.runtime.cancellable_request() as task:
+            try:
+                await self.app(scope, receive, tracking_send)
+                return
+            except asyncio.CancelledError:
+                if not self.runtime.aborted:
+                    raise  # not ours to answer: the client went away, or the loop is closing
+                task.uncancel()  # the cancellation was ours (abort), and it is handled here
+        if replied:
+            return
+        if self.on_reject:
+            self.on_reject("shutting_down")
+        await error_response("shutting_down", "the server was stopped before this request finished; retry on another instance")(scope, receive, send)
 
 
 class RequestMetricsMiddleware:

@@ -11,6 +11,7 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import torch
 
@@ -36,11 +37,14 @@ class Runtime:
         self.limits = ImageLimits(settings.max_file_bytes, settings.max_pixels, settings.request_pixel_budget())
         self.warmed = False
         self.draining = False
+        #: A second signal came: no drain wait, requests in progress are cut off (``abort``).
+        self.aborted = False
         self.stopped = False
         self.fatal: str | None = None
         self.in_flight = 0
         self._executor: ThreadPoolExecutor | None = None
         self._warmup_task: asyncio.Task[None] | None = None
+        self._requests: set[asyncio.Task[Any]] = set()
 
     # --- life cycle
 
@@ -84,12 +88,24 @@ class Runtime:
         """Turn readiness to 503 and refuse new recognition requests (safe to call from a signal handler)."""
         self.draining = True
 
+    def abort(self) -> None:
+        """Stop at once (a second SIGTERM): no more drain wait, and every request in progress
+        (``cancellable_request``) is cancelled, to be answered 503 ``shutting_down``
+        (``service.middleware.CutOffMiddleware``). Call on the event loop's thread."""
+        self.aborted = True
+        self.begin_drain()
+        for task in list(self._requests):
+            task.cancel(msg="the server is stopping at once")
+
     async def drain(self, timeout: float) -> bool:
-        """``begin_drain``, then wait until admitted requests finished; False on timeout."""
+        """``begin_drain``, then wait until admitted requests finished; False on timeout or
+        ``abort``."""
         self.begin_drain()
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
         while self.in_flight or (self.batcher is not None and (self.batcher.depth or self.batcher.busy)):
+            if self.aborted:
+                return False
             if loop.time() >= end:
                 log.warning("drain timed out with %d request(s) in flight", self.in_flight)
                 return False
@@ -100,7 +116,7 @@ class Runtime:
         """Drain, stop the worker, release the inference thread."""
         if self.stopped:
             return
-        await self.drain(self.settings.drain_timeout_s)
+        await self.drain(0.0 if self.aborted else self.settings.drain_timeout_s)
         self.stopped = True
         if self._warmup_task is not None and not self._warmup_task.done():
             self._warmup_task.cancel()
@@ -126,6 +142,17 @@ class Runtime:
         finally:
             self.in_flight -= 1
             self.metrics.in_flight_requests.dec()
+
+    @contextlib.contextmanager
+    def cancellable_request(self) -> Iterator[asyncio.Task[Any]]:
+        """Register the current task (an HTTP request's) for ``abort`` to cancel; yields it."""
+        task = asyncio.current_task()
+        assert task is not None, "not in a task"
+        self._requests.add(task)
+        try:
+            yield task
+        finally:
+            self._requests.discard(task)
 
     # --- probes
 

@@ -3,9 +3,11 @@ request headers, and a second SIGTERM while requests are in flight."""
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import httpx
 from conftest import render_word
-from service_support import REPO, encode, free_port, multipart, subprocess_env, wait_process_ready
+from service_support import REPO, encode, free_port, metric, multipart, subprocess_env, wait_process_ready
 
 PNG = encode(render_word("word"))
 
@@ -91,3 +93,69 @@ def test_idle_and_trickling_sockets_neither_take_the_probes_down_nor_stay_open(t
     assert all(closed) and waited < 3.0, (closed, waited)
     assert all(uploads_open)  # a request whose headers arrived is the app's business (its deadline)
     assert after.status_code == 200
+
+
+# The real GracefulServer with a model that takes 1 s a batch, one crop a batch: requests
+# are in the model and queued behind it when the signals come.
+_SLOW_SERVER = textwrap.dedent(
+    """
+    import sys, time
+    from service import Settings
+    from service.cli import serve
+    from service.predictor import Predictor
+
+    class Slow:
+        def __init__(self, model):
+            self.model = model
+        def recognize(self, images, amp_dtype=None):
+            time.sleep(1.0)
+            return self.model.recognize(images, amp_dtype=amp_dtype)
+
+    settings = Settings(weights=sys.argv[1], port=int(sys.argv[2]), device="cpu", threads=1, warmup=False, max_batch_size=1, log_level="info")
+    predictor = Predictor.load(settings.weights, "cpu", threads=1)
+    predictor.model = Slow(predictor.model)
+    raise SystemExit(serve(settings, predictor))
+    """
+)
+
+
+def test_a_second_sigterm_exits_at_once_and_answers_the_cut_off_requests(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    # The second signal used to cancel the requests in flight (uvicorn's plain-text 500,
+    # CancelledError tracebacks in the log) and then wait the whole drain timeout (31 s).
+    script = tmp_path / "slow_server.py"
+    script.write_text(_SLOW_SERVER)
+    port = free_port()
+    with _server([sys.executable, str(script), str(tiny_checkpoint), str(port)], port) as (url, proc):
+        replies: list[httpx.Response | Exception] = []
+
+        def post() -> None:
+            try:
+                replies.append(httpx.post(url + "/recognize", files=multipart([PNG]), timeout=60))
+            except httpx.TransportError as exc:  # a closed connection is an acceptable answer too
+                replies.append(exc)
+
+        clients = [threading.Thread(target=post) for _ in range(4)]
+        for c in clients:
+            c.start()
+        end = time.monotonic() + 10
+        while metric(httpx.get(url + "/metrics").text, "safl_in_flight_requests") < 4:  # one in the model, three queued
+            assert time.monotonic() < end, "the requests never got in"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        second = time.monotonic()
+        code = proc.wait(timeout=30)
+        exited_after = time.monotonic() - second
+        for c in clients:
+            c.join(10)
+        output = proc.communicate(timeout=10)[0]
+    assert code == 0
+    assert exited_after < 2.5, f"exited {exited_after:.1f} s after the second signal"
+    statuses = [r.status_code if isinstance(r, httpx.Response) else type(r).__name__ for r in replies]
+    assert len(statuses) == 4 and 500 not in statuses, statuses
+    cut_off = [r for r in replies if isinstance(r, httpx.Response) and r.status_code == 503]
+    assert cut_off, statuses
+    for r in cut_off:
+        assert r.json()["error"]["code"] == "shutting_down", r.text
+    assert "Traceback" not in output and "CancelledError" not in output, output
