@@ -27,6 +27,19 @@ def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0, 
     return -(weight * logp_t).mean()
 
 
+def point_loss(predicted: torch.Tensor, target: torch.Tensor, beta: float = 0.05) -> torch.Tensor:
+    """Smooth L1 (Huber) distance between predicted and target fiducial points, the
+    rectifier's auxiliary loss. ``predicted`` and ``target`` ``[B, F, 2]`` in normalised
+    coordinates; a crop whose target is NaN (no rendered geometry: a real crop) adds
+    nothing. The mean over the crops that have one, and a zero that still carries the
+    graph when none has. ``beta``: where the loss turns from quadratic to linear (2.5 % of
+    the crop's half-width)."""
+    known = ~torch.isnan(target).flatten(1).any(dim=1)
+    if not bool(known.any()):
+        return predicted.sum() * 0.0
+    return F.smooth_l1_loss(predicted[known].float(), target[known].float(), beta=beta)
+
+
 def sequence_loss(logits: torch.Tensor, targets: torch.Tensor, kind: str = "focal", gamma: float = 2.0) -> torch.Tensor:
     """The training loss by name: ``"focal"`` (with ``gamma``) or ``"ce"``."""
     if kind == "focal":

@@ -19,6 +19,8 @@ At zero output this is exactly the identity.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -134,7 +136,52 @@ class TPSRectifier(nn.Module):
             return raw
         return self.base_points + self.max_offset * torch.tanh(raw)
 
+    def warp(self, x: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        """Sample ``x`` ``[B, C, H, W]`` through the TPS defined by ``points`` ``[B, F, 2]``."""
+        grid = self.grid(points)
+        return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="border", align_corners=False)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Rectify a batch ``[B, C, H, W]``."""
-        grid = self.grid(self.points(x))
-        return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="border", align_corners=False)
+        return self.warp(x, self.points(x))
+
+
+#: How far the point targets reach past the text's ink box, as a share of the text's height:
+#: glyphs overhang their box (italics, serifs) and a frame cut exactly at the box clips them.
+TARGET_MARGIN_Y = 0.1
+TARGET_MARGIN_X = 0.15
+#: Targets stay this far inside the monotone head's bounds, where tanh still has a gradient.
+_REACH = 0.95
+
+
+def point_targets(edges: torch.Tensor, max_offset: float, aspect: float) -> torch.Tensor:
+    """What the rectifier is taught to predict for a crop whose text edges are ``edges``.
+
+    ``edges`` ``[B, F, 2]`` are the renderer's points (``Renderer.render_with_points``:
+    the text's top edge, then its bottom edge, normalised coordinates; NaN for crops with
+    no geometry, which stay NaN). The targets widen the text's band by
+    ``TARGET_MARGIN_Y`` of its height above and below and lengthen each edge by
+    ``TARGET_MARGIN_X`` of the height at both ends (``aspect`` = width / height of the
+    input, to measure the height in x units), then move each edge into what the monotone
+    head (``monotone_points``) can reach: centre within ``MAX_SHIFT``, span within
+    ``exp(±MAX_LOG_ZOOM)``, y within ``max_offset`` of its border. ASTER (Shi et al. 2018,
+    section 3.1) learns the same points from the recognition loss alone; taught from the
+    geometry they cannot collapse into a fixed squeeze (``notes/rectifier.md``).
+    """
+    k = edges.shape[1] // 2
+    top, bottom = edges[:, :k], edges[:, k:]
+    band = bottom - top
+    top, bottom = top - TARGET_MARGIN_Y * band, bottom + TARGET_MARGIN_Y * band
+    height_x = band[..., 1].abs().mean(dim=1, keepdim=True) / aspect  # the text's height in x units
+    out = []
+    for edge, border in ((top, -1.0), (bottom, 1.0)):
+        x, y = edge[..., 0], edge[..., 1]
+        left, right = x[:, :1] - TARGET_MARGIN_X * height_x, x[:, -1:] + TARGET_MARGIN_X * height_x
+        centre, span = (left + right) / 2, (right - left).clamp(min=1e-6)
+        fraction = (x - x[:, :1]) / (x[:, -1:] - x[:, :1]).clamp(min=1e-3)
+        centre = centre.clamp(-_REACH * MAX_SHIFT, _REACH * MAX_SHIFT)
+        span = span.clamp(2 * math.exp(-_REACH * MAX_LOG_ZOOM), 2 * math.exp(_REACH * MAX_LOG_ZOOM))
+        x = centre - span / 2 + span * fraction
+        y = y.clamp(border - _REACH * max_offset, border + _REACH * max_offset)
+        out.append(torch.stack([x, y], dim=-1))
+    return torch.cat(out, dim=1)

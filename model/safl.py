@@ -128,9 +128,16 @@ class SAFL(nn.Module):
             images = self.rectifier(images)
         return self.encoder(images)
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced logits for decoder input ``tokens`` (BOS + characters)."""
-        return self.decoder(tokens, self.encode(images))
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor, return_points: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced logits for decoder input ``tokens`` (BOS + characters); with
+        ``return_points``, also the rectifier's fiducial points ``[B, F, 2]`` (one pass of
+        the localisation net serves both; raises ``ValueError`` without a rectifier)."""
+        if not return_points:
+            return self.decoder(tokens, self.encode(images))
+        if self.rectifier is None:
+            raise ValueError("this model has no rectifier: it predicts no fiducial points")
+        points = self.rectifier.points(images)
+        return self.decoder(tokens, self.encoder(self.rectifier.warp(images, points))), points
 
     @torch.no_grad()
     def generate(self, images: torch.Tensor, use_cache: bool = True, amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -52,15 +52,16 @@ def known_fonts(monkeypatch: pytest.MonkeyPatch, faces: list[FontFace]) -> None:
     monkeypatch.setattr(stream_module, "discover_fonts", lambda charset: faces if charset == DEFAULT_CHARS else real(charset))
 
 
-def _reference(renderer: Renderer, indices: range) -> tuple[np.ndarray, list[str]]:
-    pairs = [renderer.render(i) for i in indices]
-    return np.stack([p[0] for p in pairs]), [p[1] for p in pairs]
+def _reference(renderer: Renderer, indices: range) -> tuple[np.ndarray, list[str], np.ndarray]:
+    rendered = [renderer.render_with_points(i) for i in indices]
+    return np.stack([r[0] for r in rendered]), [r[1] for r in rendered], np.stack([r[2] for r in rendered]).astype(np.float16)
 
 
-def _same_crops(got: tuple[np.ndarray, list[str]], want: tuple[np.ndarray, list[str]]) -> None:
+def _same_crops(got: tuple[np.ndarray, list[str], np.ndarray], want: tuple[np.ndarray, list[str], np.ndarray]) -> None:
     assert got[1] == want[1]
     assert got[0].dtype == np.uint8 and got[0].shape == want[0].shape
     assert np.array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[2], want[2])  # the fiducial points travel with their crops
 
 
 # -- render stream --------------------------------------------------------------------------------
@@ -73,9 +74,9 @@ def test_stream_follows_the_renderer_order_across_takes_and_seeks(renderer: Rend
         assert len(set(mp.active_children()) - before) == 2
         pos = 0
         for n in (5, 1, 13, 9):  # takes that straddle the 7-crop chunks
-            images, labels = stream.take(n)
-            assert images.shape == (n, CFG.height, CFG.width)
-            _same_crops((images, labels), _reference(renderer, range(pos, pos + n)))
+            images, labels, points = stream.take(n)
+            assert images.shape == (n, CFG.height, CFG.width) and points.shape == (n, CFG.fiducial_points, 2)
+            _same_crops((images, labels, points), _reference(renderer, range(pos, pos + n)))
             pos += n
             assert stream.position == pos
         stream.seek(3)  # back, into crops already handed out
@@ -265,8 +266,8 @@ def test_stream_training_resumes_at_the_stream_position(tmp_path: Path, renderer
         # The first batch after resuming is crops 12..15 of the stream's renderer sequence.
         reference = copy.copy(renderer)
         reference.cfg = stream.cfg
-        images, labels = _reference(reference, range(3 * b, 4 * b))
-        got_images, _, got_tgt = resumed.sampler.batch(3)
+        images, labels, _ = _reference(reference, range(3 * b, 4 * b))
+        got_images, _, got_tgt, _ = resumed.sampler.batch(3)
         assert torch.equal(got_images, to_tensor(images))
         assert torch.equal(got_tgt, resumed.charset.encode_batch(labels)[1])
     except BaseException:

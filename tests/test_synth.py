@@ -25,7 +25,7 @@ from model.charset import DEFAULT_CHARS
 from model.training.cli import parse_mix
 from model.training.data import load_any, load_lmdb, load_shards
 from model.training.fonts import REQUIRED, FontFace, by_family, discover_fonts
-from model.training.synth import RENDERER_VERSION, Renderer, SynthConfig, arc_mask, render_dataset
+from model.training.synth import RENDERER_VERSION, Renderer, SynthConfig, arc_mask, arc_text, render_dataset
 from model.training.words import TextMix, TextSampler
 
 CFG = SynthConfig(seed=0)
@@ -187,11 +187,11 @@ def test_arc_crops_are_valid_and_deterministic(faces: list[FontFace], monkeypatc
 
     spans: list[float] = []
 
-    def spy(text: str, font: ImageFont.FreeTypeFont, degrees: float, stroke: int = 0):
+    def spy(text: str, font: ImageFont.FreeTypeFont, degrees: float, stroke: int = 0, points_per_edge: int = 10):
         spans.append(degrees)
-        return arc_mask(text, font, degrees, stroke)
+        return arc_text(text, font, degrees, stroke, points_per_edge)
 
-    monkeypatch.setattr(synth, "arc_mask", spy)
+    monkeypatch.setattr(synth, "arc_text", spy)
     arcs = Renderer(dataclasses.replace(CFG, p_arc=1.0, p_curve=0.0), faces)
     for i in range(12):
         img, label = arcs.render(i)
@@ -301,7 +301,7 @@ def test_render_dataset_writes_shards(rendered: tuple[Path, dict], renderer: Ren
     out, summary = rendered
     assert summary["rendered"] == 40
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["fonts.json", "meta.json"] + [f"shard-0000{k}.{ext}" for k in range(3) for ext in ("npy", "txt")]
+    assert names == ["fonts.json", "meta.json"] + [f"shard-0000{k}.{ext}" for k in range(3) for ext in ("npy", "pts.npy", "txt")]
     meta = json.loads((out / "meta.json").read_text())
     assert (meta["count"], meta["shard_size"], meta["seed"], meta["height"], meta["width"]) == (40, 16, 0, 32, 128)
 
@@ -312,8 +312,9 @@ def test_render_dataset_writes_shards(rendered: tuple[Path, dict], renderer: Ren
         _assert_valid(img, label)
     # Worker processes produce exactly what an in-process renderer gives for each index.
     for i in (0, 15, 16, 39):
-        img, label = renderer.render(i)
+        img, label, points = renderer.render_with_points(i)
         assert ds.labels[i] == label and np.array_equal(ds.images[i], img)
+        np.testing.assert_array_equal(ds.points[i], points.astype(np.float16))
     assert load_any(out, CFG.preprocess).labels == ds.labels
 
 

@@ -232,8 +232,9 @@ def test_batch_sampler_mixes_real_and_synthetic() -> None:
     synth = ArrayDataset("s", np.zeros((10, 32, 128), np.uint8), ["aa"] * 10)
     real = ArrayDataset("r", np.full((5, 32, 128), 255, np.uint8), ["bb"] * 5)
     cfg = TrainConfig(batch_size=8, real_ratio=0.25, augment=0.0)
-    images, inp, tgt = BatchSampler(synth, real, cfg, Charset(), torch.Generator().manual_seed(0)).next()
+    images, inp, tgt, points = BatchSampler(synth, real, cfg, Charset(), torch.Generator().manual_seed(0)).next()
     assert images.shape == (8, 1, 32, 128) and inp.shape == tgt.shape == (8, 3)
+    assert points is None  # neither source carries fiducial points
     assert (images[:6] == -1).all() and (images[6:] == 1).all()  # 6 synthetic, then 2 real
     only_real = BatchSampler(synth.subset([]), real, cfg, Charset(), torch.Generator())
     assert only_real.n_real == 8

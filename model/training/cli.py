@@ -129,6 +129,10 @@ TRAIN_HELP = {
     "batch_size": "crops per step, in all: under torchrun the global batch, each process training on its 1/N share (64 gives the most updates per CPU-second)",
     "lr": "peak learning rate (AdamW)",
     "tps_lr_scale": "the rectifier's learning rate as a multiple of --lr",
+    "point_loss": "weight of the fiducial-point loss: the rectifier learns where the text's edges lie from the geometry "
+    "`safl synth` stores with each crop (renderer 4); crops without it (real ones) add recognition loss only",
+    "rectifier_only": "train the rectifier alone on the point loss (encoder and decoder frozen, no recognition loss): "
+    "the first stage of teaching a rectifier held at the identity",
     "weight_decay": "AdamW weight decay (not on biases, norms or positions)",
     "warmup_steps": "linear warm-up steps before the cosine decay",
     "total_steps": "length of the schedule; the run stops there",

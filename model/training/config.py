@@ -52,6 +52,8 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 5e-4
     tps_lr_scale: float = 0.1  # the rectifier learns slower: a fast-moving grid destabilises everything after it
+    point_loss: float = 0.0  # weight of the fiducial-point loss on crops with rendered geometry (model.loss.point_loss)
+    rectifier_only: bool = False  # train the rectifier alone on the point loss: encoder and decoder frozen, no recognition loss
     weight_decay: float = 0.05
     warmup_steps: int = 1000
     total_steps: int = 100000
@@ -84,6 +86,11 @@ class TrainConfig:
             (self.lr > 0, f"--lr must be positive, got {self.lr}"),
             (0.0 <= self.real_ratio <= 1.0, f"--real-ratio must be between 0 and 1, got {self.real_ratio}"),
             (self.tps_lr_scale >= 0, f"--tps-lr-scale must be at least 0, got {self.tps_lr_scale}"),
+            (self.point_loss >= 0, f"--point-loss must be at least 0, got {self.point_loss}"),
+            (
+                not self.rectifier_only or (self.point_loss > 0 and self.tps_lr_scale > 0),
+                "--rectifier-only trains on the point loss alone: give --point-loss and --tps-lr-scale above 0",
+            ),
             (self.batch_size >= 1 and self.total_steps >= 1, "--batch-size and --total-steps must be at least 1"),
             (self.warmup_steps >= 0, f"--warmup-steps must be at least 0, got {self.warmup_steps}"),
             (0.0 <= self.min_lr_ratio <= 1.0, f"--min-lr-ratio must be between 0 and 1, got {self.min_lr_ratio}"),

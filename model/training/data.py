@@ -40,6 +40,10 @@ class ArrayDataset:
     sources: list[str] = field(default_factory=list)
     #: The labelled folder (or LMDB) the samples were read from, as given; "" if none.
     folder: str = ""
+    #: Where each crop's text edges lie (float16 ``[N, F, 2]``, normalised: the rectifier's
+    #: point targets, ``synth.Renderer.render_with_points``), or None: only rendered shards
+    #: of renderer 4 and later carry them.
+    points: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -54,24 +58,27 @@ class ArrayDataset:
                 labels.append(ok)
         if len(keep) == len(self.labels) and labels == self.labels:
             return self  # nothing dropped: avoid copying a large image array
-        return ArrayDataset(
-            self.name,
-            self.images[np.asarray(keep, dtype=np.int64)] if keep else self.images[:0],
-            labels,
-            self._views_at(keep),
-            self._sources_at(keep),
-            self.folder,
-        )
+        idx = np.asarray(keep, dtype=np.int64)
+        return ArrayDataset(self.name, self.images[idx], labels, self._views_at(keep), self._sources_at(keep), self.folder, self._points_at(idx))
 
     def subset(self, indices: list[int], name: str | None = None) -> ArrayDataset:
         """The samples at ``indices``."""
         idx = np.asarray(indices, dtype=np.int64)
         return ArrayDataset(
-            name or self.name, self.images[idx], [self.labels[i] for i in indices], self._views_at(indices), self._sources_at(indices), self.folder
+            name or self.name,
+            self.images[idx],
+            [self.labels[i] for i in indices],
+            self._views_at(indices),
+            self._sources_at(indices),
+            self.folder,
+            self._points_at(idx),
         )
 
     def _views_at(self, indices: list[int]) -> dict[int, np.ndarray]:
         return {new: self.extra_views[old] for new, old in enumerate(indices) if old in self.extra_views}
+
+    def _points_at(self, idx: np.ndarray) -> np.ndarray | None:
+        return None if self.points is None else self.points[idx]
 
     def _sources_at(self, indices: list[int]) -> list[str]:
         return [self.sources[i] for i in indices] if self.sources else []
@@ -157,20 +164,25 @@ def load_shards(folder: str | Path, limit: int | None = None) -> ArrayDataset:
     npys = sorted(p for p in folder.glob("shard-*.npy") if p.name[len("shard-") : -len(".npy")].isdigit())
     if not npys:
         raise FileNotFoundError(f"no shard-*.npy files in {folder}; render some with `safl synth --out {folder}`")
-    arrays, labels = [], []
+    arrays, labels, points = [], [], []
     for npy in npys:
         labs = npy.with_suffix(".txt").read_text(encoding="utf-8").splitlines()
         arr = np.load(npy)
         if len(arr) != len(labs):
             raise ValueError(f"{npy}: {len(arr)} images but {len(labs)} labels")
+        pts = npy.with_suffix(".pts.npy")
+        points.append(np.load(pts) if pts.is_file() else None)  # renderer 3 and older wrote none
         arrays.append(arr)
         labels += labs
         if limit is not None and len(labels) >= limit:
             break
     images = np.concatenate(arrays)
+    # Points for every crop or for none: a folder mixing both would teach the rectifier from a part.
+    all_points = np.concatenate(points) if points and all(p is not None for p in points) else None
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
-    return ArrayDataset(folder.name, images, labels, folder=str(folder))  # no per-sample sources: shards can be millions
+        all_points = None if all_points is None else all_points[:limit]
+    return ArrayDataset(folder.name, images, labels, folder=str(folder), points=all_points)  # no per-sample sources: shards can be millions
 
 
 def load_lmdb(path: str | Path, cfg: PreprocessConfig, limit: int | None = None, view_cfg: ViewConfig | None = None) -> ArrayDataset:
@@ -231,9 +243,18 @@ def load_any(path: str | Path, cfg: PreprocessConfig, view_cfg: ViewConfig | Non
 def augment(batch: torch.Tensor, gen: torch.Generator, strength: float = 1.0) -> torch.Tensor:
     """Cheap train-time augmentation of a normalised batch: small affine jitter, contrast,
     brightness and noise, all drawn from ``gen`` so a resumed run repeats them exactly."""
+    return augment_with_points(batch, None, gen, strength)[0]
+
+
+def augment_with_points(
+    batch: torch.Tensor, points: torch.Tensor | None, gen: torch.Generator, strength: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``augment``, and the fiducial points ``[B, F, 2]`` (normalised; NaN stays NaN) moved
+    with the affine jitter, so they still lie on the text's edges. The same draws as
+    ``augment``: a batch and a generator state give the same images with or without points."""
     b = batch.shape[0]
     if strength <= 0:
-        return batch
+        return batch, points
     # Draws come from the CPU generator ``gen`` wherever the batch lives, so a GPU run
     # repeats its augmentation exactly on resume; only the image work runs on the device.
     r = lambda *shape: torch.rand(*shape, generator=gen).to(batch.device)  # noqa: E731
@@ -248,10 +269,14 @@ def augment(batch: torch.Tensor, gen: torch.Generator, strength: float = 1.0) ->
     theta = apply * theta + (1 - apply) * identity
     grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
     out = F.grid_sample(batch, grid, padding_mode="border", align_corners=False)
+    if points is not None:
+        # Output position p samples the input at A p + t, so an input point q lands at A⁻¹ (q - t).
+        inverse = torch.linalg.inv(theta[:, :, :2].float())
+        points = ((points.float() - theta[:, None, :, 2]) @ inverse.transpose(1, 2)).to(points.dtype)
     contrast = 1.0 + (r(b, 1, 1, 1) - 0.5) * 0.6 * strength
     bright = (r(b, 1, 1, 1) - 0.5) * 0.3 * strength
     noise = torch.randn(out.shape, generator=gen).to(batch.device) * (r(b, 1, 1, 1) * 0.06 * strength)
-    return (out * contrast + bright + noise).clamp_(-1.0, 1.0)
+    return (out * contrast + bright + noise).clamp_(-1.0, 1.0), points
 
 
 def degrade(batch: torch.Tensor, gen: torch.Generator, strength: float) -> torch.Tensor:

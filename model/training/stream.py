@@ -21,7 +21,7 @@ from .synth import SynthConfig, render_pool, render_range
 
 
 class RenderStream:
-    """An endless, ordered stream of rendered ``(image, label)`` pairs from a worker pool."""
+    """An endless, ordered stream of rendered ``(image, label, points)`` from a worker pool."""
 
     def __init__(self, cfg: SynthConfig, workers: int, chunk: int = 128, depth: int | None = None) -> None:
         if workers < 1:
@@ -34,13 +34,14 @@ class RenderStream:
         self._pending: deque = deque()
         self._images: list[np.ndarray] = []
         self._labels: list[str] = []
+        self._points: list[np.ndarray] = []
         self._next = 0
         self.position = 0
 
     def seek(self, index: int) -> None:
         """Continue the stream at crop ``index`` (drops what was rendered ahead)."""
         self._pending.clear()
-        self._images, self._labels = [], []
+        self._images, self._labels, self._points = [], [], []
         self._next = self.position = index
 
     def _fill(self) -> None:
@@ -48,22 +49,24 @@ class RenderStream:
             self._pending.append(self._pool.apply_async(render_range, ((self._next, self._next + self.chunk),)))
             self._next += self.chunk
 
-    def take(self, n: int) -> tuple[np.ndarray, list[str]]:
-        """The next ``n`` crops (uint8 ``[n, H, W]``) and labels, in stream order."""
+    def take(self, n: int) -> tuple[np.ndarray, list[str], np.ndarray]:
+        """The next ``n`` crops (uint8 ``[n, H, W]``), labels and fiducial points (float16
+        ``[n, F, 2]``, ``render_range``), in stream order."""
         have = sum(len(a) for a in self._images)
         while have < n:
             self._fill()
-            arr, labels = self._pending.popleft().get()
+            arr, labels, points = self._pending.popleft().get()
             self._images.append(arr)
             self._labels += labels
+            self._points.append(points)
             have += len(arr)
         self._fill()
-        images = np.concatenate(self._images)
-        out, rest = images[:n], images[n:]
+        images, points = np.concatenate(self._images), np.concatenate(self._points)
         labels, self._labels = self._labels[:n], self._labels[n:]
-        self._images = [rest] if len(rest) else []
+        self._images = [images[n:]] if len(images) > n else []
+        self._points = [points[n:]] if len(points) > n else []
         self.position += n
-        return out, labels
+        return images[:n], labels, points[:n]
 
     def close(self) -> None:
         """Stop the workers."""

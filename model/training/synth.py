@@ -10,6 +10,8 @@ Shard layout (``--format npy``, the default: no decoding cost at training time):
     out/meta.json              seed, count, geometry, charset
     out/shard-00000.npy        uint8 [N, H, W] (or [N, H, W, 3])
     out/shard-00000.txt        N labels, one per line
+    out/shard-00000.pts.npy    float16 [N, F, 2]: where each crop's text edges lie (renderer 4;
+                               ``Renderer.render_with_points``), the rectifier's point targets
 
 ``--format lmdb`` writes the STR community's LMDB layout instead (``image-%09d`` PNG
 bytes, ``label-%09d``, ``num-samples``).
@@ -36,7 +38,9 @@ from ..preprocess import PreprocessConfig, resize
 from .fonts import FontFace, by_family, discover_fonts
 from .words import Lexicon, TextMix, TextSampler
 
-RENDERER_VERSION = 3  # 2: tight crops more often, weak contrast, long tokens (words.TextMix.long_token); 3: text set along arcs (p_arc)
+RENDERER_VERSION = (
+    4  # 2: tight crops more often, weak contrast, long tokens (words.TextMix.long_token); 3: text set along arcs (p_arc); 4: fiducial points (same images as 3)
+)
 BACKGROUND_DIRS = (Path("/usr/share/backgrounds"), Path("/usr/share/images/desktop-base"), Path("/usr/share/wallpapers"))
 
 
@@ -68,6 +72,9 @@ class SynthConfig:
     p_tight: float = 0.4  # margins within a few % of the text height (cut at the ink)
     p_low_contrast: float = 0.15  # text only 20-60 grey levels from its background
     text_mix: TextMix = field(default_factory=TextMix)  # share of each kind of label string
+    #: Fiducial points stored with each crop (``shard-*.pts.npy``): half along the text's top
+    #: edge, half along its bottom edge, as the model's TPS rectifier orders them.
+    fiducial_points: int = 20
 
     @property
     def preprocess(self) -> PreprocessConfig:
@@ -82,6 +89,14 @@ def _perspective_coeffs(src: list[tuple[float, float]], dst: list[tuple[float, f
         rows.append([0, 0, 0, x, y, 1, -v * x, -v * y])
         rhs += [u, v]
     return np.linalg.solve(np.array(rows, dtype=np.float64), np.array(rhs, dtype=np.float64)).tolist()
+
+
+def _rotated_points(points: np.ndarray, degrees: float, size: tuple[int, int], new_size: tuple[int, int]) -> np.ndarray:
+    """Where ``Image.rotate(degrees, expand=True)`` moves ``points`` (pixel x, y; ``[..., 2]``)
+    of an image of ``size`` that becomes ``new_size``: counter-clockwise about the centre."""
+    t = math.radians(degrees)
+    x, y = points[..., 0] - size[0] / 2, points[..., 1] - size[1] / 2
+    return np.stack([math.cos(t) * x + math.sin(t) * y + new_size[0] / 2, -math.sin(t) * x + math.cos(t) * y + new_size[1] / 2], axis=-1)
 
 
 @functools.lru_cache(maxsize=1)
@@ -106,15 +121,18 @@ def _load_textures(max_side: int = 480) -> tuple[Image.Image, ...]:
     return tuple(textures)
 
 
-def arc_mask(text: str, font: ImageFont.FreeTypeFont, degrees: float, stroke: int = 0) -> Image.Image:
+def arc_text(text: str, font: ImageFont.FreeTypeFont, degrees: float, stroke: int = 0, points_per_edge: int = 10) -> tuple[Image.Image, np.ndarray]:
     """``text`` set along a circular arc that spans ``degrees`` of the circle, each glyph
     turned to the arc's tangent: the curved words of round signs, logos and stamps
     (CUTE80, Risnumawan et al. 2014). ``degrees`` > 0 bends the line into an arch (the
     middle highest), < 0 into a valley, 0 leaves it straight; ``stroke`` outlines the
     glyphs by that many pixels.
 
-    Returns an 8-bit mask (mode ``L``, 255 on the ink) cropped to the ink. Raises
-    ``ValueError`` for ``|degrees|`` > 360 or a text with no ink.
+    Returns an 8-bit mask (mode ``L``, 255 on the ink) cropped to the ink, and the text's
+    edges in that mask's pixel coordinates: float64 ``[2, points_per_edge, 2]`` (x, y),
+    the top edge then the bottom edge, each left to right, spaced evenly along the arc at
+    the string's ink top and bottom (``font.getbbox``). Raises ``ValueError`` for
+    ``|degrees|`` > 360 or a text with no ink.
     """
     if abs(degrees) > 360:
         raise ValueError(f"an arc spans at most 360 degrees, not {degrees}")
@@ -146,7 +164,33 @@ def arc_mask(text: str, font: ImageFont.FreeTypeFont, degrees: float, stroke: in
     box = canvas.getbbox()
     if box is None:
         raise ValueError(f"no ink drawn for {text!r}")
-    return canvas.crop(box)
+    # A glyph's image is centred 1.5 * size below its top, and drawn with its ascender line
+    # at ``size``: the string's ink spans ``top - size / 2`` to ``bottom - size / 2`` about
+    # the circle through the glyph centres (positive: away from the arch's top).
+    _, top, _, bottom = font.getbbox(text, stroke_width=stroke)
+    arc_len = np.linspace(-length / 2, length / 2, points_per_edge)
+    edges = np.array([[_arc_point(a, v - size / 2, radius, sign, centre_x, centre_y) for a in arc_len] for v in (top, bottom)], dtype=np.float64) - np.array(
+        [box[0], box[1]], dtype=np.float64
+    )
+    return canvas.crop(box), edges
+
+
+def _arc_point(along: float, down: float, radius: float, sign: int, centre_x: float, centre_y: float) -> tuple[float, float]:
+    """Where a point ``along`` the arc's length from its middle, ``down`` from the line
+    through the glyph centres (glyph frame: positive is down the glyph), lands in
+    ``arc_text``'s canvas."""
+    if not radius:
+        return centre_x + along, centre_y + down
+    theta = along / radius
+    # The circle's centre lies below an arch (sign +1) and above a valley (sign -1); the
+    # glyph's "down" points towards it for an arch and away from it for a valley.
+    r = radius - sign * down
+    return centre_x + r * math.sin(theta), centre_y + sign * (radius - r * math.cos(theta))
+
+
+def arc_mask(text: str, font: ImageFont.FreeTypeFont, degrees: float, stroke: int = 0) -> Image.Image:
+    """``arc_text``'s mask alone."""
+    return arc_text(text, font, degrees, stroke)[0]
 
 
 class Renderer:
@@ -182,6 +226,19 @@ class Renderer:
 
     def render(self, index: int) -> tuple[np.ndarray, str]:
         """Crop number ``index`` of this config's data set, already resized for the model."""
+        image, text, _ = self.render_with_points(index)
+        return image, text
+
+    def render_with_points(self, index: int) -> tuple[np.ndarray, str, np.ndarray]:
+        """``render``, and where the text's edges lie in the crop: float32
+        ``[cfg.fiducial_points, 2]`` (x, y) in the model's normalised coordinates (-1 is the
+        crop's left / top border, +1 its right / bottom one), evenly spaced along the top edge
+        left to right, then along the bottom edge. These are the fiducial points that a
+        perfect TPS rectifier (``model.rectify``) would predict for the crop: it maps them onto
+        the flat output's top and bottom borders, which straightens the text. The points follow
+        every geometric step of the drawing (arc, parabola, perspective, rotation, stretching
+        to the model's size); margins, blur and noise do not move them. All NaN when the
+        text's edges fold (x not increasing along an edge)."""
         for attempt in range(5):
             rng = random.Random(f"{self.cfg.seed}:{index}:{attempt}")
             text = self.sampler.sample(rng)
@@ -190,10 +247,16 @@ class Renderer:
                 text = "".join(c for c in text if c.isalnum()) or "a"
                 face = self._pick_face(text, rng)
             try:
-                img = self._draw(text, self._font(face, rng.randint(self.cfg.min_font_px, self.cfg.max_font_px)), rng)
+                img, edges = self._draw(text, self._font(face, rng.randint(self.cfg.min_font_px, self.cfg.max_font_px)), rng)
             except (ValueError, ZeroDivisionError, OSError, np.linalg.LinAlgError):
                 continue  # a degenerate geometry for this draw: redraw with the next sub-seed
-            return resize(img, self.cfg.preprocess), text
+            # Stretched to the model's size (preprocess.resize): pixel x in [0, width] → [-1, 1].
+            points = edges.reshape(-1, 2) / np.array([img.width, img.height], dtype=np.float64) * 2 - 1
+            if not (np.diff(edges[..., 0], axis=1) > 0).all():
+                # A folded edge (a short word on a tight arc: its inner edge passes the
+                # circle's centre) is no target a TPS can meet: the crop carries no points.
+                points = np.full_like(points, np.nan)
+            return resize(img, self.cfg.preprocess), text, points.astype(np.float32)
         raise RuntimeError(f"could not render crop {index}")
 
     # -- drawing ---------------------------------------------------------------------
@@ -223,8 +286,12 @@ class Renderer:
             return Image.fromarray(np.clip(small, 0, 255).astype(np.uint8)).resize(size, Image.Resampling.BICUBIC)
         return Image.new("L", size, level)
 
-    def _draw(self, text: str, font: ImageFont.FreeTypeFont, rng: random.Random) -> Image.Image:
+    def _draw(self, text: str, font: ImageFont.FreeTypeFont, rng: random.Random) -> tuple[Image.Image, np.ndarray]:
+        """The drawn crop and its text's edges in its pixel coordinates (``[2, K, 2]``, see
+        ``arc_text``). Every random draw is made in the order renderer v3 made it, so a seed
+        gives v3's images."""
         c = self.cfg
+        k = c.fiducial_points // 2
         size_px = font.size
         stroke = rng.randint(1, max(1, size_px // 12)) if rng.random() < c.p_outline else 0
         spacing = rng.choice((0, 0, 0, 0, 0, 0, 1, 2, 4)) * max(1, size_px // 16)
@@ -247,11 +314,14 @@ class Renderer:
         # An arch twice as often as a valley, spanning 20-120 degrees of the circle.
         arc = 0.0 if curve or rng.random() >= c.p_arc else rng.choice((1, 1, -1)) * rng.uniform(20, 120)
         # Arc crops are plain: no outline (stroke is ignored below), no letter spacing, no underline.
-        arc_ink = arc_mask(text, font, arc) if arc else None
+        arc_ink, edges = arc_text(text, font, arc, points_per_edge=k) if arc else (None, None)
         if arc_ink is not None:
             w, h = arc_ink.width + ml + mr, arc_ink.height + mt + mb
+            edges = edges + np.array([ml, mt], dtype=np.float64)
         else:
             w, h = tw + ml + mr, th + mt + mb + 2 * amp
+            xs = np.linspace(ml, ml + tw, k)
+            edges = np.stack([np.stack([xs, np.full(k, y, dtype=np.float64)], axis=1) for y in (mt + amp, mt + amp + th)])
         w, h = max(w, 4), max(h, 4)
         origin = (ml - left, mt + amp - top)
 
@@ -283,13 +353,15 @@ class Renderer:
         img = Image.composite(Image.new("L", (w, h), fg_level), bg, mask)
 
         if curve:
-            img = self._curve(img, amp, rng)
+            img, edges = self._curve(img, amp, rng, edges)
         if rng.random() < c.p_perspective:
-            img = self._perspective(img, bg_mean, rng)
+            img, edges = self._perspective(img, bg_mean, rng, edges)
         if rng.random() < c.p_rotate:
             angle = rng.gauss(0, 4) if rng.random() < 0.8 else rng.uniform(-15, 15)
+            before = img.size
             img = img.rotate(angle, resample=Image.Resampling.BILINEAR, expand=True, fillcolor=bg_mean)
-        return self._degrade(img, rng)
+            edges = _rotated_points(edges, angle, before, img.size)
+        return self._degrade(img, rng), edges
 
     @staticmethod
     def _text(draw: ImageDraw.ImageDraw, origin: tuple[int, int], text: str, font: ImageFont.FreeTypeFont, stroke: int, spacing: int, fill: int) -> None:
@@ -310,7 +382,7 @@ class Renderer:
         return rng.choice(options)
 
     @staticmethod
-    def _curve(img: Image.Image, amp: int, rng: random.Random) -> Image.Image:
+    def _curve(img: Image.Image, amp: int, rng: random.Random, edges: np.ndarray) -> tuple[Image.Image, np.ndarray]:
         # CUTE80-like arcs: shift vertical strips along a parabola with a MESH transform.
         w, h = img.size
         strips = max(1, min(16, w // 4))
@@ -324,10 +396,14 @@ class Renderer:
                 return sign * amp * (t * t - 0.5)
 
             mesh.append(((x0, 0, x1, h), (x0, off(x0), x0, h + off(x0), x1, h + off(x1), x1, off(x1))))
-        return img.transform(img.size, Image.Transform.MESH, mesh, resample=Image.Resampling.BILINEAR, fillcolor=int(np.asarray(img)[0].mean()))
+        # Output (x, y) samples input (x, y + off(x)), off linear within a strip: a point moves up by off.
+        bounds = [w * i // strips for i in range(strips)] + [w]
+        shift = np.interp(edges[..., 0], bounds, [off(x) for x in bounds])
+        moved = np.stack([edges[..., 0], edges[..., 1] - shift], axis=-1)
+        return img.transform(img.size, Image.Transform.MESH, mesh, resample=Image.Resampling.BILINEAR, fillcolor=int(np.asarray(img)[0].mean())), moved
 
     @staticmethod
-    def _perspective(img: Image.Image, fill: int, rng: random.Random) -> Image.Image:
+    def _perspective(img: Image.Image, fill: int, rng: random.Random, edges: np.ndarray) -> tuple[Image.Image, np.ndarray]:
         # SVT-P-like view angles: move the corners by up to a fraction of the height.
         w, h = img.size
         j = h * rng.uniform(0.1, 0.45)
@@ -336,7 +412,11 @@ class Renderer:
         xs, ys = [p[0] for p in dst], [p[1] for p in dst]
         dst = [(x - min(xs), y - min(ys)) for x, y in dst]
         size = (max(4, int(math.ceil(max(xs) - min(xs)))), max(4, int(math.ceil(max(ys) - min(ys)))))
-        return img.transform(size, Image.Transform.PERSPECTIVE, _perspective_coeffs(src, dst), resample=Image.Resampling.BILINEAR, fillcolor=fill)
+        a, b, c, d, e, f, g, h_ = _perspective_coeffs(dst, src)  # the forward map: input → output
+        x, y = edges[..., 0], edges[..., 1]
+        den = g * x + h_ * y + 1
+        moved = np.stack([(a * x + b * y + c) / den, (d * x + e * y + f) / den], axis=-1)
+        return img.transform(size, Image.Transform.PERSPECTIVE, _perspective_coeffs(src, dst), resample=Image.Resampling.BILINEAR, fillcolor=fill), moved
 
     def _degrade(self, img: Image.Image, rng: random.Random) -> Image.Image:
         c = self.cfg
@@ -376,21 +456,22 @@ def render_pool(cfg: SynthConfig, faces: list[FontFace], workers: int) -> Pool:
     return mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(cfg, faces))
 
 
-def render_range(bounds: tuple[int, int]) -> tuple[np.ndarray, list[str]]:
-    """Crops ``start..end-1`` of ``bounds = (start, end)`` and their labels, rendered by
-    the worker's renderer: uint8 ``[end - start, H, W]`` (``start < end``) and a list of
-    strings. Runs in a ``render_pool`` worker only (raises ``AssertionError`` elsewhere)."""
+def render_range(bounds: tuple[int, int]) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """Crops ``start..end-1`` of ``bounds = (start, end)``, their labels and fiducial points,
+    rendered by the worker's renderer: uint8 ``[end - start, H, W]`` (``start < end``), a list
+    of strings and float16 ``[end - start, F, 2]``. Runs in a ``render_pool`` worker only
+    (raises ``AssertionError`` elsewhere)."""
     assert _WORKER is not None, "render_range runs in a render_pool worker"
-    pairs = [_WORKER.render(i) for i in range(*bounds)]
-    return np.stack([p[0] for p in pairs]), [p[1] for p in pairs]
+    rendered = [_WORKER.render_with_points(i) for i in range(*bounds)]
+    return np.stack([r[0] for r in rendered]), [r[1] for r in rendered], np.stack([r[2] for r in rendered]).astype(np.float16)
 
 
 def _shard_done(out: Path, k: int, n: int) -> bool:
-    npy, txt = out / f"shard-{k:05d}.npy", out / f"shard-{k:05d}.txt"
-    if not (npy.is_file() and txt.is_file()):
+    npy, txt, pts = out / f"shard-{k:05d}.npy", out / f"shard-{k:05d}.txt", out / f"shard-{k:05d}.pts.npy"
+    if not (npy.is_file() and txt.is_file() and pts.is_file()):
         return False
     try:
-        return np.load(npy, mmap_mode="r").shape[0] == n and len(txt.read_text().splitlines()) == n
+        return np.load(npy, mmap_mode="r").shape[0] == n and np.load(pts, mmap_mode="r").shape[0] == n and len(txt.read_text().splitlines()) == n
     except (OSError, ValueError):
         return False
 
@@ -422,19 +503,23 @@ def render_dataset(out: Path, count: int, cfg: SynthConfig, workers: int = 2, sh
     with render_pool(cfg, faces, workers) as pool, tqdm(total=total, unit="img", disable=not progress, desc="render") as bar:
         for k, start, end in todo:
             ranges = [(i, min(i + chunk, end)) for i in range(start, end, chunk)]
-            arrays, labels = [], []
-            for arr, lab in pool.imap(render_range, ranges):
+            arrays, labels, points = [], [], []
+            for arr, lab, pts in pool.imap(render_range, ranges):
                 arrays.append(arr)
                 labels += lab
+                points.append(pts)
                 bar.update(len(lab))
             images = np.concatenate(arrays)
             if lmdb_writer is not None:
-                lmdb_writer.write(start, images, labels)
+                lmdb_writer.write(start, images, labels)  # the LMDB layout has no place for points
             else:
                 np.save(out / f"shard-{k:05d}.npy.tmp.npy", images)
+                np.save(out / f"shard-{k:05d}.pts.tmp.npy", np.concatenate(points))
                 (out / f"shard-{k:05d}.txt.tmp").write_text("\n".join(labels) + "\n")
-                (out / f"shard-{k:05d}.npy.tmp.npy").replace(out / f"shard-{k:05d}.npy")
+                # The images last: a shard counts as done (and is loaded) once its .npy exists.
+                (out / f"shard-{k:05d}.pts.tmp.npy").replace(out / f"shard-{k:05d}.pts.npy")
                 (out / f"shard-{k:05d}.txt.tmp").replace(out / f"shard-{k:05d}.txt")
+                (out / f"shard-{k:05d}.npy.tmp.npy").replace(out / f"shard-{k:05d}.npy")
     if lmdb_writer is not None:
         lmdb_writer.close()
     secs = time.perf_counter() - t0

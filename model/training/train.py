@@ -31,18 +31,20 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
 from ..charset import NUM_SPECIAL, Charset
 from ..checkpoint import load_checkpoint, read_info, save_checkpoint
 from ..device import DeviceUnavailable, resolve_device
-from ..loss import sequence_loss
+from ..loss import point_loss, sequence_loss
 from ..preprocess import ViewConfig, to_tensor
+from ..rectify import point_targets
 from ..safl import SAFL, SAFLConfig
 from .config import RUNTIME_FIELDS, TrainConfig
-from .data import ArrayDataset, augment, degrade, load_any, load_folder_part, shard_meta
+from .data import ArrayDataset, augment_with_points, degrade, load_any, load_folder_part, shard_meta
 from .distributed import Ranks, derived_seed, stream_seed
 from .evaluate import evaluate
 from .stream import RenderStream
@@ -70,6 +72,17 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
         return (step + 1) / cfg.warmup_steps
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.total_steps - cfg.warmup_steps))
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class Batch(NamedTuple):
+    """One training step's data."""
+
+    images: torch.Tensor  # float [B, C, H, W], normalised and augmented
+    inp: torch.Tensor  # decoder input tokens [B, T] (BOS + characters)
+    tgt: torch.Tensor  # decoder targets [B, T] (characters + EOS, PAD after)
+    #: where each crop's text edges lie after augmentation (float32 [B, F, 2], normalised;
+    #: NaN rows for crops without rendered geometry), or None when no crop has any
+    points: torch.Tensor | None = None
 
 
 class BatchSampler:
@@ -111,7 +124,7 @@ class BatchSampler:
         # Augmentation: from ``gen`` too in a single process, else from a generator of this
         # rank's own, re-seeded every step (``batch``), so a resume needs no state of it.
         self.aug_gen = gen if world_size == 1 else torch.Generator()
-        self._cached: tuple[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+        self._cached: tuple[int, Batch] | None = None
 
     def seek(self, step: int) -> None:
         """Position a render stream where a run resumed at ``step`` continues."""
@@ -119,7 +132,7 @@ class BatchSampler:
             self.synth.seek(step * self.n_synth_mine)
         self._cached = None
 
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def batch(self, step: int) -> Batch:
         """The batch of ``step`` (drawn once, then repeated for other callers at that step)."""
         if self._cached is None or self._cached[0] != step:
             if self.aug_gen is not self.gen:
@@ -127,14 +140,15 @@ class BatchSampler:
             self._cached = (step, self.next())
         return self._cached[1]
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Normalised, augmented images and decoder input/target tokens."""
-        parts, labels = [], []
+    def next(self) -> Batch:
+        """Normalised, augmented images, decoder input/target tokens and fiducial points."""
+        parts, labels, points = [], [], []
         if isinstance(self.synth, RenderStream):
             if self.n_synth_mine > 0:
-                images, synth_labels = self.synth.take(self.n_synth_mine)
+                images, synth_labels, synth_points = self.synth.take(self.n_synth_mine)
                 parts.append(images)
                 labels += synth_labels
+                points.append(synth_points)
             sources = ((self.real, self.n_real, self.n_synth),)
         else:
             sources = ((self.synth, self.n_synth, 0), (self.real, self.n_real, self.n_synth))
@@ -145,11 +159,20 @@ class BatchSampler:
             idx = idx[(self.rank - first) % self.world_size :: self.world_size]  # this rank's positions
             parts.append(ds.images[idx])
             labels += [ds.labels[i] for i in idx]
+            points.append(ds.points[idx] if ds.points is not None else None)
         images = to_tensor(torch.cat([torch.from_numpy(p) for p in parts]).to(self.device))
-        images = augment(images, self.aug_gen, self.cfg.augment)
+        known = [p for p in points if p is not None]
+        pts = None
+        if known:
+            f = known[0].shape[1]
+            pts = torch.from_numpy(
+                np.concatenate([p if p is not None else np.full((len(part), f, 2), np.nan) for p, part in zip(points, parts)]).astype(np.float32)
+            )
+            pts = pts.to(self.device)
+        images, pts = augment_with_points(images, pts, self.aug_gen, self.cfg.augment)
         images = degrade(images, self.aug_gen, self.cfg.degrade)
         inp, tgt = self.charset.encode_batch(labels)
-        return images, inp, tgt
+        return Batch(images, inp, tgt, pts)
 
     def close(self) -> None:
         """Stop a render stream's workers."""
@@ -279,6 +302,10 @@ class Trainer:
             self.model_cfg = SAFLConfig.from_preset(cfg.preset, **overrides)
             model = SAFL(self.model_cfg)
         self.charset = model.charset
+        if (cfg.point_loss > 0 or cfg.rectifier_only) and model.rectifier is None:
+            raise TrainingSetupError("--point-loss / --rectifier-only teach the rectifier, and this model has none (use_tps is off)")
+        if cfg.rectifier_only and self.dist.enabled:
+            raise TrainingSetupError("--rectifier-only runs in one process: its few seconds a step need no torchrun")
         if share_data_with is not None:
             # A lockstep twin: the same batches, augmentation draws and validation sets.
             self.val_sets, self.gen, self.sampler = share_data_with.val_sets, share_data_with.gen, share_data_with.sampler
@@ -287,7 +314,7 @@ class Trainer:
             self._build_data(cfg)  # before the model touches the GPU: render workers are forked
         self.dist.start(self.device, cfg.ddp_timeout)  # after the fork, too
         # Channels-last convolutions with the fused AdamW kernel: 1.07-1.13x the images/s of a
-        # step on 2 CPU cores, bf16 or fp32 (bench/train_speed.py in alternating rounds; training log).
+        # step on 2 CPU cores, bf16 or fp32 (measured in alternating rounds: the training log).
         self.model = model.to(self.device, memory_format=torch.channels_last)
         self._train_mode()
 
@@ -317,6 +344,11 @@ class Trainer:
             (self.out / "config.json").write_text(json.dumps({**asdict(cfg), "world_size": self.dist.world_size}, indent=2) + "\n")
         if share_data_with is None:
             self.sampler.seek(self.step)
+        if cfg.point_loss > 0 and self.sampler.batch(self.step).points is None:
+            raise TrainingSetupError("--point-loss: no training crop carries fiducial points; render --synth with `safl synth` (renderer 4 or later)")
+        if cfg.rectifier_only:
+            for name, p in self.model.named_parameters():
+                p.requires_grad_(name.startswith("rectifier."))
         self.net = self.dist.wrap(self.model)  # what train_step runs: under torchrun, DDP around self.model
         self._loop: _LoopState | None = None
 
@@ -436,6 +468,10 @@ class Trainer:
         self.model.train()
         if self.cfg.tps_lr_scale == 0 and self.model.rectifier is not None:
             self.model.rectifier.eval()
+        if self.cfg.rectifier_only:
+            # The recogniser is frozen whole, its BatchNorm statistics included.
+            self.model.eval()
+            self.model.rectifier.train()
 
     def validate(self) -> dict[str, Any]:
         """Validation metrics per set; saves ``best`` when the mean 36-char accuracy improves."""
@@ -460,15 +496,27 @@ class Trainer:
     def train_step(self) -> tuple[float, float, float]:
         """One optimisation step; returns (loss, data seconds, total seconds)."""
         t0 = time.perf_counter()
-        images, inp, tgt = self.sampler.batch(self.step)
+        images, inp, tgt, points = self.sampler.batch(self.step)
         nb = self.device.type == "cuda"
         images, inp, tgt = images.to(self.device, non_blocking=nb), inp.to(self.device, non_blocking=nb), tgt.to(self.device, non_blocking=nb)
         images = images.contiguous(memory_format=torch.channels_last)
         t1 = time.perf_counter()
         ctx = torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+        cfg = self.cfg
+        targets = None
+        if cfg.point_loss > 0 and points is not None:
+            targets = point_targets(points.to(self.device), self.model_cfg.tps_max_offset, self.model_cfg.width / self.model_cfg.height)
         with ctx:
-            logits = self.net(images, inp)
-        loss = sequence_loss(logits, tgt, self.cfg.loss, self.cfg.gamma)
+            if cfg.rectifier_only:
+                loss = cfg.point_loss * point_loss(self.model.rectifier.points(images), targets)
+            elif targets is not None:
+                logits, predicted = self.net(images, inp, return_points=True)
+            else:
+                logits = self.net(images, inp)
+        if not cfg.rectifier_only:
+            loss = sequence_loss(logits, tgt, cfg.loss, cfg.gamma)
+            if targets is not None:
+                loss = loss + cfg.point_loss * point_loss(predicted, targets)
         if self.dist.enabled:
             # This rank's token mean, weighted by its share of the batch's tokens: the gradient
             # DDP averages over the ranks is then the global batch's token mean. The loss
