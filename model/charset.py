@@ -14,10 +14,13 @@ import string
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from .reading import Recognition
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 PAD_ID = 0  #: padding: decoder inputs and targets after a label's end; never predicted
 BOS_ID = 1  #: begin-of-sequence: the decoder's first input; never predicted
@@ -135,6 +138,8 @@ class Charset:
         keep = set(self.chars if allowlist is None else allowlist) - set(blocklist or "")
         if not keep:
             raise ValueError("the allowlist leaves no character to read" + (" once the blocklist is removed" if blocklist else ""))
+        import torch
+
         mask = torch.zeros(self.vocab_size, dtype=torch.bool)
         mask[[self._index[c] for c in keep]] = True
         mask[EOS_ID] = True
@@ -156,6 +161,8 @@ class Charset:
         Raises ``KeyError`` naming a character outside the charset (``encode``), and
         ``ValueError`` for an empty batch.
         """
+        import torch
+
         t = max(len(s) for s in labels) + 1
         inp = torch.full((len(labels), t), PAD_ID, dtype=torch.long)
         tgt = torch.full((len(labels), t), PAD_ID, dtype=torch.long)
@@ -177,10 +184,10 @@ class Charset:
                 out.append(self.chars[i - NUM_SPECIAL])
         return "".join(out)
 
-    def decode_batch(self, ids: torch.Tensor, probs: torch.Tensor) -> list[Recognition]:
+    def decode_batch(self, ids: torch.Tensor | np.ndarray, probs: torch.Tensor | np.ndarray) -> list[Recognition]:
         """Texts and confidences of greedy decoder output (``TransformerDecoder.greedy``):
-        ``ids`` int64 ``[B, L]`` and their probabilities ``[B, L]`` (any float dtype), on
-        any device; one ``Recognition`` per row.
+        ``ids`` int64 ``[B, L]`` and their probabilities ``[B, L]`` (any float dtype; a
+        NumPy array must be float32), tensors on any device; one ``Recognition`` per row.
 
         A row is read up to its first EOS, PAD or BOS. The confidence is the product of
         the characters' probabilities and the EOS probability, so it is the probability of
@@ -189,7 +196,9 @@ class Charset:
         above ``vocab_size``.
         """
         out = []
-        for row_ids, row_p in zip(ids.tolist(), probs.float().tolist()):
+        # As float32 values, whichever array type: the product is then the same for both.
+        rows_p = probs.float().tolist() if hasattr(probs, "float") else probs.tolist()
+        for row_ids, row_p in zip(ids.tolist(), rows_p):
             chars, confs, total = [], [], 1.0
             for i, p in zip(row_ids, row_p):
                 if i in (PAD_ID, BOS_ID):

@@ -3,7 +3,8 @@
 The sidecar holds the format version, the model config (charset included), the
 pre-processing geometry, training metadata and the weights' sha256, which is checked
 on load so a truncated or swapped file is caught before it serves anything. Loading
-never unpickles anything.
+never unpickles anything. PyTorch and safetensors are imported by the functions that need
+them: ``shipped_weights`` and ``file_sha256`` serve tools that never load the network.
 """
 
 from __future__ import annotations
@@ -15,13 +16,12 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+if TYPE_CHECKING:
+    import torch
 
-from .safl import SAFL, SAFLConfig
+    from .safl import SAFL, SAFLConfig
 
 FORMAT = "safl-checkpoint"
 FORMAT_VERSION = 3  # 2: TPS points are bounded offsets (tps_max_offset); 3: monotone TPS points (tps_monotone)
@@ -104,6 +104,8 @@ def _atomic_write(path: Path, write: Any) -> None:
 
 def save_checkpoint(model: SAFL, path: str | os.PathLike[str], name: str = "safl", training: dict[str, Any] | None = None) -> CheckpointInfo:
     """Write weights and sidecar atomically; returns the info a load would give."""
+    from safetensors.torch import save_file
+
     weights, sidecar = _paths(path)
     weights.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
@@ -134,6 +136,8 @@ def save_checkpoint(model: SAFL, path: str | os.PathLike[str], name: str = "safl
 
 def read_info(path: str | os.PathLike[str], verify: bool = True) -> CheckpointInfo:
     """Read and check the sidecar (and, with ``verify``, the weights' sha256)."""
+    from .safl import SAFLConfig
+
     weights, sidecar = _paths(path)
     if not weights.is_file():
         raise CheckpointError(f"checkpoint weights not found: {weights}")
@@ -170,6 +174,8 @@ def read_info(path: str | os.PathLike[str], verify: bool = True) -> CheckpointIn
 def _check_embedded_config(info: CheckpointInfo) -> None:
     """Compare the sidecar's config with the one in the weights' header (when it has one;
     checkpoints written before it was added have none)."""
+    from safetensors import SafetensorError, safe_open
+
     try:
         with safe_open(str(info.weights_path), framework="pt") as fh:
             embedded = (fh.metadata() or {}).get("config")
@@ -195,6 +201,11 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
     Raises ``CheckpointError`` naming the problem for a missing, truncated, corrupt or
     mismatched checkpoint.
     """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .safl import SAFL
+
     info = read_info(path)
     try:
         state = load_file(str(info.weights_path), device="cpu")

@@ -3,7 +3,15 @@ serving, evaluation and training."""
 
 from __future__ import annotations
 
-import torch
+import os
+import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+#: Where a GPU driver shows itself on Linux: NVIDIA's kernel module, ROCm's, WSL2's GPU.
+_GPU_DRIVER_PATHS = ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/kfd", "/dev/dxg")
 
 
 class DeviceUnavailable(ValueError):
@@ -14,6 +22,8 @@ def resolve_device(name: str) -> torch.device:
     """``auto`` → ``cuda`` when available, else ``cpu``; ``cpu``, ``cuda`` and ``cuda:N`` as
     named. Raises ``DeviceUnavailable`` for a CUDA device this machine lacks (CUDA missing
     from the torch build or no such index)."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -23,3 +33,12 @@ def resolve_device(name: str) -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise DeviceUnavailable(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
     return device
+
+
+def cpu_for_certain(name: str) -> bool:
+    """Whether ``resolve_device(name)`` is the CPU, told without importing PyTorch (about a
+    second): ``cpu``, or ``auto`` on a Linux machine with no GPU driver loaded, where CUDA
+    cannot be available. False when only PyTorch can tell."""
+    if name == "cpu":
+        return True
+    return name == "auto" and sys.platform == "linux" and not any(os.path.exists(p) for p in _GPU_DRIVER_PATHS)

@@ -10,63 +10,19 @@ Exported with the TorchScript exporter at opset 17 (``torch.onnx.export(dynamo=F
 from __future__ import annotations
 
 import io
-import json
 import os
 import warnings
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .onnx_layout import ENCODER_FILE, LAYOUT_FILE, STEP_FILE, OnnxLayout, write_graphs
 from .safl import SAFL
 
+__all__ = ["ENCODER_FILE", "LAYOUT_FILE", "OPSET", "STEP_FILE", "OnnxLayout", "export_graphs", "export_onnx"]
+
 OPSET = 17
-#: File names ``export_onnx`` writes into its folder.
-ENCODER_FILE, STEP_FILE, LAYOUT_FILE = "encoder.onnx", "decoder_step.onnx", "safl-onnx.json"
-
-
-@dataclass(frozen=True)
-class OnnxLayout:
-    """Names and sizes a runtime needs to drive the two graphs.
-
-    ``encoder``: input ``images`` float32 ``[B, C, H, W]`` (``model.preprocess.to_tensor``
-    output) → ``memory_names``, float32 ``[B, heads, N, head_dim]`` each (per decoder layer
-    its cross-attention keys, then values). ``decoder_step``: ``token`` int64 ``[B, 1]``
-    (BOS first), ``position`` int64 ``[1]`` (0 for BOS), ``cache_names`` (per layer the
-    self-attention keys and values of the positions so far, ``[B, heads, t, head_dim]``,
-    ``t`` = 0 at the first step) and ``memory_names`` → ``logits`` float32 ``[B, vocab]``
-    and ``new_cache_names`` (the caches with this position appended).
-    """
-
-    model_id: str
-    config: dict
-    layers: int
-    heads: int
-    head_dim: int
-    vocab_size: int
-    max_len: int
-    memory_names: list[str]
-    cache_names: list[str]
-    new_cache_names: list[str]
-
-    @classmethod
-    def of(cls, model: SAFL, model_id: str) -> OnnxLayout:
-        dec = model.decoder
-        n, heads = len(dec.layers), dec.layers[0].self_attn.heads
-        kv = [(i, part) for i in range(n) for part in ("k", "v")]
-        return cls(
-            model_id=model_id,
-            config=model.config.to_dict(),
-            layers=n,
-            heads=heads,
-            head_dim=model.config.d_model // heads,
-            vocab_size=model.charset.vocab_size,
-            max_len=dec.max_len,
-            memory_names=[f"memory_{i}_{p}" for i, p in kv],
-            cache_names=[f"cache_{i}_{p}" for i, p in kv],
-            new_cache_names=[f"new_cache_{i}_{p}" for i, p in kv],
-        )
 
 
 class EncoderGraph(nn.Module):
@@ -155,11 +111,4 @@ def _export(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str
 def export_onnx(model: SAFL, model_id: str, out: str | os.PathLike[str]) -> list[Path]:
     """Write ``encoder.onnx``, ``decoder_step.onnx`` and ``safl-onnx.json`` (the
     ``OnnxLayout`` and the model's config) into the folder ``out`` (created); returns the paths."""
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    enc, step, layout = export_graphs(model, model_id)
-    paths = [folder / ENCODER_FILE, folder / STEP_FILE, folder / LAYOUT_FILE]
-    paths[0].write_bytes(enc)
-    paths[1].write_bytes(step)
-    paths[2].write_text(json.dumps(asdict(layout), indent=2) + "\n")
-    return paths
+    return write_graphs(out, *export_graphs(model, model_id))

@@ -11,10 +11,13 @@ normalise an image.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
+
+if TYPE_CHECKING:
+    import torch
 
 #: Background used where an image is transparent: word crops are printed matter.
 _WHITE = (255, 255, 255)
@@ -180,6 +183,8 @@ def to_tensor(arr: np.ndarray | torch.Tensor) -> torch.Tensor:
 
     Accepts one image or a batch; a grayscale input gets a channel axis of 1.
     """
+    import torch  # here, not at the top: the ONNX reader pre-processes without PyTorch (``to_array``)
+
     t = torch.as_tensor(arr)
     if t.dtype != torch.uint8:
         raise TypeError(f"expected uint8 pixels, got {t.dtype}")
@@ -193,6 +198,8 @@ def to_tensor(arr: np.ndarray | torch.Tensor) -> torch.Tensor:
 def to_pixels(t: torch.Tensor) -> np.ndarray:
     """The inverse of ``to_tensor``: float ``[..., C, H, W]`` in [-1, 1] → uint8
     ``[..., H, W]`` (one channel) or ``[..., H, W, 3]``, rounded and clipped."""
+    import torch
+
     px = t.detach().float().cpu().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
     return px.squeeze(-3).numpy() if px.shape[-3] == 1 else px.movedim(-3, -1).numpy()
 
@@ -204,6 +211,19 @@ def preprocess(img: Image.Image, cfg: PreprocessConfig) -> torch.Tensor:
 
 def collate(images: list[torch.Tensor]) -> torch.Tensor:
     """Stack preprocessed ``[C, H, W]`` tensors into a batch."""
+    import torch
+
     if not images:
         raise ValueError("cannot collate an empty list of images")
     return torch.stack(images, dim=0)
+
+
+def to_array(arrs: list[np.ndarray]) -> np.ndarray:
+    """``collate([to_tensor(a) for a in arrs])`` in NumPy, bit for bit (float32 division and
+    subtraction, the same two steps): uint8 ``[H, W]`` or ``[H, W, 3]`` images → float32
+    ``[B, C, H, W]`` in [-1, 1]. Raises ``ValueError`` for an empty list."""
+    if not arrs:
+        raise ValueError("cannot collate an empty list of images")
+    batch = np.stack(arrs).astype(np.float32)
+    batch = batch[:, None] if batch.ndim == 3 else batch.transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(batch / np.float32(127.5) - np.float32(1.0))

@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 
 View = TypeVar("View")
 
+#: Most readings a crop may ask for (``top_k``; ``model.search`` finds them).
+MAX_TOP_K = 10
+
 
 @dataclass(frozen=True)
 class Alternative:

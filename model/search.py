@@ -19,10 +19,8 @@ import torch
 from .charset import BOS_ID, EOS_ID, PAD_ID, Charset
 from .decode import TransformerDecoder
 from .lexicon import Lexicon
-from .reading import Alternative, Recognition
+from .reading import MAX_TOP_K, Alternative, Recognition
 
-#: Most readings a crop may ask for (``top_k``).
-MAX_TOP_K = 10
 #: Beam width for ``top_k`` without a lexicon: at least this, and at least k.
 BEAM_WIDTH = 5
 #: Beam width with a lexicon: exhaustive up to this many words (IIIT5K's small lexicon has 50).

@@ -14,20 +14,21 @@ import typing
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from pydantic import SecretStr, ValidationError
 
-from model.search import MAX_TOP_K
+from model.reading import MAX_TOP_K
 from model.training.cli import add_eval_parser, add_synth_parser, add_train_parser, add_view_flags
 
 from .access_log import configure_probe_access_log
-from .app import create_app
 from .http_protocol import header_timeout_protocol
-from .predictor import Predictor, StartupError
-from .runtime import Runtime
 from .settings import DEFAULT_WEIGHTS, Settings
+
+if TYPE_CHECKING:  # imported where used: `safl recognize` starts without FastAPI or PyTorch
+    from .predictor import Predictor
+    from .runtime import Runtime
 
 
 def default_weights() -> Path:
@@ -124,14 +125,28 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
 
 
 def serve(settings: Settings, predictor: Predictor | None = None) -> int:
-    """Load the model (unless given), then run uvicorn until SIGTERM/SIGINT; a first signal drains gracefully."""
+    """Bind the port, load the model (unless given), then run uvicorn until SIGTERM/SIGINT; a
+    first signal drains gracefully. Exit status 2 for a port that cannot be bound or a model
+    that cannot load."""
+    from .app import create_app
+    from .listen import CannotListen, bind_listener
+    from .predictor import Predictor, StartupError
+
     limit_malloc_arenas()
+    try:
+        listener = bind_listener(settings.host, settings.port)  # before loading: a taken port is told at once
+    except CannotListen as exc:
+        print(f"safl serve: {exc.strerror}", file=sys.stderr)
+        return 2
     if predictor is None:
         try:
             # Loaded here, not in the lifespan, so a bad checkpoint is one clear line, not a traceback.
-            predictor = Predictor.load(settings.weights, settings.device, settings.threads, settings.bf16, settings.lexicon, settings.backend)
+            predictor = Predictor.load(
+                settings.weights, settings.device, settings.threads, settings.bf16, settings.lexicon, settings.backend, settings.cache_dir
+            )
         except StartupError as exc:
             print(f"safl serve: {exc}", file=sys.stderr)
+            listener.close()
             return 2
     app = create_app(settings, predictor=predictor)
     config = uvicorn.Config(
@@ -149,7 +164,7 @@ def serve(settings: Settings, predictor: Predictor | None = None) -> int:
     # After uvicorn.Config, which (re)configures uvicorn's loggers.
     configure_probe_access_log(settings.access_log_probes)
     server = GracefulServer(config, app.state.runtime)
-    server.run()
+    server.run(sockets=[listener])
     return 0 if server.started else 3
 
 
@@ -250,6 +265,13 @@ def add_recognize_parser(sub: argparse._SubParsersAction) -> None:
         choices=Settings.model_fields["backend"].annotation.__args__,
         default=os.environ.get("SAFL_BACKEND", "auto"),
         help="inference engine: onnx (ONNX Runtime, the CPU default), torch, auto (default: %(default)s)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=os.environ.get("SAFL_CACHE_DIR") or None,
+        help="folder of the ONNX graphs exported from a checkpoint, read instead of exporting again; with them a plain reading on the CPU "
+        "starts without PyTorch (env SAFL_CACHE_DIR; default: $XDG_CACHE_HOME/safl, else ~/.cache/safl)",
     )
     p.add_argument("--allowlist", help="the only characters an answer may hold, e.g. 0123456789 (applied while decoding)")
     p.add_argument("--blocklist", help="characters an answer may not hold")

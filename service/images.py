@@ -9,16 +9,23 @@ exactly the pixels training saw.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
 from PIL import Image, UnidentifiedImageError
 
-from model.preprocess import PreprocessConfig, UnsupportedImageMode, ViewConfig, to_tensor, views
+from model.preprocess import PreprocessConfig, UnsupportedImageMode, ViewConfig, draft, to_tensor, views
 
+if TYPE_CHECKING:  # tensors only in to_model_input: `safl recognize` reads cached ONNX graphs without PyTorch
+    import numpy as np
+    import torch
+
+from .decode_budget import DecodeBudget, decode_cost
 from .errors import APIError
 
 #: Pillow format names of the uploads we accept (GIF and TIFF: first frame only).
@@ -46,11 +53,20 @@ class ImageRejected(APIError):
 @dataclass(frozen=True)
 class ImageLimits:
     """Limits checked before decoding: per image, and the pixels of a request's images
-    together (``None``: no such limit)."""
+    together (``None``: no such limit); and the decode memory all requests share."""
 
     max_file_bytes: int
     max_pixels: int
     max_request_pixels: int | None = None
+    #: Memory the images being decoded may take at once, every request's together (``None``: no limit).
+    decode_budget: DecodeBudget | None = None
+
+    def decoding(self, img: Image.Image, check: Callable[[], None]) -> AbstractContextManager[None]:
+        """Hold ``img``'s share of ``decode_budget`` (``decode_cost``) while it is decoded and
+        converted; ``check`` runs while it waits for room, and what it raises ends the wait."""
+        if self.decode_budget is None:
+            return contextlib.nullcontext()
+        return self.decode_budget.reserve(decode_cost(img), check)
 
 
 def treat_bomb_warning_as_error() -> None:
@@ -116,12 +132,12 @@ def decode_image(data: bytes, filename: str, limits: ImageLimits) -> Image.Image
     return _load(open_image(data, filename, limits), filename)
 
 
-def to_model_input(img: Image.Image, filename: str, cfg: PreprocessConfig, view_cfg: ViewConfig = ViewConfig()) -> list[torch.Tensor]:
-    """The crop's views (``model.preprocess.views``) as ``[C, H, W]`` tensors, with the
-    failures reported: 415 for pixel modes it cannot convert (e.g. LAB), 422 for
-    anything else (broken EXIF, …)."""
+def model_views(img: Image.Image, filename: str, cfg: PreprocessConfig, view_cfg: ViewConfig = ViewConfig()) -> list[np.ndarray]:
+    """The crop's views (``model.preprocess.views``, uint8 ``[H, W]`` or ``[H, W, 3]``), with
+    the failures reported as ``ImageRejected``: 415 for pixel modes it cannot convert (e.g.
+    LAB), 422 for anything else (broken EXIF, …)."""
     try:
-        return [to_tensor(v) for v in views(img, cfg, view_cfg)]
+        return views(img, cfg, view_cfg)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise _too_many_pixels(filename, f"is too large to decode ({exc})") from None
     except UnsupportedImageMode as exc:  # a valid file, just pixels we cannot read
@@ -130,10 +146,20 @@ def to_model_input(img: Image.Image, filename: str, cfg: PreprocessConfig, view_
         raise ImageRejected("corrupt_image", f"image {filename!r} could not be converted: {exc}") from None
 
 
+def to_model_input(img: Image.Image, filename: str, cfg: PreprocessConfig, view_cfg: ViewConfig = ViewConfig()) -> list[torch.Tensor]:
+    """``model_views`` as the model's ``[C, H, W]`` float tensors (``model.preprocess.to_tensor``)."""
+    return [to_tensor(v) for v in model_views(img, filename, cfg, view_cfg)]
+
+
+def load_views(data: bytes, filename: str, limits: ImageLimits, cfg: PreprocessConfig, view_cfg: ViewConfig = ViewConfig()) -> list[np.ndarray]:
+    """Bytes of one upload → its views' pixels (``model_views``), or ``ImageRejected``."""
+    return model_views(decode_image(data, filename, limits), filename, cfg, view_cfg)
+
+
 def load_crop(data: bytes, filename: str, limits: ImageLimits, cfg: PreprocessConfig, view_cfg: ViewConfig = ViewConfig()) -> list[torch.Tensor]:
     """Bytes of one upload → the model's ``[C, H, W]`` inputs, one per view
     (``model.preprocess.views``), or ``ImageRejected``."""
-    return to_model_input(decode_image(data, filename, limits), filename, cfg, view_cfg)
+    return [to_tensor(v) for v in load_views(data, filename, limits, cfg, view_cfg)]
 
 
 def load_crops(
@@ -172,7 +198,8 @@ def load_crops(
             continue
         before_each()
         try:
-            crops.append(to_model_input(_load(img, name), name, cfg, view_cfg))
+            with limits.decoding(draft(img, cfg), before_each):  # its cost is known once the decoder's scale is set
+                crops.append(to_model_input(_load(img, name), name, cfg, view_cfg))
         except ImageRejected as exc:
             if not per_file:
                 raise

@@ -16,11 +16,12 @@ from typing import Protocol
 import torch
 from PIL import Image, ImageDraw
 
-from model import CheckpointError, CheckpointInfo, Recognition, load_checkpoint
+from model import SAFL, CheckpointError, CheckpointInfo, Recognition, load_checkpoint
 from model.charset import Charset
 from model.device import DeviceUnavailable, resolve_device
 from model.lexicon import MAX_DEFAULT_LEXICON_WORDS, Lexicon, read_lexicon
 from model.onnx_backend import OnnxRecognizer
+from model.onnx_cache import Graphs, cache_entry, cached_graphs
 from model.preprocess import PreprocessConfig, collate, preprocess, to_pixels
 from model.search import MAX_TOP_K, PLAIN, DecodeOptions
 
@@ -88,6 +89,16 @@ def _warmup_image(cfg: PreprocessConfig) -> Image.Image:
     return img
 
 
+def export_graphs_checked(model: SAFL, model_id: str) -> Graphs:
+    """``model.onnx_export.export_graphs``; ``ImportError`` first without ``onnx``, which
+    ``torch.onnx`` needs (reading cached graphs does not)."""
+    import onnx  # noqa: F401
+
+    from model.onnx_export import export_graphs
+
+    return export_graphs(model, model_id)
+
+
 class Predictor:
     """A loaded model, its device and precision."""
 
@@ -120,10 +131,12 @@ class Predictor:
         bf16: bool = False,
         lexicon: str | os.PathLike[str] | None = None,
         backend: str = "auto",
+        cache_dir: str | os.PathLike[str] | None = None,
     ) -> Predictor:
         """Load a checkpoint onto the chosen device and ``backend`` (``resolve_backend``), and
         the default ``lexicon`` file (one word per line) if given; raises ``StartupError``
-        with a fix in its message."""
+        with a fix in its message. The ONNX graphs are exported once per checkpoint and kept
+        under ``cache_dir`` (``model.onnx_cache``; ``None``: its default folder)."""
         path = Path(weights)
         if not path.exists():
             raise StartupError(
@@ -165,7 +178,8 @@ class Predictor:
         recognizer: Recognizer = model
         if engine == "onnx":
             try:
-                recognizer = OnnxRecognizer(model, info.model_id, threads)
+                folder = cache_entry(cache_dir, info.sha256, info.weights_path.with_suffix(".json").read_bytes())
+                recognizer = OnnxRecognizer(model, info.model_id, threads, cached_graphs(folder, lambda: export_graphs_checked(model, info.model_id)))
             except ImportError as exc:
                 if backend == "onnx":
                     raise StartupError(f"--backend onnx needs onnxruntime and onnx ({exc}): pip install onnxruntime onnx") from None

@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from model.lexicon import read_lexicon
 from model.reading import Recognition, read_views
-from model.search import PLAIN
 from model.training.cli import view_config
 
 if TYPE_CHECKING:
-    import torch
+    import numpy as np
+
+    from .local_reader import LocalReader
 
 #: File name endings a folder is searched for (any case): the formats the service decodes.
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
@@ -173,14 +173,37 @@ def _chunks(items: Sequence[tuple[str, Path | None]], size: int) -> Iterable[Seq
     return (items[i : i + size] for i in range(0, len(items), size))
 
 
+def _load_reader(args: argparse.Namespace) -> LocalReader | None:
+    """The predictor for ``args`` and its decode options; ``None`` (after one line on
+    standard error) when the model or an option cannot be used."""
+    from model.lexicon import read_lexicon
+
+    from .local_reader import predictor_reader
+    from .predictor import Predictor, StartupError
+
+    try:
+        predictor = Predictor.load(args.weights, args.device, args.threads, backend=args.backend, cache_dir=args.cache_dir)
+    except StartupError as exc:
+        print(f"safl recognize: {exc}", file=sys.stderr)
+        return None
+    try:
+        lexicon = read_lexicon(args.lexicon) if args.lexicon is not None else None
+        decode = predictor.decode_options(args.allowlist, args.blocklist, lexicon, args.top_k)
+    except (OSError, ValueError) as exc:
+        where = f"--lexicon {args.lexicon}: " if isinstance(exc, OSError) else ""
+        print(f"safl recognize: {where}{exc}", file=sys.stderr)
+        return None
+    return predictor_reader(predictor, decode)
+
+
 def run(args: argparse.Namespace) -> int:
     """``safl recognize``: exit 0 when every file was read, 1 when some could not be (or an
     argument named no file), 2 when nothing was named or the model cannot load."""
     from tqdm import tqdm
 
     from .errors import APIError
-    from .images import ImageLimits, ImageRejected, load_crop, treat_bomb_warning_as_error
-    from .predictor import ModelInput, Predictor, StartupError
+    from .images import ImageLimits, ImageRejected, load_views, treat_bomb_warning_as_error
+    from .local_reader import cached_onnx_reader
 
     if STDIN in args.inputs and args.stdin_image:
         print("safl recognize: '-' (paths on standard input) and --stdin-image both read standard input; give one", file=sys.stderr)
@@ -195,19 +218,12 @@ def run(args: argparse.Namespace) -> int:
             named = ", ".join(args.inputs[:3]) + (f" and {len(args.inputs) - 3} more" if len(args.inputs) > 3 else "")
             print(f"safl recognize: no image files found in {shown(named)}", file=sys.stderr)
         return 2
-    try:
-        predictor = Predictor.load(args.weights, args.device, args.threads, backend=args.backend)
-    except StartupError as exc:
-        print(f"safl recognize: {exc}", file=sys.stderr)
-        return 2
-    try:
-        lexicon = read_lexicon(args.lexicon) if args.lexicon is not None else None
-        decode = predictor.decode_options(args.allowlist, args.blocklist, lexicon, args.top_k)
-    except (OSError, ValueError) as exc:
-        where = f"--lexicon {args.lexicon}: " if isinstance(exc, OSError) else ""
-        print(f"safl recognize: {where}{exc}", file=sys.stderr)
-        return 2
-    predictor.init_thread()
+    plain = args.allowlist is None and args.blocklist is None and args.lexicon is None and not args.top_k
+    reader = cached_onnx_reader(args.weights, args.device, args.backend, args.threads, args.cache_dir) if plain else None
+    if reader is None:
+        reader = _load_reader(args)
+        if reader is None:
+            return 2
     treat_bomb_warning_as_error()
     limits = ImageLimits(args.max_file_bytes, args.max_pixels)
     view_cfg = view_config(args)
@@ -216,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
     show = args.progress if args.progress is not None else total >= PROGRESS_MIN_FILES and sys.stderr.isatty()
     failed = unread = 0
 
-    def load(name: str, path: Path | None) -> list[torch.Tensor]:
+    def load(name: str, path: Path | None) -> list[np.ndarray]:
         if path is None:
             data = sys.stdin.buffer.read(limits.max_file_bytes + 1)
         else:
@@ -225,13 +241,12 @@ def run(args: argparse.Namespace) -> int:
             data = path.read_bytes()
         if len(data) > limits.max_file_bytes:
             raise ImageRejected("file_too_large", f"file {name!r} is over {limits.max_file_bytes} bytes")
-        return load_crop(data, name, limits, predictor.preprocess_config, view_cfg)
+        return load_views(data, name, limits, reader.preprocess_config, view_cfg)
 
-    def read(views: list[torch.Tensor]) -> list[Recognition]:
-        items = views if decode is PLAIN else [ModelInput(v, decode) for v in views]
-        return [r for i in range(0, len(items), size) for r in predictor.recognize(items[i : i + size])]
+    def read(views: list[np.ndarray]) -> list[Recognition]:
+        return [r for i in range(0, len(views), size) for r in reader.read_batch(views[i : i + size])]
 
-    writer = Writer(args.format, sys.stdout, predictor.info.model_id)
+    writer = Writer(args.format, sys.stdout, reader.model_id)
     bar = tqdm(total=total, file=sys.stderr, unit="file", disable=not show, dynamic_ncols=True)
 
     def report(problem: dict[str, str]) -> None:
@@ -245,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
         for problem in inputs.problems:
             report(problem)
         for chunk in _chunks(inputs.files, size * CHUNK_BATCHES):
-            loaded: list[tuple[str, list[torch.Tensor] | dict[str, str]]] = []
+            loaded: list[tuple[str, list[np.ndarray] | dict[str, str]]] = []
             for name, path in chunk:
                 try:
                     loaded.append((name, load(name, path)))

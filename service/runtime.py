@@ -18,6 +18,7 @@ import torch
 from model import Recognition
 
 from .batcher import BatcherConfig, DynamicBatcher
+from .decode_budget import DecodeBudget
 from .images import ImageLimits
 from .metrics import Metrics
 from .predictor import Predictor
@@ -34,7 +35,8 @@ class Runtime:
         self.metrics = metrics or Metrics()
         self.predictor = predictor
         self.batcher: DynamicBatcher[Recognition] | None = None
-        self.limits = ImageLimits(settings.max_file_bytes, settings.max_pixels, settings.request_pixel_budget())
+        budget = DecodeBudget(settings.decode_memory_mb * 2**20)
+        self.limits = ImageLimits(settings.max_file_bytes, settings.max_pixels, settings.request_pixel_budget(), budget)
         self.warmed = False
         self.draining = False
         #: A second signal came: no drain wait, requests in progress are cut off (``abort``).
@@ -57,7 +59,7 @@ class Runtime:
         s = self.settings
         if self.predictor is None:
             # Loading reads and hashes the weights: keep the loop free while it does.
-            self.predictor = await asyncio.to_thread(Predictor.load, s.weights, s.device, s.threads, s.bf16, s.lexicon, s.backend)
+            self.predictor = await asyncio.to_thread(Predictor.load, s.weights, s.device, s.threads, s.bf16, s.lexicon, s.backend, s.cache_dir)
         p = self.predictor
         # One inference thread: one batch at a time per device, and torch's thread
         # settings (per OS thread under OpenMP) are made once, in it.

@@ -42,6 +42,10 @@ class Settings(BaseSettings):
         description="inference engine: onnx (ONNX Runtime; the same readings, about 2.5x faster at batch 1 on the CPU), torch (PyTorch), auto (onnx on the CPU, torch on CUDA)",
     )
     bf16: bool = Field(default=False, description="bf16 autocast for inference; applies on CUDA only")
+    cache_dir: Path | None = Field(
+        default=None,
+        description="folder where the ONNX graphs exported from a checkpoint are kept, so later starts (and safl recognize) read them instead of exporting again (unset: $XDG_CACHE_HOME/safl, else ~/.cache/safl)",
+    )
     warmup: bool = Field(default=True, description="run the batch shapes once before /readyz turns 200")
     turn_tall: bool = Field(
         default=ViewConfig().turn_tall,

@@ -16,6 +16,17 @@ from model import SAFL, SAFLConfig, save_checkpoint
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def onnx_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ONNX graph cache (``model.onnx_cache``) of this test session, not the user's:
+    ``SAFL_CACHE_DIR`` for the session and the servers it starts (``service_support.subprocess_env``)."""
+    import os
+
+    folder = tmp_path_factory.mktemp("onnx-cache")
+    os.environ["SAFL_CACHE_DIR"] = str(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def any_faces() -> list:
     """Every installed font face that draws the default charset, of any family (CI: DejaVu

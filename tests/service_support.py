@@ -42,8 +42,9 @@ def free_port() -> int:
 
 
 def subprocess_env() -> dict[str, str]:
-    """The environment for a server subprocess: no inherited SAFL_* settings, this checkout importable."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SAFL_")}
+    """The environment for a server subprocess: no inherited SAFL_* settings but the session's
+    graph cache (conftest's ``onnx_cache_dir``), this checkout importable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAFL_") or k == "SAFL_CACHE_DIR"}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
     return env

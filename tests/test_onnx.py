@@ -81,12 +81,17 @@ def test_export_writes_graphs_a_plain_onnx_runtime_can_run(tiny_model: SAFL, tmp
     np.testing.assert_allclose(logits, expected.numpy(), rtol=1e-4, atol=1e-4)
 
 
-def test_without_onnx_auto_falls_back_to_pytorch_and_onnx_refuses_to_start(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_onnx_auto_falls_back_to_pytorch_and_onnx_refuses_to_start(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from service.predictor import Predictor, StartupError
 
     monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx -> ImportError
-    predictor = Predictor.load(tiny_checkpoint, "cpu", threads=1)
+    empty = tmp_path / "cache"  # no graphs exported yet: the export needs onnx
+    predictor = Predictor.load(tiny_checkpoint, "cpu", threads=1, cache_dir=empty)
     assert predictor.backend == "torch" and isinstance(predictor.model, SAFL)
     with pytest.raises(StartupError, match="--backend onnx needs onnxruntime and onnx"):
-        Predictor.load(tiny_checkpoint, "cpu", threads=1, backend="onnx")
-    assert Predictor.load(tiny_checkpoint, "cpu", threads=1, backend="torch").backend == "torch"
+        Predictor.load(tiny_checkpoint, "cpu", threads=1, backend="onnx", cache_dir=empty)
+    assert Predictor.load(tiny_checkpoint, "cpu", threads=1, backend="torch", cache_dir=empty).backend == "torch"
+    monkeypatch.delitem(sys.modules, "onnx")
+    Predictor.load(tiny_checkpoint, "cpu", threads=1, cache_dir=empty)  # exports and keeps the graphs
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    assert Predictor.load(tiny_checkpoint, "cpu", threads=1, cache_dir=empty).backend == "onnx"  # cached graphs need only onnxruntime
