@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from model.charset import DEFAULT_CHARS
@@ -20,8 +21,10 @@ def crops():
 
 
 def test_kinds_hold_the_same_words(crops) -> None:
-    assert set(crops) == set(rectifier_report.KINDS) and all(len(v) == 6 for v in crops.values())
-    assert all(im.mode == "L" and im.width > im.height for im in crops["straight"])
+    assert set(crops) == set(rectifier_report.KINDS) and all(v.images.shape == (6, 32, 128) for v in crops.values())
+    assert all(v.points.shape == (6, 20, 2) for v in crops.values())
+    # The same word in the same place: straight crops and perspective ones differ by the warp alone.
+    assert not np.array_equal(crops["straight"].images, crops["perspective"].images)
 
 
 def test_an_identity_rectifier_reports_no_warp(crops, tiny_checkpoint: Path, tmp_path: Path) -> None:
@@ -29,8 +32,9 @@ def test_an_identity_rectifier_reports_no_warp(crops, tiny_checkpoint: Path, tmp
     report, outputs = rectifier_report.analyse(tiny_checkpoint, crops)
     for kind, v in report["kinds"].items():
         assert v["offset"] < 1e-5 and v["spread"] < 1e-5 and v["outside"] == 0.0
+        assert v["point_error"] > 0.05  # the identity is not where bent or framed text's edges lie
         assert outputs[kind].shape == (6, 32, 128)
-    assert report["kinds"]["curved"]["bend_response"] < 1e-5
+    assert report["kinds"]["curved"]["bend_response"] < 1e-5 and report["kinds"]["arc"]["bend_response"] < 1e-5
     out = tmp_path / "r.json"
     assert rectifier_report.main([str(tiny_checkpoint), "--n", "3", "--json", str(out)]) == 0
     assert set(json.loads(out.read_text())["models"]) == {"safl-tiny@" + report["model"].split("@")[1]}
