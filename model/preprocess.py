@@ -10,11 +10,12 @@ normalise an image.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 if TYPE_CHECKING:
     import torch
@@ -81,15 +82,61 @@ class UnsupportedImageMode(ValueError):
     """A decoded image whose pixel mode (e.g. LAB) has no conversion to grayscale or RGB."""
 
 
-def canonicalize(img: Image.Image, channels: int = 1) -> Image.Image:
-    """Bring a decoded image of any common mode to upright ``L`` (or ``RGB``).
+#: An image is shrunk by a whole factor (box filter) before anything else only while each
+#: side stays at least this many times the model input's longer side; the bilinear resize
+#: does the rest. Pillow's ``reducing_gap``: from 3 on, "indistinguishable from" resampling
+#: the full image. So a 16-megapixel upload costs its decoded size once, not once per
+#: conversion, and crops of ordinary size are untouched.
+REDUCING_GAP = 3.0
+
+#: Modes whose pixels can be averaged (``Image.reduce``): not palette indices or 1-bit.
+_REDUCIBLE = frozenset({"L", "LA", "RGB", "RGBA", "CMYK", "YCbCr", "I", "F"})
+
+
+def decode_side(cfg: PreprocessConfig) -> int:
+    """The shortest side, in pixels, a large image is decoded or shrunk to: ``REDUCING_GAP``
+    times the input's longer side (a tall crop's side may become either after turning)."""
+    return math.ceil(REDUCING_GAP * max(cfg.width, cfg.height))
+
+
+def draft(img: Image.Image, cfg: PreprocessConfig) -> Image.Image:
+    """Ask the decoder of a not yet loaded image to decode it at a reduced scale while both
+    sides stay at least ``decode_side(cfg)``: JPEG decodes at 1/2, 1/4 or 1/8 scale, in a
+    fraction of the memory and time; other formats ignore it. Returns ``img``."""
+    side = decode_side(cfg)
+    img.draft(None, (side, side))
+    return img
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    # ImageOps.exif_transpose copies the whole image even when there is nothing to turn.
+    if img.getexif().get(ExifTags.Base.Orientation, 1) == 1:
+        return img
+    return ImageOps.exif_transpose(img)
+
+
+def _shrink(img: Image.Image, min_side: int | None) -> Image.Image:
+    factor = 1 if min_side is None else min(img.size) // min_side
+    if factor < 2:
+        return img
+    if img.mode.startswith("I;16"):
+        img = img.convert("I")  # exact, and averageable (16-bit PNG and TIFF)
+    return img.reduce(factor) if img.mode in _REDUCIBLE else img
+
+
+def canonicalize(img: Image.Image, channels: int = 1, min_side: int | None = None) -> Image.Image:
+    """Bring a decoded image of any common mode to upright ``L`` (or ``RGB``); may return
+    ``img`` itself.
 
     Handles the first frame of animations, EXIF orientation, alpha (composited on
     white, or on black behind light visible pixels: ``_backdrop``), palettes, CMYK, 1-bit and 16/32-bit integer or float images.
+    With ``min_side`` (pixels) a large image is first shrunk by a whole factor while both
+    sides stay at least that long (``REDUCING_GAP``).
     """
     if getattr(img, "n_frames", 1) > 1:
         img.seek(0)
-    img = ImageOps.exif_transpose(img)
+    img.load()
+    img = _shrink(_upright(img), min_side)
     mode = img.mode
     if mode.startswith("I") or mode == "F":
         img = _high_bit_depth_to_l(img)
@@ -97,6 +144,7 @@ def canonicalize(img: Image.Image, channels: int = 1) -> Image.Image:
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     elif mode == "PA":
         img = img.convert("RGBA")
+    img = _shrink(img, min_side)  # the modes that could not be averaged before converting
     if img.mode in ("LA", "RGBA"):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, _backdrop(rgba) + (255,))
@@ -116,7 +164,7 @@ def resize(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     The crop is stretched to the fixed size (no aspect-ratio padding), as in most STR
     models: the TPS stage and the training data absorb the distortion.
     """
-    return _resize_canonical(canonicalize(img, cfg.channels), cfg)
+    return _resize_canonical(canonicalize(img, cfg.channels, decode_side(cfg)), cfg)
 
 
 def _resize_canonical(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
@@ -164,7 +212,7 @@ def views(img: Image.Image, cfg: PreprocessConfig, view_cfg: ViewConfig = ViewCo
     orientation (upright, and turned both ways for a tall crop), the resized crop and
     its contrast variants, computed on the resized pixels.
     """
-    img = canonicalize(img, cfg.channels)
+    img = canonicalize(img, cfg.channels, decode_side(cfg))
     turned = [img]
     if view_cfg.turn_tall and img.height > img.width:
         turned += [img.transpose(t) for t in (Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_270)]

@@ -9,21 +9,23 @@ exactly the pixels training saw.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-
 from typing import TYPE_CHECKING
 
 from PIL import Image, UnidentifiedImageError
 
-from model.preprocess import PreprocessConfig, UnsupportedImageMode, ViewConfig, to_tensor, views
+from model.preprocess import PreprocessConfig, UnsupportedImageMode, ViewConfig, draft, to_tensor, views
 
 if TYPE_CHECKING:  # tensors only in to_model_input: `safl recognize` reads cached ONNX graphs without PyTorch
     import numpy as np
     import torch
 
+from .decode_budget import DecodeBudget, decode_cost
 from .errors import APIError
 
 #: Pillow format names of the uploads we accept (GIF and TIFF: first frame only).
@@ -51,11 +53,20 @@ class ImageRejected(APIError):
 @dataclass(frozen=True)
 class ImageLimits:
     """Limits checked before decoding: per image, and the pixels of a request's images
-    together (``None``: no such limit)."""
+    together (``None``: no such limit); and the decode memory all requests share."""
 
     max_file_bytes: int
     max_pixels: int
     max_request_pixels: int | None = None
+    #: Memory the images being decoded may take at once, every request's together (``None``: no limit).
+    decode_budget: DecodeBudget | None = None
+
+    def decoding(self, img: Image.Image, check: Callable[[], None]) -> AbstractContextManager[None]:
+        """Hold ``img``'s share of ``decode_budget`` (``decode_cost``) while it is decoded and
+        converted; ``check`` runs while it waits for room, and what it raises ends the wait."""
+        if self.decode_budget is None:
+            return contextlib.nullcontext()
+        return self.decode_budget.reserve(decode_cost(img), check)
 
 
 def treat_bomb_warning_as_error() -> None:
@@ -187,7 +198,11 @@ def load_crops(
             continue
         before_each()
         try:
-            crops.append(to_model_input(_load(img, name), name, cfg, view_cfg))
+            with limits.decoding(draft(img, cfg), before_each):  # its cost is known once the decoder's scale is set
+                try:
+                    crops.append(to_model_input(_load(img, name), name, cfg, view_cfg))
+                finally:
+                    img.close()  # its full-size pixels, now, not when the whole request is done
         except ImageRejected as exc:
             if not per_file:
                 raise

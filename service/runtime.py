@@ -18,6 +18,7 @@ import torch
 from model import Recognition
 
 from .batcher import BatcherConfig, DynamicBatcher
+from .decode_budget import DecodeBudget
 from .images import ImageLimits
 from .metrics import Metrics
 from .predictor import Predictor
@@ -34,7 +35,8 @@ class Runtime:
         self.metrics = metrics or Metrics()
         self.predictor = predictor
         self.batcher: DynamicBatcher[Recognition] | None = None
-        self.limits = ImageLimits(settings.max_file_bytes, settings.max_pixels, settings.request_pixel_budget())
+        budget = DecodeBudget(settings.decode_memory_mb * 2**20)
+        self.limits = ImageLimits(settings.max_file_bytes, settings.max_pixels, settings.request_pixel_budget(), budget)
         self.warmed = False
         self.draining = False
         #: A second signal came: no drain wait, requests in progress are cut off (``abort``).

@@ -99,6 +99,11 @@ class Settings(BaseSettings):
     max_request_pixels: int | None = Field(
         default=None, ge=1, description="most pixels of a request's images together, checked from their headers before any is decoded (unset: 4 x max_pixels)"
     )
+    decode_memory_mb: int = Field(
+        default=256,
+        ge=1,
+        description="memory (MiB) the images being decoded may take at once, all requests together, reckoned at 8 bytes a pixel (a JPEG's at its reduced decoding scale); an image waits for room within its request's deadline, one larger than this is decoded alone",
+    )
     per_file_errors: bool = Field(
         default=False,
         description="answer a file that cannot be read with an error in its place among the results and read the others, for requests that do not say (per_file_errors form field, JSON key or query parameter)",
