@@ -78,7 +78,7 @@ FROM python:3.11-slim
 
 # ORT_DISABLE_TELEMETRY: ONNX Runtime's PyPI wheel sends usage events to Microsoft and keeps a
 # device id under ~/.cache unless this is set before it loads (safl sets it too, in
-# model/onnx_backend.py; here it also covers any other process started in the container).
+# model/onnx_reader.py; here it also covers any other process started in the container).
 ENV ORT_DISABLE_TELEMETRY=1 \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -81,6 +81,20 @@ def test_serve_takes_a_key_file_and_a_bom_lexicon_and_phones_nobody(tiny_checkpo
     assert "Traceback" not in output, output
 
 
+def test_safl_recognize_phones_nobody(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    # The CLI reads with ONNX Runtime too (its own process, its own import of the library).
+    home = tmp_path / "home"
+    home.mkdir()
+    image = tmp_path / "word.png"
+    image.write_bytes(encode(render_word("hello")))
+    env = {k: v for k, v in subprocess_env().items() if k != "ORT_DISABLE_TELEMETRY"} | {"HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache")}
+    cmd = [sys.executable, "-m", "service", "recognize", str(image), "--weights", str(tiny_checkpoint), "--backend", "onnx", "--threads", "1"]
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    telemetry = [p for p in home.rglob("*") if "Microsoft" in p.parts or ".onnxruntime" in p.parts]
+    assert telemetry == [], f"ONNX Runtime's telemetry wrote under HOME: {telemetry}"
+
+
 @pytest.mark.parametrize("key", ["kéy", "k\x01y", "k\ny"], ids=["non-ascii", "control", "inner-newline"])
 def test_serve_refuses_a_key_no_client_can_send_in_one_line(tiny_checkpoint: Path, key: str) -> None:
     env = subprocess_env() | {"SAFL_API_KEY": key}
