@@ -189,6 +189,8 @@ def _check_embedded_config(info: CheckpointInfo) -> None:
     stored.setdefault("tps_monotone", False)  # written before the field existed (format 2)
     for key in ("pos_step_h", "pos_step_w"):
         stored.setdefault(key, 1.0)  # written before position interpolation: whole steps
+    for key in ("tps_loc_h", "tps_loc_w"):
+        stored.setdefault(key, 1)  # written before the localisation grid: one cell
     if stored != info.config.to_dict():
         raise CheckpointError(
             f"the sidecar of {info.weights_path.name} does not match the config stored in the weights (was the charset or another field edited?)"

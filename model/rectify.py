@@ -102,15 +102,31 @@ def monotone_points(raw: torch.Tensor, num_points: int, max_offset: float) -> to
 class TPSRectifier(nn.Module):
     """Localisation CNN + TPS grid + bilinear sampling; output has the input's size."""
 
-    def __init__(self, in_channels: int, height: int, width: int, num_points: int = 20, max_offset: float = 0.75, monotone: bool = True) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        height: int,
+        width: int,
+        num_points: int = 20,
+        max_offset: float = 0.75,
+        monotone: bool = True,
+        loc_grid: tuple[int, int] = (1, 1),
+    ) -> None:
         super().__init__()
+        cells = loc_grid[0] * loc_grid[1]
 
         def block(cin: int, cout: int) -> list[nn.Module]:
             return [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
         # Strided convs (no max-pool) keep this net a small share of a CPU training step.
         self.loc_net = nn.Sequential(
-            *block(in_channels, 32), *block(32, 64), *block(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 64), nn.ReLU(inplace=True)
+            *block(in_channels, 32),
+            *block(32, 64),
+            *block(64, 128),
+            nn.AdaptiveAvgPool2d(loc_grid),
+            nn.Flatten(),
+            nn.Linear(128 * cells, 64),
+            nn.ReLU(inplace=True),
         )
         self.fc = nn.Linear(64, 2 * (num_points + 1) if monotone else num_points * 2)
         nn.init.zeros_(self.fc.weight)

@@ -45,6 +45,11 @@ class SAFLConfig:
     tps_points: int = 20
     tps_max_offset: float = 0.75  # bound on fiducial-point (y, or all with tps_monotone=False) offsets; 0 with tps_monotone=False = legacy unbounded points
     tps_monotone: bool = True  # points that cannot fold (model.rectify.monotone_points); False before format 3
+    #: The localisation net's feature map is averaged into tps_loc_h x tps_loc_w cells before
+    #: its fully connected layers. 1 x 1 (every checkpoint up to 112a46b67e37) keeps no layout:
+    #: where along the word a feature lies is lost, and a curved line's points need it.
+    tps_loc_h: int = 1
+    tps_loc_w: int = 1
     dropout: float = 0.0
 
     @property
@@ -92,7 +97,9 @@ class SAFL(nn.Module):
         config.preprocess  # noqa: B018 - validates the input geometry (channels 1 or 3, at least 8x8) up front
         self.charset = Charset(config.charset)
         c = config
-        self.rectifier = TPSRectifier(c.channels, c.height, c.width, c.tps_points, c.tps_max_offset, c.tps_monotone) if c.use_tps else None
+        self.rectifier = (
+            TPSRectifier(c.channels, c.height, c.width, c.tps_points, c.tps_max_offset, c.tps_monotone, (c.tps_loc_h, c.tps_loc_w)) if c.use_tps else None
+        )
         self.encoder = SATRNEncoder(
             c.channels,
             c.height,

@@ -91,3 +91,17 @@ def test_a_wider_input_keeps_every_weight_and_widens_the_token_grid() -> None:
         grow(small, enc_layers=1, dec_layers=1, ffn_mult=2, width=130)
     with pytest.raises(ValueError, match="only adds"):
         grow(small, enc_layers=1, dec_layers=1, ffn_mult=2, width=64)
+
+
+def test_a_localisation_grid_predicts_the_same_points_and_saves(tmp_path) -> None:
+    small = _trained_looking(SAFLConfig.from_preset("tiny"))
+    big = grow(small, 1, 1, small.config.ffn_mult, loc_grid=(2, 8))
+    assert (big.config.tps_loc_h, big.config.tps_loc_w) == (2, 8)
+    images = torch.rand(4, 1, 32, 128) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(big.rectifier.points(images), small.rectifier.points(images), atol=1e-5, rtol=0)
+    assert big.rectifier.loc_net[11].in_features == 16 * small.rectifier.loc_net[11].in_features
+    info = save_checkpoint(big, tmp_path / "loc.safetensors", name="loc")
+    assert load_checkpoint(tmp_path / "loc.safetensors")[1].config == info.config
+    with pytest.raises(ValueError, match="1 x 1 localisation grid"):
+        grow(big, 1, 1, big.config.ffn_mult, loc_grid=(2, 4))

@@ -37,20 +37,29 @@ from ..safl import SAFL
 _RESIDUAL_OUTPUTS = ("attn.out_proj.", "ffn.net.3.")
 
 
-def grow(model: SAFL, enc_layers: int, dec_layers: int, ffn_mult: int, grid_h: int | None = None, width: int | None = None) -> SAFL:
+def grow(
+    model: SAFL, enc_layers: int, dec_layers: int, ffn_mult: int, grid_h: int | None = None, width: int | None = None, loc_grid: tuple[int, int] | None = None
+) -> SAFL:
     """A model with at least as many layers and as wide FFNs as ``model``, with the same outputs;
     with ``grid_h`` (token-grid rows, at least the model's own) the same weights on a taller
     token grid, whose outputs differ until it is trained; with ``width`` (input pixels, at least
     the model's own) the same weights on a wider input: crops are stretched less, so long words
     get more token columns (``width / 4``), and the model must be trained on crops rendered at
     that width (``safl synth --width``). Both keep the position tables' span (``pos_step_h``,
-    ``pos_step_w``: position interpolation).
+    ``pos_step_w``: position interpolation). With ``loc_grid`` (rows, columns; at least the
+    model's own) the rectifier's localisation net keeps that grid of cells of its feature map
+    instead of their mean: the first fully connected layer reads each cell with the old
+    weights divided by the number of cells, which is the same function (the mean of the cells
+    times the old weights), so the rectifier predicts the same points until it is trained.
 
     Raises ``ValueError`` for a smaller model, a locality-aware FFN, or a ``grid_h`` that does
     not divide the stem's feature-map height (``height / 4``: 1, 2, 4 or 8 for 32-pixel crops),
     or a ``width`` that is not a multiple of 4.
     """
     old = model.config
+    loc_h, loc_w = (old.tps_loc_h, old.tps_loc_w) if loc_grid is None else loc_grid
+    if loc_h < old.tps_loc_h or loc_w < old.tps_loc_w or (loc_h, loc_w) != (old.tps_loc_h, old.tps_loc_w) and (old.tps_loc_h, old.tps_loc_w) != (1, 1):
+        raise ValueError("grow turns a 1 x 1 localisation grid into a larger one, and no other")
     grid_h = old.grid_h if grid_h is None else grid_h
     width = old.width if width is None else width
     if enc_layers < old.enc_layers or dec_layers < old.dec_layers or ffn_mult < old.ffn_mult or grid_h < old.grid_h or width < old.width:
@@ -69,6 +78,8 @@ def grow(model: SAFL, enc_layers: int, dec_layers: int, ffn_mult: int, grid_h: i
         # Position interpolation: a grid k times longer steps 1/k through the trained positions.
         pos_step_h=old.pos_step_h * old.grid_h / grid_h,
         pos_step_w=old.pos_step_w * old.width / width,
+        tps_loc_h=loc_h,
+        tps_loc_w=loc_w,
     )
     big = SAFL(cfg)  # the encoder's stem refuses a grid_h or width its strides cannot take
     src = model.state_dict()
@@ -86,6 +97,9 @@ def grow(model: SAFL, enc_layers: int, dec_layers: int, ffn_mult: int, grid_h: i
             elif name.endswith("ffn.net.3.weight"):
                 param.zero_()
                 param[:, : value.shape[1]].copy_(value)  # new hidden units contribute nothing yet
+            elif name.startswith("rectifier.loc_net.") and name.endswith(".weight") and param.shape[1] == value.shape[1] * loc_h * loc_w:
+                # Flatten orders the cells channel-major: cell k of channel c is input c * cells + k.
+                param.copy_(value.repeat_interleave(loc_h * loc_w, dim=1) / (loc_h * loc_w))
             else:
                 raise ValueError(f"cannot grow {name}: {tuple(value.shape)} → {tuple(param.shape)}")
     return big.eval()
@@ -101,11 +115,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ffn-mult", type=int, help="FFN width as a multiple of d_model, at least the model's own (default: its own)")
     p.add_argument("--grid-h", type=int, help="token-grid rows, at least the model's own and a divisor of height/4 (default: its own)")
     p.add_argument("--width", type=int, help="input width in pixels, at least the model's own and a multiple of 4 (default: its own)")
+    p.add_argument(
+        "--loc-grid",
+        type=int,
+        nargs=2,
+        metavar=("ROWS", "COLS"),
+        help="cells the rectifier's localisation net keeps of its feature map (default: its own, 1 1)",
+    )
     args = p.parse_args(argv)
     model, info = load_checkpoint(args.src)
     c = model.config
     try:
-        big = grow(model, args.enc_layers or c.enc_layers, args.dec_layers or c.dec_layers, args.ffn_mult or c.ffn_mult, args.grid_h, args.width)
+        big = grow(model, args.enc_layers or c.enc_layers, args.dec_layers or c.dec_layers, args.ffn_mult or c.ffn_mult, args.grid_h, args.width, args.loc_grid)
     except ValueError as exc:
         p.error(str(exc))
     training = dict(info.training or {}, grown_from=info.model_id)
