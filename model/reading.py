@@ -42,17 +42,23 @@ class Alternative:
 class Recognition:
     """One recognised word.
 
-    ``confidence`` is the product of the per-character probabilities *and* the
+    As decoded, ``confidence`` is the product of the per-character probabilities *and* the
     probability of the end-of-word token, so it is the model's probability of the
     whole string under greedy decoding (an empty string has the EOS probability).
+    Handed to users, it is calibrated (``model.calibration.calibrate``): the probability that
+    ``text`` is exactly right, the decoder's probability kept as ``raw_confidence``.
     ``alternatives``: with ``top_k``, the k most probable readings found by beam search,
-    most probable first (the first is ``text``); empty otherwise.
+    most probable first (the first is ``text``); empty otherwise. ``model_probability``: for
+    a reading renormalised over an allowlist or blocklist, the unconstrained model's
+    probability of ``text`` (``model.scoring``), which its calibrated confidence is made from.
     """
 
     text: str
     confidence: float
     char_confidences: list[float]
     alternatives: tuple[Alternative, ...] = field(default=())
+    raw_confidence: float | None = None
+    model_probability: float | None = None
 
 
 def most_confident_index(readings: Sequence[Recognition]) -> int:

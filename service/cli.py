@@ -20,6 +20,7 @@ import uvicorn
 from pydantic import SecretStr, ValidationError
 
 from model.reading import MAX_TOP_K
+from model.training.calibrate import add_calibrate_parser
 from model.training.cli import add_eval_parser, add_synth_parser, add_train_parser, add_view_flags
 
 from .access_log import configure_probe_access_log
@@ -388,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_synth_parser(sub)
     add_train_parser(sub)
     add_eval_parser(sub, default_weights())
+    add_calibrate_parser(sub, default_weights())
     add_export_parser(sub)
     return parser
 

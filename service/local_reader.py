@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from model.calibration import Calibration, read_calibration
 from model.checkpoint import file_sha256
 from model.device import cpu_for_certain
 from model.preprocess import PreprocessConfig, to_array, to_tensor
@@ -38,6 +39,8 @@ class LocalReader:
     read_batch: Callable[[list[np.ndarray]], list[Recognition]]
     #: ``"onnx-cached"`` (no PyTorch loaded) or the predictor's backend.
     engine: str
+    #: The checkpoint's calibration of ``confidence`` (``model.calibration``); ``None``: none.
+    calibration: Calibration | None = None
 
 
 def cached_onnx_reader(
@@ -58,9 +61,10 @@ def cached_onnx_reader(
         from model.onnx_reader import OnnxReader
 
         reader = OnnxReader(*graphs, threads)
+        calibration = read_calibration(path)
     except Exception:  # no onnxruntime, unreadable files, graphs ONNX Runtime refuses: the predictor then says what is wrong
         return None
-    return LocalReader(reader.layout.model_id, reader.preprocess_config, lambda views: reader.read(to_array(views)), "onnx-cached")
+    return LocalReader(reader.layout.model_id, reader.preprocess_config, lambda views: reader.read(to_array(views)), "onnx-cached", calibration)
 
 
 def predictor_reader(predictor: Predictor, decode: DecodeOptions) -> LocalReader:
@@ -74,4 +78,4 @@ def predictor_reader(predictor: Predictor, decode: DecodeOptions) -> LocalReader
         return predictor.recognize(tensors if decode is PLAIN else [ModelInput(t, decode) for t in tensors])
 
     predictor.init_thread()
-    return LocalReader(predictor.info.model_id, predictor.preprocess_config, read_batch, predictor.backend)
+    return LocalReader(predictor.info.model_id, predictor.preprocess_config, read_batch, predictor.backend, predictor.calibration)

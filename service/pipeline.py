@@ -24,6 +24,7 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from model import Recognition
+from model.calibration import calibrate
 from model.preprocess import PreprocessConfig, ViewConfig
 from model.reading import aread_answers
 from model.search import PLAIN
@@ -268,12 +269,14 @@ async def recognize(request: Request, runtime: Runtime, view_cfg: ViewConfig) ->
             runtime.metrics.error(crop.code)
             results.append(FileError(filename=upload.filename, error=ErrorDetail(code=crop.code, message=crop.message)))
             continue
-        (r, _), picture = next(read_back)
+        (decoded, _), picture = next(read_back)
+        r = calibrate(decoded, predictor.calibration)
         results.append(
             RecognitionResult(
                 filename=upload.filename,
                 text=r.text,
                 confidence=r.confidence,
+                raw_confidence=r.raw_confidence,
                 char_confidences=r.char_confidences,
                 alternatives=[Alternative(text=a.text, confidence=a.confidence) for a in r.alternatives] if options.top_k else None,
                 rectified=picture,

@@ -17,6 +17,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from model import SAFL, CheckpointError, CheckpointInfo, Recognition, load_checkpoint
+from model.calibration import Calibration, CalibrationError, read_calibration
 from model.charset import Charset
 from model.device import DeviceUnavailable, resolve_device
 from model.lexicon import MAX_DEFAULT_LEXICON_WORDS, Lexicon, read_lexicon
@@ -121,6 +122,8 @@ class Predictor:
         self.default_lexicon = lexicon
         #: The engine ``model`` runs on: "onnx" or "torch" (``resolve_backend``).
         self.backend = "onnx" if isinstance(model, OnnxRecognizer) else "torch"
+        #: The checkpoint's calibration of ``confidence`` (``model.calibration``); ``None``: none.
+        self.calibration: Calibration | None = None
 
     @classmethod
     def load(
@@ -192,6 +195,10 @@ class Predictor:
                 engine = "torch"
         predictor = cls(recognizer, info, target, amp, threads, default_lexicon)
         predictor.backend = engine
+        try:
+            predictor.calibration = read_calibration(info.weights_path)
+        except (OSError, CalibrationError) as exc:
+            raise StartupError(f"cannot use the calibration in the sidecar of {path}: {exc} (safl calibrate rewrites it)") from None
         return predictor
 
     def decode_options(
@@ -238,7 +245,15 @@ class Predictor:
             batch = batch.pin_memory().to(self.device, non_blocking=True)
         else:
             batch = batch.to(self.device)
-        return self._recognize(batch, None if all(o is PLAIN for o in options) else options)
+        readings = self._recognize(batch, None if all(o is PLAIN for o in options) else options)
+        constrained = [o.allowed is not None for o in options]
+        if not any(constrained):
+            return readings
+        # Renormalised over an allowlist or blocklist: what the free model gives each text,
+        # which its calibrated confidence is made from (model.calibration.calibrate).
+        from model.scoring import with_model_probability
+
+        return with_model_probability(getattr(self.model, "model", self.model), batch, readings, constrained)
 
     def _recognize(self, batch: torch.Tensor, options: list[DecodeOptions] | None = None) -> list[Recognition]:
         try:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from model.calibration import calibrate_all
 from model.reading import Recognition, read_views
 from model.training.cli import view_config
 
@@ -125,7 +126,7 @@ def shown(name: str) -> str:
 
 def _reading(r: Recognition) -> dict[str, Any]:
     # The HTTP API's result fields: alternatives only when asked for (--top-k).
-    out: dict[str, Any] = {"text": r.text, "confidence": r.confidence, "char_confidences": r.char_confidences}
+    out: dict[str, Any] = {"text": r.text, "confidence": r.confidence, "raw_confidence": r.raw_confidence, "char_confidences": r.char_confidences}
     if r.alternatives:
         out["alternatives"] = [{"text": a.text, "confidence": a.confidence} for a in r.alternatives]
     return out
@@ -268,7 +269,8 @@ def run(args: argparse.Namespace) -> int:
                     loaded.append((name, {"filename": name, "code": "unreadable", "message": f"cannot read {name}: {exc.strerror or exc}"}))
                 except APIError as exc:
                     loaded.append((name, {"filename": name, "code": exc.code, "message": exc.message}))
-            results = iter(read_views(read, [v for _, v in loaded if isinstance(v, list)], view_cfg.confident_at))
+            readings = read_views(read, [v for _, v in loaded if isinstance(v, list)], view_cfg.confident_at)
+            results = iter(calibrate_all(readings, reader.calibration))
             for name, v in loaded:
                 if isinstance(v, list):
                     writer.result(name, next(results))

@@ -8,12 +8,17 @@ from model.lexicon import MAX_LEXICON_WORDS
 from model.search import MAX_TOP_K
 
 CONFIDENCE_DOC = (
-    "Probability the model gives the whole string: the product of the per-character "
-    "probabilities (char_confidences) and of the end-of-word token's probability. An empty "
-    "text's confidence is the end-of-word probability alone. With an allowlist or blocklist "
-    "the probabilities are renormalised over the characters allowed; with a lexicon they are "
-    "not (the word's probability under the model). It is not calibrated on an untrained or "
-    "domain-shifted model."
+    "Probability that text is exactly right, case-sensitive: the model's probability of the whole string "
+    "(raw_confidence) mapped by the calibration stored with the checkpoint (fitted on labelled crops no model "
+    "of its lineage trained on; README, 'What confidence means'). Keep readings at or above a threshold to trade "
+    "coverage for accuracy. With an allowlist or blocklist it is made from the unconstrained model's probability "
+    "of the text, so a reading forced away from what the model sees comes back unsure; with a lexicon, from the "
+    "word's probability under the model. A checkpoint without a calibration answers raw_confidence here"
+)
+RAW_CONFIDENCE_DOC = (
+    "the decoder's probability of the whole string: the product of the per-character probabilities and of the "
+    "end-of-word token's (an empty text: the end-of-word probability alone); with an allowlist or blocklist "
+    "renormalised over the characters allowed. The views of a crop are chosen by it"
 )
 
 
@@ -36,7 +41,7 @@ class Alternative(BaseModel):
     """One of the k most probable readings."""
 
     text: str
-    confidence: float = Field(description="the model's probability of this whole string")
+    confidence: float = Field(description="the probability that this string is right, calibrated as the result's confidence")
 
 
 class RecognitionResult(BaseModel):
@@ -45,7 +50,11 @@ class RecognitionResult(BaseModel):
     filename: str = Field(description="the part's filename (multipart) or image-<index> (JSON)")
     text: str = Field(description="recognised word")
     confidence: float = Field(description=CONFIDENCE_DOC)
-    char_confidences: list[float] = Field(description="probability of each recognised character, in order")
+    raw_confidence: float = Field(description=RAW_CONFIDENCE_DOC)
+    char_confidences: list[float] = Field(
+        description="each recognised character's probability, in order, raised to the one power that makes their product "
+        "with the end-of-word token's the confidence (the least sure character stays the least sure)"
+    )
     alternatives: list[Alternative] | None = Field(None, description="with top_k: the k most probable readings, most probable first (the first is text)")
     rectified: str | None = Field(
         None,

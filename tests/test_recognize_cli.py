@@ -109,7 +109,7 @@ def test_recognize_a_folder_in_every_format(tiny_checkpoint: Path, tiny_model: S
     assert main(["recognize", str(crops), "--format", "jsonl", *_flags(tiny_checkpoint)]) == 0
     objs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [o["file"] for o in objs] == [str(crops / r) for r in order]
-    assert set(objs[0]) == {"file", "text", "confidence", "char_confidences"}
+    assert set(objs[0]) == {"file", "text", "confidence", "raw_confidence", "char_confidences"}
     assert [o["text"] for o in objs] == [ref.text for ref in want]
     assert objs[0]["confidence"] == pytest.approx(want[0].confidence, rel=1e-4, abs=1e-30)
 

@@ -304,6 +304,12 @@ def add_eval_parser(sub: argparse._SubParsersAction, default_weights: Path | Non
         help="also report accuracy with a closed vocabulary per crop: its label and N-1 distractors drawn from the other labels "
         "(the IIIT5K protocol uses 50); 0: off (default)",
     )
+    p.add_argument(
+        "--raw-confidence",
+        action="store_true",
+        help="score the decoder's own probability, not the confidence calibrated by the checkpoint's sidecar (model.calibration)",
+    )
+    p.add_argument("--reliability", type=Path, metavar="PNG", help="also draw the reliability diagram of all the data sets' crops here")
     add_view_flags(p)
     p.set_defaults(func=run_eval)
 
@@ -369,15 +375,17 @@ def view_config(args: argparse.Namespace) -> ViewConfig:
 def run_eval(args: argparse.Namespace) -> int:
     import torch
 
+    from ..calibration import read_calibration
     from ..checkpoint import CheckpointError, load_checkpoint
     from .data import load_any, load_folder_part
-    from .evaluate import evaluate, to_json, to_markdown
+    from .evaluate import evaluate, pooled_reliability, to_json, to_markdown
 
     torch.set_num_threads(args.threads)
     view_cfg = view_config(args)
     sets = []
     try:
         model, info = load_checkpoint(args.weights)
+        calibration = None if args.raw_confidence else read_calibration(args.weights)
         pcfg = info.config.preprocess
         for d in args.data:
             if (d / "labels.tsv").is_file() and args.part != "all":
@@ -385,15 +393,22 @@ def run_eval(args: argparse.Namespace) -> int:
             else:
                 sets.append(load_any(d, pcfg, view_cfg))
     except (CheckpointError, OSError, ValueError) as exc:
-        # A missing or broken checkpoint, a labels.tsv line without a tab, a missing image file.
+        # A missing or broken checkpoint or calibration, a labels.tsv line without a tab, a missing image file.
         raise SystemExit(f"safl eval: {exc}") from None
     try:
-        results = evaluate(model, sets, args.batch_size, args.worst, view_cfg.confident_at, args.lexicon_size)
+        results = evaluate(model, sets, args.batch_size, args.worst, view_cfg.confident_at, args.lexicon_size, calibration)
     except ValueError as exc:  # a data set with fewer distinct labels than --lexicon-size
         raise SystemExit(f"safl eval: {exc}") from None
     print(to_markdown(results, f"{info.model_id} ({args.part})"))
     if args.json:
-        to_json(results, args.json, {"model": info.model_id, "part": args.part, "split": asdict(split_config(args))})
+        to_json(results, args.json, {"model": info.model_id, "part": args.part, "split": asdict(split_config(args)), "calibrated": calibration is not None})
+    if args.reliability:
+        from .reliability_plot import plot_reliability
+
+        everything = pooled_reliability(results)
+        if everything is not None:
+            kind = "calibrated" if calibration is not None else "raw"
+            plot_reliability(everything, args.reliability, f"{info.model_id}, {args.part}, {kind} confidence")
     return 0
 
 

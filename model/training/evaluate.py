@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..calibration import Calibration, Reliability, calibrate_all, reliability
 from ..lexicon import Lexicon
 from ..preprocess import ViewConfig, to_tensor
 from ..reading import Recognition, read_views
@@ -62,6 +63,10 @@ class DatasetResult:
     lexicon_size: int = 0
     lexicon_n: int = 0
     acc36_lexicon: float | None = None
+    #: Expected calibration error (10 bins) of the confidences against exact, case-sensitive
+    #: correctness (``acc_cs``), and its bins (``model.calibration.Reliability``).
+    ece: float | None = None
+    reliability: dict[str, list] | None = None
 
 
 def score(predictions: list[str], labels: list[str]) -> tuple[int, float, float, float]:
@@ -109,9 +114,11 @@ def predict(
     extra_views: dict[int, np.ndarray] | None = None,
     confident_at: float = ViewConfig().confident_at,
     options: Sequence[DecodeOptions] | None = None,
+    calibration: Calibration | None = None,
 ) -> tuple[list[str], list[float]]:
     """Texts and confidences for a uint8 image array, in batches, each sample read as its
-    ``options`` say (one per sample; ``None``: greedy).
+    ``options`` say (one per sample; ``None``: greedy); the confidences calibrated by
+    ``calibration`` (``model.calibration.calibrate``, as the service answers; ``None``: raw).
 
     With ``extra_views`` (``ArrayDataset.extra_views``) the samples are read as the
     service reads them (``model.reading.read_views``): a sample whose image alone reads
@@ -123,7 +130,7 @@ def predict(
     def read(views: list[tuple[np.ndarray, DecodeOptions]]) -> list[Recognition]:
         return read_batched(model, np.stack([v for v, _ in views]), batch_size, amp_dtype, None if options is None else [o for _, o in views])
 
-    readings = read_views(read, per_sample, confident_at)
+    readings = calibrate_all(read_views(read, per_sample, confident_at), calibration)
     return [r.text for r in readings], [r.confidence for r in readings]
 
 
@@ -169,15 +176,22 @@ def lexicon_accuracy(
 
 
 def evaluate(
-    model: SAFL, datasets: list[ArrayDataset], batch_size: int = 128, worst: int = 5, confident_at: float = ViewConfig().confident_at, lexicon_size: int = 0
+    model: SAFL,
+    datasets: list[ArrayDataset],
+    batch_size: int = 128,
+    worst: int = 5,
+    confident_at: float = ViewConfig().confident_at,
+    lexicon_size: int = 0,
+    calibration: Calibration | None = None,
 ) -> list[DatasetResult]:
-    """Metrics per data set, with the ``worst`` most confident mistakes of each; the
-    samples are read in their views (``predict``). With ``lexicon_size`` > 0, also the
-    accuracy with a lexicon of that many words per sample (``lexicon_accuracy``, the
-    distractors drawn from the labels of all ``datasets``)."""
+    """Metrics per data set, with the ``worst`` most confident mistakes of each and the
+    calibration error of the confidences (``calibration``: as the service answers; ``None``:
+    the decoder's own); the samples are read in their views (``predict``). With
+    ``lexicon_size`` > 0, also the accuracy with a lexicon of that many words per sample
+    (``lexicon_accuracy``, the distractors drawn from the labels of all ``datasets``)."""
     results = []
     for ds in datasets:
-        preds, confs = predict(model, ds.images, batch_size, extra_views=ds.extra_views, confident_at=confident_at)
+        preds, confs = predict(model, ds.images, batch_size, extra_views=ds.extra_views, confident_at=confident_at, calibration=calibration)
         n, acc36, acc_cs, one_minus_ned = score(preds, ds.labels)
         wrong = [
             Example(i, ds.labels[i], preds[i], round(confs[i], 4), ds.sources[i] if ds.sources else "")
@@ -186,6 +200,9 @@ def evaluate(
         ]
         wrong.sort(key=lambda e: -e.confidence)
         result = DatasetResult(ds.name, n, acc36, acc_cs, one_minus_ned, wrong[:worst], ds.folder)
+        scored = [i for i, label in enumerate(ds.labels) if normalize_cs(label)]
+        rel = reliability([confs[i] for i in scored], [normalize_cs(preds[i]) == normalize_cs(ds.labels[i]) for i in scored])
+        result.ece, result.reliability = rel.ece, rel.to_dict()
         if lexicon_size:
             result.lexicon_size = lexicon_size
             # Distractors from every data set's labels: a small validation part alone has too few.
@@ -193,6 +210,20 @@ def evaluate(
             result.lexicon_n, result.acc36_lexicon = lexicon_accuracy(model, ds, lexicon_size, batch_size, confident_at=confident_at, distractors_from=pool)
         results.append(result)
     return results
+
+
+def pooled_reliability(results: Sequence[DatasetResult]) -> Reliability | None:
+    """The data sets' reliability bins together (each bin's means weighted by its counts);
+    ``None`` when none has any."""
+    rels = [Reliability.from_dict(r.reliability) for r in results if r.reliability]
+    if not rels:
+        return None
+    counts = [sum(rel.counts[i] for rel in rels) for i in range(len(rels[0].counts))]
+
+    def mean(attr: str, i: int) -> float:
+        return sum(rel.counts[i] * getattr(rel, attr)[i] for rel in rels if rel.counts[i]) / counts[i] if counts[i] else float("nan")
+
+    return Reliability(counts, [mean("confidence", i) for i in range(len(counts))], [mean("accuracy", i) for i in range(len(counts))])
 
 
 def pooled(results: Sequence[DatasetResult], attr: str = "acc36") -> float:
@@ -219,6 +250,11 @@ def to_markdown(results: list[DatasetResult], title: str = "") -> str:
             lex_total = sum(r.lexicon_n for r in results)
             lex = f" {100 * sum((r.acc36_lexicon or 0.0) * r.lexicon_n for r in results) / max(lex_total, 1):.2f} % |"
         lines.append(f"| **all (weighted)** | {total} | {100 * w('acc36'):.2f} % | {100 * w('acc_cs'):.2f} % | {w('one_minus_ned'):.4f} |{lex}")
+    eces = [f"{r.name} {r.ece:.3f}" for r in results if r.ece is not None]
+    everything = pooled_reliability(results)
+    if eces and everything is not None:
+        both = f"; all {everything.ece:.3f}" if len(eces) > 1 else ""
+        lines += ["", f"Calibration error of the confidence (ECE, 10 bins, exact case-sensitive match): {', '.join(eces)}{both}"]
     for r in results:
         if r.worst:
             lines += ["", f"Most confident mistakes on {r.name}" + (f" (in `{r.folder}`)" if r.folder else "") + ":", ""]
