@@ -362,6 +362,15 @@ def test_resume_without_flags_keeps_the_saved_schedule(tmp_path: Path, shards: P
     assert load_checkpoint(out / "last.safetensors")[1].training["step"] == 3
 
 
+def test_resuming_a_finished_run_says_so(tmp_path: Path, shards: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "done"
+    assert cli_main([*_tiny_cli(out, shards), "--total-steps", "2"]) == 0
+    capsys.readouterr()
+    assert cli_main(["train", "--out", str(out), "--resume", "--no-progress"]) == 0
+    said = capsys.readouterr().out
+    assert "already at step 2 of 2: nothing to train" in said and "None img/s" not in said
+
+
 def test_a_short_fine_tune_does_not_end_below_its_start(tmp_path: Path, shards: Path, memorised_checkpoint, capsys) -> None:
     # A model that reads its words, fine-tuned on a folder of them mixed with synthetic data
     # under the fine-tune recipe: validated at step 0, so the run's result (best.safetensors)

@@ -646,7 +646,9 @@ class Trainer:
             "step_ms": round(1000 * totals.total / n, 2),
             "data_share": round(totals.data / totals.total, 4) if totals.total else None,
         }
-        if self.dist.is_main:
+        if self.dist.is_main and not totals.n:
+            print(f"{self.out.name}: already at step {self.step} of {self.end_step()}: nothing to train", flush=True)
+        elif self.dist.is_main:
             print(
                 f"{self.out.name}: stopped at step {self.step} ({loop.stopped_by}); {summary['img_s']} img/s; data {summary['data_ms']} ms "
                 f"of {summary['step_ms']} ms per step ({100 * (summary['data_share'] or 0):.1f} %)",
