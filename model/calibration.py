@@ -122,9 +122,11 @@ def calibrate(r: Recognition, calibration: Calibration | None) -> Recognition:
     by ``model_probability``, the unconstrained model's probability of its text: a reading
     forced away from what the model sees comes back unsure. ``top_k`` alternatives are
     calibrated by the same map (scaled by the same constraint factor). Without a
-    ``calibration`` only ``raw_confidence`` is added.
+    ``calibration`` only ``raw_confidence`` is added; a reading that has one is returned as it is.
     """
-    raw = r.confidence if r.raw_confidence is None else r.raw_confidence
+    if r.raw_confidence is not None:  # calibrated already
+        return r
+    raw = r.confidence
     if calibration is None:
         return replace(r, raw_confidence=raw)
     p = raw if r.model_probability is None else r.model_probability

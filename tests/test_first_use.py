@@ -6,6 +6,7 @@ real tiny model, no timing: the start-up time is measured by ``bench/startup.py`
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -108,3 +109,49 @@ def test_the_module_form_works_from_a_folder_with_its_own_model_py(tmp_path: Pat
         [sys.executable, "-P", "-m", "model.training.fonts", "--packages"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
     )
     assert fonts.returncode == 0 and "fonts-" in fonts.stdout, fonts.stderr
+
+
+def _readme_first_request() -> tuple[list[str], dict]:
+    """The files of the README's first ``curl`` (in "Use it") and the JSON answer it shows."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("\n## Use it") :]
+    command = next(line for line in section.split("```bash", 1)[1].split("```", 1)[0].splitlines() if line.startswith("curl"))
+    shown = json.loads(section.split("```json", 1)[1].split("```", 1)[0])
+    return re.findall(r"files=@(\S+)", command), shown
+
+
+def test_the_readmes_first_request_answers_as_shown(tmp_path: Path) -> None:
+    """The README's first request, as pasted from the repository root, through the real app
+    with the shipped weights and the default settings: its files exist and the answer is the
+    one the README shows (texts exactly, confidences to the 2 decimals shown)."""
+    import asyncio
+
+    import httpx
+    from service_support import running_app
+
+    from model.checkpoint import shipped_weights
+    from service import Settings
+
+    paths, shown = _readme_first_request()
+    assert paths and all((REPO / p).is_file() for p in paths), paths
+
+    async def ask() -> dict:
+        settings = Settings(weights=shipped_weights(), device="cpu", threads=1, cache_dir=tmp_path)  # graphs exported from this code
+        async with running_app(settings) as (_, client):
+            files = [("files", (Path(p).name, (REPO / p).read_bytes(), "image/png")) for p in paths]
+            r: httpx.Response = await client.post("/recognize", files=files)
+            assert r.status_code == 200, r.text
+            return r.json()
+
+    got = asyncio.run(ask())
+    assert got["model"] == shown["model"]
+    rounded = [
+        {
+            "filename": g["filename"],
+            "text": g["text"],
+            "confidence": round(g["confidence"], 2),
+            "char_confidences": [round(c, 2) for c in g["char_confidences"]],
+        }
+        for g in got["results"]
+    ]
+    assert rounded == shown["results"], json.dumps(rounded)
