@@ -50,6 +50,8 @@ def test_a_run_with_the_tiny_model(curved_text, any_faces, tiny_checkpoint: Path
             "--arcs",
             "0",
             "90",
+            "--yaws",
+            "40",
             "--threads",
             "1",
             "--json",
@@ -62,9 +64,23 @@ def test_a_run_with_the_tiny_model(curved_text, any_faces, tiny_checkpoint: Path
     assert rc == 0
     report = json.loads(out.read_text())
     assert report["texts"] == 8 and set(report["engines"]) == {"safl"} and report["bar_met"] is None
-    assert set(report["engines"]["safl"]["per_arc"]) == {"0", "90"}
-    assert "| safl |" in capsys.readouterr().out
+    assert set(report["engines"]["safl"]["per_arc"]) == {"0", "90"} and set(report["engines"]["safl"]["perspective"]["per_yaw"]) == {"40"}
+    said = capsys.readouterr().out
+    assert "| safl |" in said and "yaw 40°" in said
     assert Image.open(tmp_path / "arcs.png").size[0] > 200
+
+
+def test_a_turned_sign_shrinks_towards_its_far_end(curved_text, any_faces) -> None:
+    sample = curved_text.Sample("IIIIIIIIIIII", any_faces[0].path, inverted=False)
+    flat = np.asarray(Image.open(io.BytesIO(curved_text.render(sample, 0.0, arch=True))))
+    turned = np.asarray(Image.open(io.BytesIO(curved_text.render(sample, 0.0, arch=True, yaw=50.0))))
+    assert turned.shape[1] < 0.8 * flat.shape[1]  # foreshortened
+    ink = turned < 128
+    cols = np.nonzero(ink.any(axis=0))[0]
+    height = lambda c: np.ptp(np.nonzero(ink[:, c])[0]) + 1  # noqa: E731
+    assert height(cols[-2]) < 0.85 * height(cols[1])  # the far end is smaller
+    with pytest.raises(ValueError, match="no face"):
+        curved_text.turned(Image.new("L", (10, 10)), 90.0)
 
 
 def test_arcs_out_of_range_are_a_usage_error(curved_text, capsys) -> None:
