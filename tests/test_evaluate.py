@@ -16,6 +16,7 @@ from model_support import Memorised, memorise
 from PIL import Image
 
 from model import PreprocessConfig, save_checkpoint
+from model.calibration import reliability
 from model.training.cli import main as cli_main
 from model.training.data import ArrayDataset, load_folder, load_folder_part
 from model.training.evaluate import DatasetResult, Example, evaluate, lexicon_accuracy, normalize_36, normalize_cs, predict, score, to_json, to_markdown
@@ -181,6 +182,9 @@ def test_to_markdown_and_json(tmp_path: Path) -> None:
     assert "Most confident mistakes on iiit5k (in `data/iiit5k`):" in md
     assert "- `crops/3.png`: `Hello` → `Hella` (confidence 0.91)" in md
     assert "Most confident mistakes on svt:" in md and "- sample 7: `Exit` → `Fxit` (confidence 0.50)" in md  # no file known
+    assert "Calibration error" not in md  # results without confidences to score
+    c = DatasetResult("ic15", 10, 0.5, 0.4, 0.75, ece=0.25, reliability=reliability([0.05, 0.05, 0.95, 0.95], [True, False, True, True]).to_dict())
+    assert "Calibration error of the confidence (ECE, 10 bins, exact case-sensitive match): ic15 0.250" in to_markdown([c])
     single = to_markdown([DatasetResult("svt", 1000, 0.5, 0.4, 0.75)])
     assert "weighted" not in single and not single.startswith("###")
 
@@ -199,6 +203,8 @@ def test_to_markdown_and_json(tmp_path: Path) -> None:
         "lexicon_size": 0,
         "lexicon_n": 0,
         "acc36_lexicon": None,
+        "ece": None,
+        "reliability": None,
     }
     # ``one_minus_ned`` keeps the key and place "ned" has in every result file so far (docs/, weights/metrics.json).
     assert list(data["datasets"][0])[:7] == ["name", "n", "acc36", "acc_cs", "ned", "worst", "folder"]
