@@ -140,7 +140,8 @@ async def test_probes_info_metrics_docs(tiny_checkpoint: Path) -> None:
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
     body = spec["paths"]["/recognize"]["post"]["requestBody"]["content"]
     assert set(body) == {"multipart/form-data", "application/json"}
-    assert "end-of-word" in spec["components"]["schemas"]["RecognitionResult"]["properties"]["confidence"]["description"]
+    result = spec["components"]["schemas"]["RecognitionResult"]["properties"]
+    assert "exactly right" in result["confidence"]["description"] and "end-of-word" in result["raw_confidence"]["description"]
 
 
 async def test_error_shape_for_routing_errors(tiny_checkpoint: Path) -> None:
