@@ -42,7 +42,7 @@ if str(REPO) not in sys.path:
 
 from model import SAFL, Recognition, SAFLConfig, load_checkpoint  # noqa: E402  (after the sys.path line above)
 from model.charset import EOS_ID  # noqa: E402
-from model.onnx_backend import OnnxRecognizer  # noqa: E402
+from model.engine import ENGINES, Engine, open_engine  # noqa: E402
 from model.preprocess import collate, preprocess  # noqa: E402
 
 WORDS = ["hello", "World", "street", "CAFE", "exit", "open24", "Parking", "sale!", "Station", "42", "NO", "Coffee"]
@@ -94,11 +94,12 @@ def never_ending(model: SAFL) -> SAFL:
     return worst.eval()
 
 
-def recognize(model: SAFL | OnnxRecognizer, x: torch.Tensor, amp: torch.dtype | None, max_chars: int | None) -> list[Recognition]:
-    """``model.recognize``; with ``max_chars`` the same steps with decoding capped at that length (PyTorch only)."""
+def recognize(engine: Engine, x: torch.Tensor, amp: torch.dtype | None, max_chars: int | None) -> list[Recognition]:
+    """``engine.recognize``; with ``max_chars`` the same steps with decoding capped at that length (PyTorch only)."""
     if max_chars is None:
-        return model.recognize(x, amp_dtype=amp)
-    assert isinstance(model, SAFL)
+        return engine.recognize(x, amp_dtype=amp)
+    assert engine.name == "torch"
+    model = engine.model
     with torch.no_grad():
         ctx = torch.autocast(x.device.type, dtype=amp) if amp is not None else torch.autocast(x.device.type, enabled=False)
         with ctx:
@@ -106,10 +107,8 @@ def recognize(model: SAFL | OnnxRecognizer, x: torch.Tensor, amp: torch.dtype | 
     return model.charset.decode_batch(ids, probs)
 
 
-def measure(
-    variant: str, model: SAFL | OnnxRecognizer, batch: int, repeats: int, amp: torch.dtype | None, max_chars: int | None = None, backend: str = "torch"
-) -> Row:
-    x = make_batch(model.model if isinstance(model, OnnxRecognizer) else model, batch)
+def measure(variant: str, model: Engine, batch: int, repeats: int, amp: torch.dtype | None, max_chars: int | None = None) -> Row:
+    x = make_batch(model.model, batch)
     sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
     recs = recognize(model, x, amp, max_chars)  # warm-up
     sync()
@@ -123,7 +122,7 @@ def measure(
     chars = [len(r.text) for r in recs]
     return Row(
         variant=variant,
-        backend=backend,
+        backend=model.name,
         batch=batch,
         decode_steps=max(chars) + 1,
         mean_chars=round(sum(chars) / len(chars), 2),
@@ -166,9 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--typical-len", type=int, default=8, help="decode cap of the 'typical' untrained row; 0 leaves it out (default: 8)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--backends", nargs="+", choices=("torch", "onnx"), default=["torch"], help="inference engines, measured in turn in this run (default: torch)"
-    )
+    p.add_argument("--backends", nargs="+", choices=ENGINES, default=["torch"], help="inference engines, measured in turn in this run (default: torch)")
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = p.parse_args(argv)
 
@@ -204,10 +201,10 @@ def main(argv: list[str] | None = None) -> int:
         for backend in args.backends:
             if backend == "onnx" and cap is not None:
                 continue  # the ONNX loop decodes to the end token; a cap is a PyTorch-only experiment
-            reader = OnnxRecognizer(model, variant, args.threads) if backend == "onnx" else model
+            reader = open_engine(model, variant, backend, device.type, args.threads)
             for b in args.batches:
-                rows.append(measure(variant, reader, b, args.repeats, amp, cap, backend))
-                print(f"  {variant} {backend} batch {b}: {rows[-1].crops_per_s} crops/s", file=sys.stderr, flush=True)
+                rows.append(measure(variant, reader, b, args.repeats, amp, cap))
+                print(f"  {variant} {reader.name} batch {b}: {rows[-1].crops_per_s} crops/s", file=sys.stderr, flush=True)
     print(to_markdown(rows, header))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

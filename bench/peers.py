@@ -73,7 +73,9 @@ from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from model import CheckpointError, load_checkpoint  # noqa: E402
-from model.onnx_backend import OnnxRecognizer  # noqa: E402
+from model.engine import open_engine  # noqa: E402
+from model.preprocess import ViewConfig  # noqa: E402
+from model.reading import read_images  # noqa: E402
 from model.training.data import read_labels_tsv  # noqa: E402
 from model.training.evaluate import as_json_dict, score  # noqa: E402
 from model.training.split import DEFAULT_SPLIT, FAIR_PART, part_indices  # noqa: E402
@@ -173,9 +175,9 @@ class SaflPeer(Peer):
         torch.set_num_threads(self.threads)
         self.model, self.ckpt = load_checkpoint(self.weights, device="cpu")
         self.cfg = self.ckpt.config.preprocess
-        # The service's engine choice (service.predictor.resolve_backend): ONNX Runtime on the CPU by default.
-        self.engine = "torch" if self.backend == "torch" else "onnx"
-        self.reader = self.model if self.engine == "torch" else OnnxRecognizer(self.model, self.ckpt.model_id, self.threads)
+        # The service's engine choice (model.engine): ONNX Runtime on the CPU by default.
+        self.reader = open_engine(self.model, self.ckpt.model_id, self.backend, "cpu", self.threads)
+        self.engine = self.reader.name
 
     def info(self) -> dict[str, Any]:
         c = self.ckpt.config
@@ -198,7 +200,7 @@ class SaflPeer(Peer):
             texts: list[str] = []
             for i in range(0, len(crops), batch_size):
                 chunk = crops[i : i + batch_size]
-                texts += [r.text for r in self.reader.recognize_images([decode_image(c) for c in chunk])]
+                texts += [r.text for r in read_images(self.reader.recognize, [decode_image(c) for c in chunk], self.cfg, ViewConfig(), torch.device("cpu"))]
                 progress(len(chunk))
             return texts
 

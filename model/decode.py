@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
+from . import greedy as greedy_rule
 from .attention import FeedForward, MultiHeadAttention
-from .charset import BOS_ID, EOS_ID, PAD_ID
+from .charset import BOS_ID
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
@@ -24,20 +27,23 @@ class DecoderLayer(nn.Module):
         self.ffn = FeedForward(d_model, d_ff, dropout)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, memory_kv: KV, cache: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """Whole sequence (``cache is None``, causal) or the newest position (``cache`` = [k, v], updated in place)."""
+    def forward(self, x: torch.Tensor, memory_kv: KV, past: KV | None = None, causal: bool = False) -> tuple[torch.Tensor, KV]:
+        """The layer on ``x`` ``[B, T, D]``: its output ``[B, T, D]`` and the self-attention
+        keys/values ``[B, heads, t + T, head_dim]`` of every position so far.
+
+        ``past``: the keys/values of the ``t`` positions before ``x`` (``None``: none), which
+        ``x`` attends to with itself; ``causal``: each position of ``x`` attends only to those
+        up to it (teacher forcing over a whole sequence). The one definition of a decoder
+        step: ``TransformerDecoder.run`` (the K/V cache of greedy and beam search) and the
+        exported graph (``model.onnx_export.DecoderStepGraph``) both call it.
+        """
         h = self.norm1(x)
         k, v = self.self_attn.project_kv(h)
-        if cache is None:
-            x = x + self.drop(self.self_attn.attend(h, k, v, causal=True))
-        else:
-            if cache:
-                k = torch.cat([cache[0], k], dim=2)
-                v = torch.cat([cache[1], v], dim=2)
-            cache[:] = [k, v]
-            x = x + self.drop(self.self_attn.attend(h, k, v))
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        x = x + self.drop(self.self_attn.attend(h, k, v, causal=causal))
         x = x + self.drop(self.cross_attn.attend(self.norm2(x), *memory_kv))
-        return x + self.drop(self.ffn(self.norm3(x)))
+        return x + self.drop(self.ffn(self.norm3(x))), (k, v)
 
 
 class TransformerDecoder(nn.Module):
@@ -68,29 +74,44 @@ class TransformerDecoder(nn.Module):
         """Logits ``[B, T, V]`` for ``tokens`` ``[B, T]`` at positions ``start..start+T-1``.
 
         ``mem_kv``: ``memory_kv`` of the image memory (rows may be repeated per beam).
-        ``caches``: per layer ``[k, v]`` of the positions before ``start``, extended in
-        place (``None``: a causal pass over the whole prefix, ``start`` 0).
+        ``caches``: per layer ``[k, v]`` of the positions before ``start`` (``[]`` at the
+        first step), replaced in place by ``[k, v]`` with these positions added (``None``: a
+        causal pass over the whole prefix, ``start`` 0).
         """
-        x = self.drop(self.embed(tokens) + self.pos[start : start + tokens.shape[1]])
-        for i, layer in enumerate(self.layers):
-            x = layer(x, mem_kv[i], None if caches is None else caches[i])
-        return self.head(self.norm(x))
+        positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
+        if caches is None:
+            logits, _ = self.step(tokens, positions, mem_kv, [None] * len(self.layers), causal=True)
+            return logits
+        logits, new = self.step(tokens, positions, mem_kv, [(c[0], c[1]) if c else None for c in caches])
+        for cache, kv in zip(caches, new, strict=True):
+            cache[:] = kv
+        return logits
+
+    def step(
+        self, tokens: torch.Tensor, positions: torch.Tensor, mem_kv: Sequence[KV], past: Sequence[KV | None], causal: bool = False
+    ) -> tuple[torch.Tensor, list[KV]]:
+        """Logits ``[B, T, V]`` for ``tokens`` int64 ``[B, T]`` at ``positions`` int64 ``[T]``,
+        and per layer the keys/values of every position so far (``DecoderLayer.forward``;
+        ``past``: per layer those before ``positions``, or ``None``)."""
+        x = self.drop(self.embed(tokens) + self.pos.index_select(0, positions))
+        new: list[KV] = []
+        for layer, kv, before in zip(self.layers, mem_kv, past, strict=True):
+            x, now = layer(x, kv, before, causal=causal)
+            new.append(now)
+        return self.head(self.norm(x)), new
 
     @torch.no_grad()
     def greedy(
         self, memory: torch.Tensor, max_len: int | None = None, use_cache: bool = True, allowed: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Greedy decoding; returns token ids and their probabilities, both ``[B, L]``.
+        """Greedy decoding (the rule of ``model.greedy``); returns token ids int64 and their
+        probabilities float32, both ``[B, L]`` with ``L`` ≤ ``max_len + 1``.
 
         ``allowed`` (bool ``[B, V]``, ``Charset.token_mask`` rows) restricts each sequence to
-        its tokens: the others' logits are set to −inf before the softmax, so a constrained
-        reading's probabilities are renormalised over what it may say (EasyOCR's allowlist).
-
-        Stops as soon as every sequence has produced EOS. Positions after a sequence's
-        EOS hold PAD with probability 1. A sequence still running after ``max_len``
-        characters is ended there with the probability the model gives EOS at that step
-        (not 1), so its confidence shows the forced stop. ``use_cache=False`` recomputes the whole prefix
-        at every step (reference path for tests).
+        its tokens: their probabilities are renormalised over them (EasyOCR's allowlist).
+        Stops as soon as every sequence has produced EOS; ``max_len`` (at most the model's)
+        caps the characters. ``use_cache=False`` recomputes the whole prefix at every step
+        (reference path for tests).
         """
         max_len = min(max_len or self.max_len, self.max_len)
         b = memory.shape[0]
@@ -99,30 +120,15 @@ class TransformerDecoder(nn.Module):
         tokens = torch.full((b, 1), BOS_ID, dtype=torch.long, device=memory.device)
         ids, probs = [], []
         done = torch.zeros(b, dtype=torch.bool, device=memory.device)
-        for t in range(max_len + 1):
+        for t in greedy_rule.positions(max_len):
             if use_cache:
                 logits = self.run(tokens[:, -1:], mem_kv, start=t, caches=caches)[:, -1]
             else:
                 logits = self.run(tokens, mem_kv, start=0, caches=None)[:, -1]
-            logits = logits.float()
-            if allowed is not None:
-                logits = logits.masked_fill(~allowed, float("-inf"))
-            logits[:, PAD_ID] = float("-inf")
-            logits[:, BOS_ID] = float("-inf")
-            dist = logits.softmax(-1)
-            if t == max_len:
-                # Out of room: the sequence must end here. The end token keeps the probability
-                # the model gives it, so a reading cut off at max_len reads unsure instead of
-                # getting an end-of-word term of 1.
-                nxt = torch.full((b,), EOS_ID, dtype=torch.long, device=memory.device)
-                p = dist[:, EOS_ID]
-            else:
-                p, nxt = dist.max(-1)
-            nxt = nxt.masked_fill(done, PAD_ID)
-            p = p.masked_fill(done, 1.0)
+            dist = greedy_rule.masked(logits.float(), allowed, torch).softmax(-1)
+            nxt, p, done = greedy_rule.pick(dist, t, max_len, done, torch)
             ids.append(nxt)
             probs.append(p)
-            done |= nxt == EOS_ID
             if bool(done.all()):
                 break
             tokens = torch.cat([tokens, nxt.unsqueeze(1)], dim=1)

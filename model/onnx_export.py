@@ -3,7 +3,7 @@ cross-attention keys/values) and one decoder step with its key/value cache.
 
 Greedy decoding is a loop of decoder steps, so the loop stays outside the graphs: a
 runtime calls ``encoder`` once per batch and ``decoder_step`` once per character
-(``model.onnx_backend`` does it with ONNX Runtime; the layout is in ``OnnxLayout``).
+(``model.onnx_reader`` does it with ONNX Runtime; the layout is in ``OnnxLayout``).
 Exported with the TorchScript exporter at opset 17 (``torch.onnx.export(dynamo=False)``).
 """
 
@@ -38,28 +38,18 @@ class EncoderGraph(nn.Module):
 
 
 class DecoderStepGraph(nn.Module):
-    """One position of ``TransformerDecoder.run`` with a cache, with tensors in and out
-    instead of a cache list updated in place."""
+    """One position of ``TransformerDecoder.step``, with the caches as tensors in and out."""
 
     def __init__(self, model: SAFL) -> None:
         super().__init__()
         self.decoder = model.decoder
 
     def forward(self, token: torch.Tensor, position: torch.Tensor, *kv: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        d = self.decoder
-        n = len(d.layers)
+        n = len(self.decoder.layers)
         caches, memory = kv[: 2 * n], kv[2 * n :]
-        x = d.embed(token) + torch.index_select(d.pos, 0, position).unsqueeze(0)
-        new: list[torch.Tensor] = []
-        for i, layer in enumerate(d.layers):
-            h = layer.norm1(x)
-            k, v = layer.self_attn.project_kv(h)
-            k, v = torch.cat([caches[2 * i], k], dim=2), torch.cat([caches[2 * i + 1], v], dim=2)
-            new += [k, v]
-            x = x + layer.self_attn.attend(h, k, v)
-            x = x + layer.cross_attn.attend(layer.norm2(x), memory[2 * i], memory[2 * i + 1])
-            x = x + layer.ffn(layer.norm3(x))
-        return (d.head(d.norm(x))[:, -1], *new)
+        pairs = lambda flat: [(flat[2 * i], flat[2 * i + 1]) for i in range(n)]  # noqa: E731
+        logits, new = self.decoder.step(token, position, pairs(memory), pairs(caches))
+        return (logits[:, -1], *(t for kv_pair in new for t in kv_pair))
 
 
 def export_graphs(model: SAFL, model_id: str) -> tuple[bytes, bytes, OnnxLayout]:

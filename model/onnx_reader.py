@@ -1,7 +1,7 @@
 """The two ONNX graphs of ``model.onnx_export`` read with ONNX Runtime and NumPy alone: the
-greedy loop of ``TransformerDecoder.greedy``, and the text and confidences of
+greedy loop of ``TransformerDecoder.greedy`` (the rule of ``model.greedy``), and the text and confidences of
 ``Charset.decode_batch``. No PyTorch: ``safl recognize`` reads with the graphs it cached on
-an earlier run without importing it (``model.onnx_cache``); ``model.onnx_backend`` wraps
+an earlier run without importing it (``model.onnx_cache``); ``model.onnx_engine`` wraps
 this with the PyTorch model for what the graphs do not do (beam search, lexicons, rectify).
 """
 
@@ -11,7 +11,8 @@ import os
 
 import numpy as np
 
-from .charset import BOS_ID, EOS_ID, PAD_ID, Charset
+from . import greedy as greedy_rule
+from .charset import BOS_ID, Charset
 from .onnx_layout import OnnxLayout
 from .preprocess import PreprocessConfig
 from .reading import Recognition
@@ -97,24 +98,16 @@ class OnnxReader:
         token = np.full((b, 1), BOS_ID, dtype=np.int64)
         done = np.zeros(b, dtype=bool)
         ids, probs = [], []
-        for t in range(lay.max_len + 1):
+        for t in greedy_rule.positions(lay.max_len):
             feed["token"], feed["position"] = token, np.array([t], dtype=np.int64)
             logits, *caches = step.run(["logits", *lay.new_cache_names], feed)
             feed.update(zip(lay.cache_names, caches, strict=True))
-            if allowed is not None:
-                logits = np.where(allowed, logits, -np.inf)
-            logits[:, [PAD_ID, BOS_ID]] = -np.inf
+            logits = greedy_rule.masked(logits, allowed, np)
             dist = np.exp(logits - logits.max(axis=1, keepdims=True))
             dist /= dist.sum(axis=1, keepdims=True)
-            if t == lay.max_len:  # out of room: the end, with the probability the model gives it
-                nxt, p = np.full(b, EOS_ID, dtype=np.int64), dist[:, EOS_ID]
-            else:
-                nxt = dist.argmax(axis=1)
-                p = dist[np.arange(b), nxt]
-            nxt = np.where(done, PAD_ID, nxt)
+            nxt, p, done = greedy_rule.pick(dist, t, lay.max_len, done, np)
             ids.append(nxt)
-            probs.append(np.where(done, 1.0, p).astype(np.float32))
-            done |= nxt == EOS_ID
+            probs.append(p.astype(np.float32, copy=False))
             if done.all():
                 break
             token = nxt[:, None].astype(np.int64)

@@ -17,7 +17,7 @@ from .encode import SATRNEncoder
 from .preprocess import PreprocessConfig, ViewConfig
 from .reading import Recognition, read_images
 from .rectify import TPSRectifier
-from .search import DecodeOptions, read
+from .search import DecodeOptions, per_crop, read
 
 
 @dataclass(frozen=True)
@@ -170,11 +170,7 @@ class SAFL(nn.Module):
             with ctx:
                 if options is None:
                     return self.charset.decode_batch(*self.decoder.greedy(self.encode(images)))
-                if isinstance(options, DecodeOptions):
-                    options = [options] * images.shape[0]
-                elif len(options) != images.shape[0]:
-                    raise ValueError(f"{len(options)} decode options for {images.shape[0]} images")
-                return read(self.decoder, self.charset, self.encode(images), options)
+                return read(self.decoder, self.charset, self.encode(images), per_crop(options, images.shape[0]))
         finally:
             self.train(was_training)
 

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .charset import BOS_ID, PAD_ID
+from . import greedy as greedy_rule
+from .charset import PAD_ID
 from .reading import Recognition
 from .safl import SAFL
 
@@ -29,7 +30,7 @@ def text_probabilities(model: SAFL, images: torch.Tensor, texts: Sequence[str]) 
     inputs, targets = model.charset.encode_batch(list(texts))
     memory = model.encode(images)
     logits = model.decoder(inputs.to(memory.device), memory).float()
-    logits[..., [PAD_ID, BOS_ID]] = float("-inf")
+    logits[..., greedy_rule.NEVER_EMITTED] = float("-inf")
     logp = logits.log_softmax(-1).gather(-1, targets.to(memory.device).clamp(min=0)[..., None]).squeeze(-1)
     logp = logp.masked_fill(targets.to(memory.device) == PAD_ID, 0.0)
     return logp.sum(-1).exp().cpu().tolist()

@@ -11,12 +11,13 @@ lexicon is exhaustive, so the answer is then exactly the lexicon's most probable
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from .charset import BOS_ID, EOS_ID, PAD_ID, Charset
+from . import greedy as greedy_rule
+from .charset import BOS_ID, EOS_ID, Charset
 from .decode import TransformerDecoder
 from .lexicon import Lexicon
 from .reading import MAX_TOP_K, Alternative, Recognition
@@ -67,6 +68,16 @@ class DecodeOptions:
 PLAIN = DecodeOptions()
 
 
+def per_crop(options: DecodeOptions | Sequence[DecodeOptions] | None, crops: int) -> list[DecodeOptions]:
+    """``options`` as one per crop: ``None`` is ``PLAIN`` for all, one ``DecodeOptions`` is
+    shared. Raises ``ValueError`` if a sequence is not one per crop."""
+    if options is None or isinstance(options, DecodeOptions):
+        return [options or PLAIN] * crops
+    if len(options) != crops:
+        raise ValueError(f"{len(options)} decode options for {crops} images")
+    return list(options)
+
+
 def token_masks(options: Sequence[DecodeOptions], vocab_size: int) -> torch.Tensor | None:
     """The ``allowed`` masks of ``options`` stacked, bool ``[B, vocab_size]`` (all True for a
     crop without one); ``None`` when no crop has one."""
@@ -76,31 +87,48 @@ def token_masks(options: Sequence[DecodeOptions], vocab_size: int) -> torch.Tens
     return torch.stack([everything if o.allowed is None else o.allowed for o in options])
 
 
+def read_by_kind(
+    options: Sequence[DecodeOptions], greedy: Callable[[list[int]], Sequence[Recognition]], searched: Callable[[list[int]], Sequence[Recognition]]
+) -> list[Recognition]:
+    """One ``Recognition`` per crop of a batch read as its ``options`` say: the greedy
+    crops (``DecodeOptions.greedy``) together by ``greedy``, the others (beam search,
+    lexicons) by ``searched``, each given the crops' indices in the batch and called only
+    when it has some. The one place the two kinds part: ``read`` (PyTorch) and the ONNX
+    engine (``model.onnx_engine``, whose greedy crops go to ONNX Runtime) both use it.
+    Raises ``ValueError`` when a reader returns another number of readings than crops."""
+    out: list[Recognition | None] = [None] * len(options)
+    greedy_crops = [i for i, o in enumerate(options) if o.greedy]
+    other_crops = [i for i, o in enumerate(options) if not o.greedy]
+    for crops, reader in ((greedy_crops, greedy), (other_crops, searched)):
+        if crops:
+            for i, r in zip(crops, reader(crops), strict=True):
+                out[i] = r
+    return [r for r in out if r is not None]
+
+
 def read(decoder: TransformerDecoder, charset: Charset, memory: torch.Tensor, options: Sequence[DecodeOptions]) -> list[Recognition]:
     """One ``Recognition`` per row of the encoder ``memory`` ``[B, N, D]``, each read as its
-    ``options`` say. Greedy crops are decoded together; the others in one beam search per
-    beam width. Raises ``ValueError`` if ``options`` is not one per row."""
+    ``options`` say (``read_by_kind``): greedy crops decoded together, the others in one beam
+    search per beam width. Raises ``ValueError`` if ``options`` is not one per row."""
     if len(options) != memory.shape[0]:
         raise ValueError(f"{len(options)} decode options for {memory.shape[0]} crops")
-    out: list[Recognition | None] = [None] * len(options)
-    greedy = [i for i, o in enumerate(options) if o.greedy]
-    if greedy:
-        allowed = token_masks([options[i] for i in greedy], charset.vocab_size)
-        if allowed is not None:
-            allowed = allowed.to(memory.device)
-        rows = memory if len(greedy) == len(options) else memory[greedy]
-        ids, probs = decoder.greedy(rows, allowed=allowed)
-        for i, r in zip(greedy, charset.decode_batch(ids, probs), strict=True):
-            out[i] = r
-    by_width: dict[int, list[int]] = {}
-    for i, o in enumerate(options):
-        if not o.greedy:
-            by_width.setdefault(o.beam_width, []).append(i)
-    for width, crops in by_width.items():
-        found = beam_search(decoder, memory[crops], width, [options[i] for i in crops])
-        for i, hyps in zip(crops, found, strict=True):
-            out[i] = _recognition(charset, hyps, options[i].top_k)
-    return [r for r in out if r is not None]
+
+    def greedy(crops: list[int]) -> list[Recognition]:
+        allowed = token_masks([options[i] for i in crops], charset.vocab_size)
+        rows = memory if len(crops) == len(options) else memory[crops]
+        return charset.decode_batch(*decoder.greedy(rows, allowed=None if allowed is None else allowed.to(memory.device)))
+
+    def searched(crops: list[int]) -> list[Recognition]:
+        out: dict[int, Recognition] = {}
+        by_width: dict[int, list[int]] = {}
+        for i in crops:
+            by_width.setdefault(options[i].beam_width, []).append(i)
+        for width, same in by_width.items():
+            found = beam_search(decoder, memory[same], width, [options[i] for i in same])
+            out |= {i: _recognition(charset, hyps, options[i].top_k) for i, hyps in zip(same, found, strict=True)}
+        return [out[i] for i in crops]
+
+    return read_by_kind(options, greedy, searched)
 
 
 @dataclass(frozen=True)
@@ -137,7 +165,7 @@ def beam_search(decoder: TransformerDecoder, memory: torch.Tensor, width: int, o
     caches: list[list[torch.Tensor]] = [[] for _ in decoder.layers]
     masks = token_masks(options, v)
     allowed = (torch.ones(b, v, dtype=torch.bool) if masks is None else masks).to(dev)
-    allowed[:, [PAD_ID, BOS_ID]] = False
+    allowed[:, greedy_rule.NEVER_EMITTED] = False
     lexicons = [(i, o.lexicon) for i, o in enumerate(options) if o.lexicon is not None]
     nodes = torch.zeros(b, width, dtype=torch.long)  # each beam's trie node (lexicon crops)
     scores = torch.full((b, width), -math.inf, device=dev)
@@ -149,7 +177,7 @@ def beam_search(decoder: TransformerDecoder, memory: torch.Tensor, width: int, o
     wanted = [max(o.top_k, 1) for o in options]
     active = [True] * b
     rows = torch.arange(b, device=dev)[:, None]
-    for t in range(decoder.max_len + 1):
+    for t in greedy_rule.positions(decoder.max_len):
         logits = decoder.run(tokens, mem_kv, start=t, caches=caches)[:, -1].float().view(b, width, v)
         logp = logits.masked_fill(~allowed[:, None, :], -math.inf).log_softmax(-1)
         for i, lex in lexicons:  # masked after normalising: a word scores the model's probability of it

@@ -350,7 +350,7 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
         help="write the model as ONNX graphs for ONNX Runtime, Triton and the like",
         description="Write encoder.onnx (images -> the decoder's cross-attention keys/values), decoder_step.onnx (one greedy step "
         "with its key/value cache) and safl-onnx.json (names, sizes, config) into a folder. The greedy loop is yours: "
-        "model/onnx_backend.py (OnnxRecognizer.greedy) is a complete reader in about 40 lines of NumPy.",
+        "model/onnx_reader.py (OnnxReader.greedy, with the rule of model/greedy.py) is a complete reader in about 40 lines of NumPy.",
     )
     p.add_argument("--format", choices=("onnx",), default="onnx", help="the only format so far: %(default)s")
     p.add_argument("--weights", type=Path, default=default_weights(), help="checkpoint (env SAFL_WEIGHTS; default: %(default)s)")

@@ -47,12 +47,18 @@ def cached_onnx_reader(
     weights: str | os.PathLike[str], device: str, backend: str, threads: int | None, cache_dir: str | os.PathLike[str] | None
 ) -> LocalReader | None:
     """The reader of the graphs cached for ``weights`` (a ``.safetensors`` file with its
-    ``.json`` sidecar), when ``device`` is the CPU for certain and ``backend`` is ``onnx`` or
-    ``auto``; ``None`` when any of that does not hold or nothing usable is cached."""
+    ``.json`` sidecar), when ``device`` is the CPU for certain and ``backend`` picks ONNX Runtime
+    there (``model.engine.choose_engine``); ``None`` when any of that does not hold or nothing
+    usable is cached."""
+    from model.engine import EngineUnavailable, choose_engine
     from model.onnx_cache import cache_entry, load
 
     path = Path(weights)
-    if backend not in ("auto", "onnx") or not cpu_for_certain(device) or path.suffix != ".safetensors":
+    try:
+        # The CPU for certain, as choose_engine is then told; where only PyTorch can tell, the predictor asks.
+        if not cpu_for_certain(device) or choose_engine(backend, "cpu") != "onnx" or path.suffix != ".safetensors":
+            return None
+    except EngineUnavailable:  # an unknown name: the predictor says so
         return None
     try:
         graphs = load(cache_entry(cache_dir, file_sha256(path), path.with_suffix(".json").read_bytes()))

@@ -11,18 +11,18 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import torch
 from PIL import Image, ImageDraw
 
-from model import SAFL, CheckpointError, CheckpointInfo, Recognition, load_checkpoint
+from model import CheckpointError, CheckpointInfo, Recognition, load_checkpoint
 from model.calibration import Calibration, CalibrationError, read_calibration
 from model.charset import Charset
 from model.device import DeviceUnavailable, resolve_device
+from model.engine import Engine, EngineUnavailable, open_engine
 from model.lexicon import MAX_DEFAULT_LEXICON_WORDS, Lexicon, read_lexicon
-from model.onnx_backend import OnnxRecognizer
 from model.onnx_cache import Graphs, cache_entry, cached_graphs
+from model.onnx_engine import export_graphs_checked
 from model.preprocess import PreprocessConfig, collate, preprocess, to_pixels
 from model.search import MAX_TOP_K, PLAIN, DecodeOptions
 
@@ -33,23 +33,6 @@ class StartupError(RuntimeError):
     """The service cannot start (no weights, unusable device); the message says what to do."""
 
 
-#: Inference engines: ONNX Runtime (``model.onnx_backend``) or PyTorch.
-BACKENDS = ("auto", "onnx", "torch")
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """``onnx`` or ``torch``. ``auto``: ONNX Runtime on the CPU, where it reads the same and
-    about 2.5x faster at batch 1 (README, "Speed"); PyTorch on CUDA. Raises ``StartupError``
-    for an unknown name, or ``onnx`` on a CUDA device."""
-    if backend not in BACKENDS:
-        raise StartupError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)} (--backend / SAFL_BACKEND)")
-    if backend == "auto":
-        return "onnx" if device.type == "cpu" else "torch"
-    if backend == "onnx" and device.type != "cpu":
-        raise StartupError(f"the onnx backend runs on the CPU, not {device}; use --backend torch (--backend / SAFL_BACKEND)")
-    return backend
-
-
 @dataclass(frozen=True)
 class ModelInput:
     """One crop view for the batcher: its ``[C, H, W]`` tensor and how it is decoded
@@ -57,14 +40,6 @@ class ModelInput:
 
     tensor: torch.Tensor
     options: DecodeOptions = PLAIN
-
-
-class Recognizer(Protocol):
-    """What the predictor needs from a model: ``SAFL.recognize``'s signature."""
-
-    def recognize(self, images: torch.Tensor, amp_dtype: torch.dtype | None = None) -> list[Recognition]: ...
-
-    def rectify(self, images: torch.Tensor) -> torch.Tensor: ...
 
 
 def warmup_sizes(max_batch_size: int) -> list[int]:
@@ -90,22 +65,12 @@ def _warmup_image(cfg: PreprocessConfig) -> Image.Image:
     return img
 
 
-def export_graphs_checked(model: SAFL, model_id: str) -> Graphs:
-    """``model.onnx_export.export_graphs``; ``ImportError`` first without ``onnx``, which
-    ``torch.onnx`` needs (reading cached graphs does not)."""
-    import onnx  # noqa: F401
-
-    from model.onnx_export import export_graphs
-
-    return export_graphs(model, model_id)
-
-
 class Predictor:
     """A loaded model, its device and precision."""
 
     def __init__(
         self,
-        model: Recognizer,
+        model: Engine,
         info: CheckpointInfo,
         device: torch.device,
         amp_dtype: torch.dtype | None = None,
@@ -120,8 +85,8 @@ class Predictor:
         self.threads = threads
         #: Applied to requests that send no lexicon, allowlist or blocklist of their own.
         self.default_lexicon = lexicon
-        #: The engine ``model`` runs on: "onnx" or "torch" (``resolve_backend``).
-        self.backend = "onnx" if isinstance(model, OnnxRecognizer) else "torch"
+        #: The engine ``model`` is: "onnx" or "torch" (``model.engine.choose_engine``).
+        self.backend = model.name
         #: The checkpoint's calibration of ``confidence`` (``model.calibration``); ``None``: none.
         self.calibration: Calibration | None = None
 
@@ -136,7 +101,7 @@ class Predictor:
         backend: str = "auto",
         cache_dir: str | os.PathLike[str] | None = None,
     ) -> Predictor:
-        """Load a checkpoint onto the chosen device and ``backend`` (``resolve_backend``), and
+        """Load a checkpoint onto the chosen device and ``backend`` (``model.engine.open_engine``), and
         the default ``lexicon`` file (one word per line) if given; raises ``StartupError``
         with a fix in its message. The ONNX graphs are exported once per checkpoint and kept
         under ``cache_dir`` (``model.onnx_cache``; ``None``: its default folder)."""
@@ -177,24 +142,16 @@ class Predictor:
                 default_lexicon = Lexicon.build(read_lexicon(lexicon), model.charset, info.config.max_len, MAX_DEFAULT_LEXICON_WORDS)
             except (OSError, ValueError) as exc:
                 raise StartupError(f"cannot use the lexicon {lexicon} (--lexicon / SAFL_LEXICON): {exc}") from None
-        engine = resolve_backend(backend, target)
-        recognizer: Recognizer = model
-        if engine == "onnx":
-            try:
-                folder = cache_entry(cache_dir, info.sha256, info.weights_path.with_suffix(".json").read_bytes())
-                recognizer = OnnxRecognizer(model, info.model_id, threads, cached_graphs(folder, lambda: export_graphs_checked(model, info.model_id)))
-            except ImportError as exc:
-                if backend == "onnx":
-                    raise StartupError(f"--backend onnx needs onnxruntime and onnx ({exc}): pip install onnxruntime onnx") from None
-                log.warning("onnxruntime or onnx is not installed (%s); serving with PyTorch, which is slower on the CPU", exc)
-                engine = "torch"
-            except Exception as exc:  # an export or session failure: a model the exporter cannot take
-                if backend == "onnx":
-                    raise StartupError(f"cannot run {path} on ONNX Runtime ({type(exc).__name__}: {exc}); use --backend torch") from None
-                log.warning("cannot run the model on ONNX Runtime (%s: %s); serving with PyTorch", type(exc).__name__, exc)
-                engine = "torch"
-        predictor = cls(recognizer, info, target, amp, threads, default_lexicon)
-        predictor.backend = engine
+
+        def graphs() -> Graphs:
+            folder = cache_entry(cache_dir, info.sha256, info.weights_path.with_suffix(".json").read_bytes())
+            return cached_graphs(folder, lambda: export_graphs_checked(model, info.model_id))
+
+        try:
+            engine = open_engine(model, info.model_id, backend, target.type, threads, graphs)
+        except EngineUnavailable as exc:
+            raise StartupError(f"{exc} (--backend / SAFL_BACKEND)") from None
+        predictor = cls(engine, info, target, amp, threads, default_lexicon)
         try:
             predictor.calibration = read_calibration(info.weights_path)
         except (OSError, CalibrationError) as exc:
@@ -253,11 +210,11 @@ class Predictor:
         # which its calibrated confidence is made from (model.calibration.calibrate).
         from model.scoring import with_model_probability
 
-        return with_model_probability(getattr(self.model, "model", self.model), batch, readings, constrained)
+        return with_model_probability(self.model.model, batch, readings, constrained)
 
     def _recognize(self, batch: torch.Tensor, options: list[DecodeOptions] | None = None) -> list[Recognition]:
         try:
-            if options is None:  # the plain call, as every Recognizer takes it
+            if options is None:  # the plain call, as every engine takes it
                 return self.model.recognize(batch, amp_dtype=self.amp_dtype)
             return self.model.recognize(batch, amp_dtype=self.amp_dtype, options=options)
         except torch.OutOfMemoryError:

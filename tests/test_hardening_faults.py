@@ -152,6 +152,8 @@ async def test_random_batch_failures_fail_exactly_their_requests(tiny_checkpoint
 class OOMModel:
     """Wraps the real model: out of memory above ``limit`` crops, and for the first ``transient`` calls whatever their size."""
 
+    name = "torch"
+
     def __init__(self, model: Any, limit: int, transient: int = 0) -> None:
         self.model, self.limit, self.transient = model, limit, transient
         self.calls: list[tuple[int, bool]] = []  # (size, succeeded)

@@ -14,6 +14,7 @@ import sys
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
+from ..engine import ENGINES
 from ..preprocess import ViewConfig
 from .config import TrainConfig
 from .split import DEFAULT_SPLIT, PARTS, SplitConfig
@@ -294,6 +295,12 @@ def add_eval_parser(sub: argparse._SubParsersAction, default_weights: Path | Non
     add_split_flags(p)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--backend",
+        choices=ENGINES,
+        default="auto",
+        help="inference engine, as safl serve's: onnx (ONNX Runtime, the CPU default; the same readings), torch, auto (default: %(default)s)",
+    )
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
     p.add_argument("--worst", type=int, default=5, help="most confident mistakes to list per data set")
     p.add_argument(
@@ -377,6 +384,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from ..calibration import read_calibration
     from ..checkpoint import CheckpointError, load_checkpoint
+    from ..engine import EngineUnavailable, open_engine
     from .data import load_any, load_folder_part
     from .evaluate import evaluate, pooled_reliability, to_json, to_markdown
 
@@ -385,6 +393,7 @@ def run_eval(args: argparse.Namespace) -> int:
     sets = []
     try:
         model, info = load_checkpoint(args.weights)
+        engine = open_engine(model, info.model_id, args.backend, "cpu", args.threads)
         calibration = None if args.raw_confidence else read_calibration(args.weights)
         pcfg = info.config.preprocess
         for d in args.data:
@@ -392,11 +401,11 @@ def run_eval(args: argparse.Namespace) -> int:
                 sets.append(load_folder_part(d, pcfg, args.part, split_config(args), view_cfg))
             else:
                 sets.append(load_any(d, pcfg, view_cfg))
-    except (CheckpointError, OSError, ValueError) as exc:
-        # A missing or broken checkpoint or calibration, a labels.tsv line without a tab, a missing image file.
+    except (CheckpointError, EngineUnavailable, OSError, ValueError) as exc:
+        # A missing or broken checkpoint or calibration, an engine that cannot run, a labels.tsv line without a tab, a missing image file.
         raise SystemExit(f"safl eval: {exc}") from None
     try:
-        results = evaluate(model, sets, args.batch_size, args.worst, view_cfg.confident_at, args.lexicon_size, calibration)
+        results = evaluate(engine, sets, args.batch_size, args.worst, view_cfg.confident_at, args.lexicon_size, calibration)
     except ValueError as exc:  # a data set with fewer distinct labels than --lexicon-size
         raise SystemExit(f"safl eval: {exc}") from None
     print(to_markdown(results, f"{info.model_id} ({args.part})"))

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..calibration import Calibration, Reliability, calibrate_all, reliability
+from ..engine import Engine, as_engine
 from ..lexicon import Lexicon
 from ..preprocess import ViewConfig, to_tensor
 from ..reading import Recognition, read_views
@@ -91,23 +92,24 @@ def score(predictions: list[str], labels: list[str]) -> tuple[int, float, float,
 
 @torch.no_grad()
 def read_batched(
-    model: SAFL, images: np.ndarray, batch_size: int, amp_dtype: torch.dtype | None, options: Sequence[DecodeOptions] | None = None
+    model: Engine | SAFL, images: np.ndarray, batch_size: int, amp_dtype: torch.dtype | None, options: Sequence[DecodeOptions] | None = None
 ) -> list[Recognition]:
     """One reading per image of ``images`` (``model.preprocess.resize`` output stacked:
-    uint8 ``[N, H, W]`` or ``[N, H, W, 3]``), read ``batch_size`` at a time on the model's
-    device, with autocast to ``amp_dtype`` if given, each as its ``options`` say (one per
-    image; ``None``: greedy); each image as it is, no further views (``predict`` reads
-    those). Raises ``TypeError`` for pixels that are not uint8."""
-    device = next(model.parameters()).device
+    uint8 ``[N, H, W]`` or ``[N, H, W, 3]``) by ``model``'s engine (``model.engine.as_engine``),
+    read ``batch_size`` at a time on the network's device, with autocast to ``amp_dtype`` if
+    given, each as its ``options`` say (one per image; ``None``: greedy); each image as it is,
+    no further views (``predict`` reads those). Raises ``TypeError`` for pixels that are not uint8."""
+    engine = as_engine(model)
+    device = next(engine.model.parameters()).device
     out: list[Recognition] = []
     for i in range(0, len(images), batch_size):
         opts = None if options is None else options[i : i + batch_size]
-        out += model.recognize(to_tensor(images[i : i + batch_size]).to(device), amp_dtype=amp_dtype, options=opts)
+        out += engine.recognize(to_tensor(images[i : i + batch_size]).to(device), amp_dtype=amp_dtype, options=opts)
     return out
 
 
 def predict(
-    model: SAFL,
+    model: Engine | SAFL,
     images,
     batch_size: int = 128,
     amp_dtype: torch.dtype | None = None,
@@ -135,7 +137,7 @@ def predict(
 
 
 def lexicon_accuracy(
-    model: SAFL,
+    model: Engine | SAFL,
     ds: ArrayDataset,
     size: int,
     batch_size: int = 128,
@@ -152,7 +154,8 @@ def lexicon_accuracy(
     Only samples whose label the model can read (``Charset.filter_label``) are scored.
     Raises ``ValueError`` if there are fewer than ``size`` distinct readable labels to draw from.
     """
-    charset, max_len = model.charset, model.config.max_len
+    network = as_engine(model).model
+    charset, max_len = network.charset, network.config.max_len
     words = [charset.filter_label(label, max_len) for label in ds.labels]
     readable = [charset.filter_label(label, max_len) for label in (ds.labels if distractors_from is None else distractors_from)]
     pool = list({normalize_36(w): w for w in readable if w and normalize_36(w)}.items())
@@ -176,7 +179,7 @@ def lexicon_accuracy(
 
 
 def evaluate(
-    model: SAFL,
+    model: Engine | SAFL,
     datasets: list[ArrayDataset],
     batch_size: int = 128,
     worst: int = 5,
