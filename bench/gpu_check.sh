@@ -2,6 +2,7 @@
 # The GPU path in one command (under 5 minutes): serve the shipped weights on CUDA with bf16,
 # drive the load benchmark, force an out-of-memory split, and print served throughput as a
 # fraction of offline batched throughput on the same GPU (goal: at least 0.8).
+# DURATION (default 20) sets the seconds of each served load level.
 #
 #     bash bench/gpu_check.sh [OUT_DIR]        # default OUT_DIR: docs/results/gpu
 #
@@ -23,7 +24,7 @@ python bench/model_speed.py --device cuda --amp bf16 --weights "$weights" --typi
 
 echo "==> served: safl serve --device cuda --bf16, 64 and 128 concurrent clients, one crop per request"
 python bench/service_load.py --weights "$weights" --device cuda --bf16 --backends torch --batch-sizes 128 --concurrency 64 128 \
-    --duration 20 --json "$out/served.json" | tee "$out/served.md"
+    --duration "${DURATION:-20}" --json "$out/served.json" | tee "$out/served.md"
 
 echo "==> forced out-of-memory: a 4,096-crop batch in a memory cap the model cannot fit it in"
 python - "$weights" <<'PY'

@@ -14,7 +14,8 @@ Debian fonts.
   unchanged and re-preprocessing them is the identity). Their shape is gone, so
   validation there never turns a tall crop (it reads the crop alone): re-evaluate a
   GPU checkpoint here (``safl eval``) before comparing it with the shipped one;
-- ``whl/``: wheels the GPU image lacks (rapidfuzz, for the validation metrics).
+- ``whl/``: wheels the GPU image lacks (``GPU_WHEELS``: the validation metrics and the service stack);
+- ``init/``: the checkpoint the leg starts from (``--init``).
 
 ``scripts/gpu_train.sh`` unpacks it on the GPU machine.
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -115,6 +117,24 @@ def pack_real(real: Path, out: Path) -> None:
         print(f"real: {folder.name} {len(lines)}")
 
 
+#: What the GPU image (CUDA, torch, numpy, onnxruntime, Pillow, httpx, prometheus-client ...; the
+#: device tool's KINDS.md) lacks of the training and serving stack, for its Python 3.12: the
+#: versions this project's CPU environment resolves.
+GPU_WHEELS = (
+    "rapidfuzz==3.14.6",
+    "fastapi==0.165.0",
+    "starlette==1.10.0",
+    "uvicorn==0.55.0",
+    "pydantic==2.14.4",
+    "pydantic-core==2.50.5",
+    "pydantic-settings==2.16.3",
+    "python-dotenv==1.2.4",
+    "python-multipart==0.0.34",
+    "annotated-types==0.8.0",
+    "typing-inspection==0.4.5",
+)
+
+
 def pack_wheels(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     plats = [f"--platform=manylinux_2_{n}_x86_64" for n in (17, 27, 28)] + ["--platform=manylinux2014_x86_64"]
@@ -133,16 +153,26 @@ def pack_wheels(out: Path) -> None:
         *plats,
         "-d",
         str(out),
-        "rapidfuzz==3.14.3",
+        *GPU_WHEELS,
     ]
     subprocess.run(cmd, check=True)
+
+
+def pack_init(weights: Path, out: Path) -> None:
+    """The checkpoint the GPU leg starts from, as ``out/init.safetensors`` (+ its sidecar)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for src, name in ((weights, "init.safetensors"), (weights.with_suffix(".json"), "init.json")):
+        shutil.copyfile(src, out / name)
+    print(f"init: {weights}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--real", type=Path, default=ROOT.parent / "shared/data/train")
     ap.add_argument("--out", type=Path, default=ROOT / ".gpu")
+    ap.add_argument("--init", type=Path, default=ROOT / "weights/safl.safetensors", help="the checkpoint the GPU leg starts from")
     args = ap.parse_args()
+    pack_init(args.init, args.out / "init")
     pack_lexicon(args.out / "shim")
     pack_wheels(args.out / "whl")
     pack_backgrounds(args.out / "backgrounds")
