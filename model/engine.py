@@ -37,11 +37,8 @@ class Engine(Protocol):
 
     #: ``"torch"`` or ``"onnx"``.
     name: str
-
-    @property
-    def model(self) -> SAFL:
-        """The PyTorch network the engine reads with (its config and charset; beam search)."""
-        ...
+    #: The PyTorch network the engine reads with (its config and charset; beam search).
+    model: SAFL
 
     def recognize(
         self, images: torch.Tensor, amp_dtype: torch.dtype | None = None, options: DecodeOptions | Sequence[DecodeOptions] | None = None

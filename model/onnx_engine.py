@@ -47,18 +47,14 @@ class OnnxEngine:
     def __init__(self, model: SAFL, graphs: Graphs, threads: int | None = None) -> None:
         self.reader = OnnxReader(*graphs, threads)
         self.layout = self.reader.layout
-        self._model = model.eval()
-
-    @property
-    def model(self) -> SAFL:
-        return self._model
+        self.model = model.eval()
 
     def recognize(
         self, images: torch.Tensor, amp_dtype: torch.dtype | None = None, options: DecodeOptions | Sequence[DecodeOptions] | None = None
     ) -> list[Recognition]:
         """``model.engine.Engine.recognize`` (``amp_dtype`` is ignored: float32 on the CPU)."""
         opts = per_crop(options, images.shape[0])
-        vocab = self._model.charset.vocab_size
+        vocab = self.model.charset.vocab_size
 
         def greedy(crops: list[int]) -> list[Recognition]:
             masks = token_masks([opts[i] for i in crops], vocab)
@@ -66,10 +62,10 @@ class OnnxEngine:
             return self.reader.read(rows.detach().cpu().numpy().astype(np.float32, copy=False), None if masks is None else masks.numpy())
 
         def searched(crops: list[int]) -> list[Recognition]:
-            return self._model.recognize(images[crops], options=[opts[i] for i in crops])
+            return self.model.recognize(images[crops], options=[opts[i] for i in crops])
 
         return read_by_kind(opts, greedy, searched)
 
     def rectify(self, images: torch.Tensor) -> torch.Tensor:
         """``SAFL.rectify``, by the PyTorch model."""
-        return self._model.rectify(images)
+        return self.model.rectify(images)

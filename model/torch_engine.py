@@ -18,17 +18,13 @@ class TorchEngine:
     name = "torch"
 
     def __init__(self, model: SAFL) -> None:
-        self._model = model
-
-    @property
-    def model(self) -> SAFL:
-        return self._model
+        self.model = model
 
     def recognize(
         self, images: torch.Tensor, amp_dtype: torch.dtype | None = None, options: DecodeOptions | Sequence[DecodeOptions] | None = None
     ) -> list[Recognition]:
         """``model.engine.Engine.recognize``: ``SAFL.recognize`` on the model's device."""
-        return self._model.recognize(images, amp_dtype=amp_dtype, options=options)
+        return self.model.recognize(images, amp_dtype=amp_dtype, options=options)
 
     def rectify(self, images: torch.Tensor) -> torch.Tensor:
-        return self._model.rectify(images)
+        return self.model.rectify(images)

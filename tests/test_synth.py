@@ -127,6 +127,60 @@ def test_output_matches_model_input_and_labels_are_valid(renderer: Renderer) -> 
     assert any(c.isupper() for c in joined) and any(c.isdigit() for c in joined)
 
 
+#: Renderer 4's grey crops 0-15 of seed 5 in Pillow's built-in font without textures, stored
+#: before the renderer learnt colour (renderer 3 draws the same images).
+STORED_GREY = Path(__file__).parent / "fixtures" / "synth_grey_r4.npz"
+
+
+def test_grey_crops_are_the_stored_renderer_4_crops() -> None:
+    stored = np.load(STORED_GREY)
+    r = Renderer(SynthConfig(seed=5), faces=[])
+    r.textures = ()  # the stored crops were drawn on a machine without wallpapers
+    rendered = [r.render_with_points(i) for i in range(len(stored["images"]))]
+    assert [t for _, t, _ in rendered] == list(stored["labels"])
+    for i, (img, _, points) in enumerate(rendered):
+        assert np.array_equal(img, stored["images"][i]), f"crop {i} differs from renderer 4's"
+        assert np.array_equal(points, stored["points"][i], equal_nan=True), f"crop {i}'s points moved"
+
+
+def test_colour_crops_are_the_grey_crops_painted(renderer: Renderer) -> None:
+    colour = copy.copy(renderer)  # same fonts, textures and word list
+    colour.cfg = dataclasses.replace(renderer.cfg, channels=3)
+    coloured = 0
+    for i in range(24):
+        _, grey_text, grey_points = renderer.render_with_points(i)
+        img, text, points = colour.render_with_points(i)
+        assert img.shape == (CFG.height, CFG.width, 3) and img.dtype == np.uint8
+        # Colours come from their own random stream: same text, same geometry, same points.
+        assert text == grey_text and np.array_equal(points, grey_points, equal_nan=True)
+        coloured += np.abs(img.astype(int) - img.mean(axis=-1, keepdims=True)).max() > 20
+    assert coloured >= 16  # grey is one colour among others (colours.tinted's p_grey)
+    assert np.array_equal(colour.render(5)[0], colour.render(5)[0])
+
+
+def _luma(img: np.ndarray) -> np.ndarray:
+    return img.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+
+
+def test_weak_luma_crops_hold_chroma_contrast_but_little_luma_contrast(faces: list[FontFace]) -> None:
+    # Flat backgrounds and no degradation: the crop holds the background and the text's colours.
+    plain = dict(p_texture=0, p_gradient=0, p_shadow=0, p_outline=0, p_underline=0, p_blur=0, p_lowres=0, p_noise=0, p_jpeg=0, p_low_contrast=0)
+    weak = Renderer(SynthConfig(seed=2, channels=3, p_weak_luma=1.0, **plain), faces)
+    ordinary = Renderer(SynthConfig(seed=2, channels=3, p_weak_luma=0.0, **plain), faces)
+    for i in range(12):
+        img, ordinary_img = weak.render(i)[0], ordinary.render(i)[0]
+        y = _luma(img)
+        chroma = img - y[..., None]
+        # Background (the most common colour) against the pixel of chroma farthest from it.
+        flat = img.reshape(-1, 3)
+        values, counts = np.unique(flat, axis=0, return_counts=True)
+        background = values[counts.argmax()]
+        far = np.linalg.norm(chroma.reshape(-1, 3) - (background - _luma(background)), axis=1)
+        assert far.max() > 60, i  # the text stands out in colour ...
+        assert np.ptp(y) < 60, i  # ... and hardly in grey (24 levels, resampling aside)
+        assert np.ptp(_luma(ordinary_img)) > 50, i  # ordinary crops keep the grey crop's contrast
+
+
 def _ink_rows(mask: np.ndarray, cols: slice) -> float:
     """Mean row of the ink in a band of columns."""
     rows, _ = np.nonzero(mask[:, cols] > 127)
@@ -261,6 +315,19 @@ def test_safl_synth_renders_at_another_width_and_a_model_that_wide_trains_on_it(
     assert "multiple of 4" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
+def test_safl_synth_renders_colour_shards_a_colour_model_loads(tmp_path: Path) -> None:
+    from model.preprocess import PreprocessConfig
+    from model.training.cli import main
+
+    out = tmp_path / "colour"
+    assert main(["synth", "--out", str(out), "--count", "4", "--workers", "1", "--shard-size", "4", "--channels", "3", "--no-progress"]) == 0
+    assert np.load(out / "shard-00000.npy").shape == (4, 32, 128, 3)
+    assert json.loads((out / "meta.json").read_text())["channels"] == 3
+    assert load_any(out, PreprocessConfig(channels=3)).images.shape == (4, 32, 128, 3)
+    with pytest.raises(ValueError, match="32x128x3"):
+        load_any(out, PreprocessConfig())  # a grey model refuses them
+
+
 def test_parse_mix_names_the_problem() -> None:
     assert parse_mix([]) == TextMix()
     assert parse_mix(["long_token=0.15", "number=0"]).long_token == 0.15
@@ -366,3 +433,14 @@ def test_render_dataset_lmdb(tmp_path: Path, font_cache: Path, renderer: Rendere
         assert ds.labels[i] == label and np.array_equal(ds.images[i], img)  # PNG is lossless
     via_any = load_any(out, CFG.preprocess)
     assert via_any.labels == ds.labels
+
+
+def test_phrases_hold_single_spaces_between_words_and_only_with_a_space_in_the_charset(renderer: Renderer) -> None:
+    rng = random.Random(3)
+    phrases = TextSampler(DEFAULT_CHARS + " ", 25, renderer.sampler.lexicon, TextMix(**{k: 0.0 for k in dataclasses.asdict(TextMix())} | {"phrase": 1.0}))
+    texts = [phrases.sample(rng) for _ in range(200)]
+    assert all(len(t) <= 25 and t == " ".join(t.split()) for t in texts)
+    assert sum(" " in t for t in texts) > 190  # two or three words (a rare fallback aside)
+    # The default mix draws no phrase, and a word reader's sampler never returns a space.
+    words = TextSampler(DEFAULT_CHARS, 25, renderer.sampler.lexicon, TextMix())
+    assert "phrase" not in words.kinds and not any(" " in words.sample(rng) for _ in range(300))

@@ -36,6 +36,13 @@ def add_synth_parser(sub: argparse._SubParsersAction) -> None:
         help="input width in pixels, a multiple of 4 (default: 128, the presets'; a model grown wider with grow --width trains on crops rendered at its own)",
     )
     p.add_argument(
+        "--channels",
+        type=int,
+        choices=(1, 3),
+        default=1,
+        help="1: grey crops (default); 3: colour crops, [N, H, W, 3] shards, for a model grown with grow --channels 3",
+    )
+    p.add_argument(
         "--mix",
         action="append",
         default=[],
@@ -102,7 +109,7 @@ def run_synth(args: argparse.Namespace) -> int:
     if args.width < 8 or args.width % 4:
         print(f"safl synth: --width {args.width}: the encoder's stem needs a multiple of 4, at least 8", file=sys.stderr)
         return 2
-    cfg = SynthConfig(seed=args.seed, text_mix=mix, width=args.width)
+    cfg = SynthConfig(seed=args.seed, text_mix=mix, width=args.width, channels=args.channels)
     render_dataset(args.out, args.count, cfg, args.workers, args.shard_size, args.format, progress=not args.no_progress)
     return 0
 

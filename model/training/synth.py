@@ -15,6 +15,16 @@ Shard layout (``--format npy``, the default: no decoding cost at training time):
 
 ``--format lmdb`` writes the STR community's LMDB layout instead (``image-%09d`` PNG
 bytes, ``label-%09d``, ``num-samples``).
+
+Colour (``SynthConfig.channels == 3``, ``safl synth --channels 3``): RGB crops, shards of
+``[N, H, W, 3]``, for a model grown to read colour (``grow --channels 3``). A colour crop is
+the grey crop of the same seed painted: the same text, font, geometry, fiducial points and
+degradations, every colour drawn from a second random stream of its own (``colours``), so
+the grey data set (the default) renders exactly as before, image for image. An ordinary
+colour crop keeps the grey crop's luma (``colours.tinted``), so it is no harder in grey; a
+share of them (``p_weak_luma``) have text and background of nearly the same luma and
+clearly different hue (``colours.weak_luma_pair``), with outlines and shadows in further
+such colours: the crops a grey reader cannot read.
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from ..charset import DEFAULT_CHARS
 from ..preprocess import PreprocessConfig, resize
+from .colours import RGB, colourise, tinted, weak_luma_pair, weak_luma_partner
 from .fonts import FontFace, by_family, discover_fonts
 from .words import Lexicon, TextMix, TextSampler
 
@@ -71,6 +82,10 @@ class SynthConfig:
     p_jpeg: float = 0.2
     p_tight: float = 0.4  # margins within a few % of the text height (cut at the ink)
     p_low_contrast: float = 0.15  # text only 20-60 grey levels from its background
+    #: Colour crops only (``channels == 3``): text, outline and shadow of nearly the background's
+    #: luma and clearly another hue (``colours.weak_luma_pair``); the background's light and
+    #: shade flattened towards its mean, so the crop holds little luma contrast anywhere.
+    p_weak_luma: float = 0.3
     text_mix: TextMix = field(default_factory=TextMix)  # share of each kind of label string
     #: Fiducial points stored with each crop (``shard-*.pts.npy``): half along the text's top
     #: edge, half along its bottom edge, as the model's TPS rectifier orders them.
@@ -241,13 +256,15 @@ class Renderer:
         text's edges fold (x not increasing along an edge)."""
         for attempt in range(5):
             rng = random.Random(f"{self.cfg.seed}:{index}:{attempt}")
+            # Colours come from a stream of their own: the grey draws, and so the geometry, stay the grey crop's.
+            tint = random.Random(f"{self.cfg.seed}:{index}:{attempt}:colour") if self.cfg.channels == 3 else None
             text = self.sampler.sample(rng)
             face = self._pick_face(text, rng)
             if face is None and self.families:
                 text = "".join(c for c in text if c.isalnum()) or "a"
                 face = self._pick_face(text, rng)
             try:
-                img, edges = self._draw(text, self._font(face, rng.randint(self.cfg.min_font_px, self.cfg.max_font_px)), rng)
+                img, edges = self._draw(text, self._font(face, rng.randint(self.cfg.min_font_px, self.cfg.max_font_px)), rng, tint)
             except (ValueError, ZeroDivisionError, OSError, np.linalg.LinAlgError):
                 continue  # a degenerate geometry for this draw: redraw with the next sub-seed
             # Stretched to the model's size (preprocess.resize): pixel x in [0, width] → [-1, 1].
@@ -286,10 +303,11 @@ class Renderer:
             return Image.fromarray(np.clip(small, 0, 255).astype(np.uint8)).resize(size, Image.Resampling.BICUBIC)
         return Image.new("L", size, level)
 
-    def _draw(self, text: str, font: ImageFont.FreeTypeFont, rng: random.Random) -> tuple[Image.Image, np.ndarray]:
-        """The drawn crop and its text's edges in its pixel coordinates (``[2, K, 2]``, see
-        ``arc_text``). Every random draw is made in the order renderer v3 made it, so a seed
-        gives v3's images."""
+    def _draw(self, text: str, font: ImageFont.FreeTypeFont, rng: random.Random, tint: random.Random | None = None) -> tuple[Image.Image, np.ndarray]:
+        """The drawn crop (mode ``L``, or ``RGB`` with ``tint``, the colours' random stream) and
+        its text's edges in its pixel coordinates (``[2, K, 2]``, see ``arc_text``). Every draw
+        from ``rng`` is made in the order renderer v3 made it, so a seed gives v3's images in
+        grey, and the same geometry in colour."""
         c = self.cfg
         k = c.fiducial_points // 2
         size_px = font.size
@@ -342,26 +360,58 @@ class Renderer:
         bg = self._background((w, h), bg_level, rng)
         bg_mean = int(np.asarray(bg).mean())
         fg_level = self._contrasting(bg_mean, rng, (20, 60) if rng.random() < c.p_low_contrast else (60, 200))
+        # Painted over the background in this order: (where, grey level).
+        layers: list[tuple[Image.Image, int]] = []
         if rng.random() < c.p_shadow:
             d = max(1, size_px // 15)
             shadow = ink((rng.randint(-d, d), rng.randint(1, d)))
-            bg = Image.composite(Image.new("L", (w, h), self._contrasting(bg_mean, rng)), bg, shadow)
+            layers.append((shadow, self._contrasting(bg_mean, rng)))
         if stroke and arc_ink is None:
             inner = ink(stroke_w=0)
-            bg = Image.composite(Image.new("L", (w, h), self._contrasting(fg_level, rng)), bg, mask)
+            layers.append((mask, self._contrasting(fg_level, rng)))  # the outline: the stroked text, then the text over it
             mask = inner
-        img = Image.composite(Image.new("L", (w, h), fg_level), bg, mask)
+        layers.append((mask, fg_level))
+        if tint is None:
+            img, fill = self._paint_grey(bg, layers), bg_mean
+        else:
+            img, fill = self._paint_colour(bg, bg_mean, layers, tint)
 
         if curve:
             img, edges = self._curve(img, amp, rng, edges)
         if rng.random() < c.p_perspective:
-            img, edges = self._perspective(img, bg_mean, rng, edges)
+            img, edges = self._perspective(img, fill, rng, edges)
         if rng.random() < c.p_rotate:
             angle = rng.gauss(0, 4) if rng.random() < 0.8 else rng.uniform(-15, 15)
             before = img.size
-            img = img.rotate(angle, resample=Image.Resampling.BILINEAR, expand=True, fillcolor=bg_mean)
+            img = img.rotate(angle, resample=Image.Resampling.BILINEAR, expand=True, fillcolor=fill)
             edges = _rotated_points(edges, angle, before, img.size)
         return self._degrade(img, rng), edges
+
+    @staticmethod
+    def _paint_grey(bg: Image.Image, layers: list[tuple[Image.Image, int]]) -> Image.Image:
+        """Each layer's grey level painted over ``bg`` (mode ``L``) where its mask is set."""
+        for mask, level in layers:
+            bg = Image.composite(Image.new("L", bg.size, level), bg, mask)
+        return bg
+
+    def _paint_colour(self, bg: Image.Image, bg_mean: int, layers: list[tuple[Image.Image, int]], tint: random.Random) -> tuple[Image.Image, RGB]:
+        """``_paint_grey`` in colour: the grey background ``bg`` (mean ``bg_mean``) and the layers
+        (the last one is the text) painted in colours drawn from ``tint``; returns the ``RGB``
+        image and the background's colour, the fill of the geometric steps that follow.
+        Ordinary crops keep every grey level as luma (``colours.tinted``); weak-luma ones
+        (``p_weak_luma``) get the text and every other layer near the background's luma."""
+        if tint.random() < self.cfg.p_weak_luma:
+            text, background = weak_luma_pair(tint)
+            colours = [weak_luma_partner(background, tint) or text for _ in layers[:-1]] + [text]
+            # Keep a trace of the texture or gradient, no more: its light and shade would be luma contrast.
+            bg = Image.blend(Image.new("L", bg.size, bg_mean), bg, tint.uniform(0.0, 0.4))
+        else:
+            background = tinted(bg_mean, tint)
+            colours = [tinted(level, tint) for _, level in layers]
+        img = colourise(bg, bg_mean, background)
+        for (mask, _), colour in zip(layers, colours):
+            img = Image.composite(Image.new("RGB", img.size, colour), img, mask)
+        return img, background
 
     @staticmethod
     def _text(draw: ImageDraw.ImageDraw, origin: tuple[int, int], text: str, font: ImageFont.FreeTypeFont, stroke: int, spacing: int, fill: int) -> None:
@@ -400,10 +450,10 @@ class Renderer:
         bounds = [w * i // strips for i in range(strips)] + [w]
         shift = np.interp(edges[..., 0], bounds, [off(x) for x in bounds])
         moved = np.stack([edges[..., 0], edges[..., 1] - shift], axis=-1)
-        return img.transform(img.size, Image.Transform.MESH, mesh, resample=Image.Resampling.BILINEAR, fillcolor=int(np.asarray(img)[0].mean())), moved
+        return img.transform(img.size, Image.Transform.MESH, mesh, resample=Image.Resampling.BILINEAR, fillcolor=_top_row_mean(img)), moved
 
     @staticmethod
-    def _perspective(img: Image.Image, fill: int, rng: random.Random, edges: np.ndarray) -> tuple[Image.Image, np.ndarray]:
+    def _perspective(img: Image.Image, fill: int | RGB, rng: random.Random, edges: np.ndarray) -> tuple[Image.Image, np.ndarray]:
         # SVT-P-like view angles: move the corners by up to a fraction of the height.
         w, h = img.size
         j = h * rng.uniform(0.1, 0.45)
@@ -428,14 +478,24 @@ class Renderer:
             img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.4)))
         if rng.random() < c.p_noise:
             np_rng = np.random.default_rng(rng.getrandbits(32))
-            arr = np.asarray(img, dtype=np.float32) + np_rng.normal(0, rng.uniform(3, 18), size=(img.height, img.width))
+            pixels = np.asarray(img, dtype=np.float32)  # [h, w] or [h, w, 3]: grain on each channel
+            arr = pixels + np_rng.normal(0, rng.uniform(3, 18), size=pixels.shape)
             img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
         if rng.random() < c.p_jpeg:
             buf = io.BytesIO()
             img.save(buf, format="JPEG", quality=rng.randint(10, 60))
             buf.seek(0)
-            img = Image.open(buf).convert("L")
+            img = Image.open(buf).convert(img.mode)
         return img
+
+
+def _top_row_mean(img: Image.Image) -> int | RGB:
+    """The mean of the image's top row: a grey level, or an RGB colour for a colour image."""
+    row = np.asarray(img)[0]
+    if row.ndim == 1:
+        return int(row.mean())
+    r, g, b = (int(v) for v in row.mean(axis=0))
+    return r, g, b
 
 
 # -- data set writing ------------------------------------------------------------------
@@ -459,7 +519,7 @@ def render_pool(cfg: SynthConfig, faces: list[FontFace], workers: int) -> Pool:
 def render_range(bounds: tuple[int, int]) -> tuple[np.ndarray, list[str], np.ndarray]:
     """Crops ``start..end-1`` of ``bounds = (start, end)``, their labels and fiducial points,
     rendered by the worker's renderer: uint8 ``[end - start, H, W]`` (``start < end``), a list
-    of strings and float16 ``[end - start, F, 2]``. Runs in a ``render_pool`` worker only
+    of strings and float16 ``[end - start, F, 2]`` (``[end - start, H, W, 3]`` images in colour). Runs in a ``render_pool`` worker only
     (raises ``AssertionError`` elsewhere)."""
     assert _WORKER is not None, "render_range runs in a render_pool worker"
     rendered = [_WORKER.render_with_points(i) for i in range(*bounds)]
@@ -490,6 +550,7 @@ def render_dataset(out: Path, count: int, cfg: SynthConfig, workers: int = 2, sh
     if old.is_file():
         prev = json.loads(old.read_text())
         prev.setdefault("text_mix", asdict(TextMix()))  # written before the mix was recorded: the default then
+        prev["text_mix"].setdefault("phrase", 0.0)  # written before phrases: none
         if {k: v for k, v in prev.items() if k != "count"} != {k: v for k, v in meta.items() if k != "count"}:
             raise SystemExit(f"{out} holds a data set rendered with other settings; use another --out or delete it")
     old.write_text(json.dumps(meta, indent=2))
