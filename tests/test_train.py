@@ -18,6 +18,7 @@ from model import load_checkpoint
 from model.checkpoint import read_info
 from model.training.cli import main as cli_main
 from model.training.data import ArrayDataset
+from model.training.resume import read_saved, resolve
 from model.training.train import BatchSampler, TrainConfig, Trainer, lr_factor
 
 N_STEPS = 16
@@ -205,10 +206,14 @@ def test_a_signal_stops_after_the_step_and_the_run_resumes_exactly(tmp_path: Pat
 def test_resume_keeps_the_saved_config(tmp_path: Path, shards: Path) -> None:
     Trainer(_cfg(tmp_path / "r", shards, stop_at_step=2)).run()
     # What is learnt cannot change on resume (lr, batch size); runtime fields can.
-    t = Trainer(_cfg(tmp_path / "r", shards, lr=1.0, batch_size=4, total_steps=3, log_every=1), resume=True)
-    assert t.cfg.lr == 2e-3 and t.cfg.batch_size == 16
-    assert t.cfg.total_steps == 3 and t.cfg.log_every == 1
-    assert t.run()["step"] == 3
+    given = {"out": str(tmp_path / "r"), "total_steps": 3, "log_every": 1}
+    run = resolve(read_saved(tmp_path / "r"), given, resume=True, has_state=True)
+    assert run.config.lr == 2e-3 and run.config.batch_size == 16
+    assert run.config.total_steps == 3 and run.config.log_every == 1
+    # The trainer takes that config as it is: the saved file is not read again.
+    (tmp_path / "r" / "config.json").write_text("not the config")
+    t = Trainer(run.config, resume=True)
+    assert t.cfg == run.config and t.run()["step"] == 3
 
 
 def test_resume_without_state_starts_afresh(tmp_path: Path, shards: Path) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from dataclasses import asdict, fields, replace
 from pathlib import Path
@@ -201,8 +200,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .config import FINETUNE_DEFAULTS, resume_conflicts, with_finetune_defaults
     from .distributed import DistributedError, Ranks
+    from .resume import STATE_FILE, read_saved, resolve, write_saved
 
     # Under torchrun every process runs this. Rank 0 alone says why a run cannot start; the
     # others leave quietly with status 0, since torchrun ends the whole job as soon as one
@@ -210,17 +209,12 @@ def run_train(args: argparse.Namespace) -> int:
     ranks = Ranks.from_env()
     refuse = lambda message: SystemExit(message if ranks.is_main else 0)
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
-    saved = Path(given.get("out", TrainConfig.out)) / "config.json"
-    # On --resume, a flag not given keeps the saved run's value, runtime ones too (a resumed
-    # run once fell back to the default --total-steps 100000 and never decayed its lr).
-    base = TrainConfig()
-    if args.resume and saved.is_file():
-        # ... but a time budget or a stop step belongs to one invocation only.
-        base = replace(TrainConfig.from_dict(json.loads(saved.read_text())), max_minutes=None, stop_at_step=None)
+    out = Path(given.get("out", TrainConfig.out))
     try:
-        cfg = replace(base, **given)
-    except ValueError as exc:
+        run = resolve(read_saved(out), given, args.resume, (out / STATE_FILE).is_file(), args.override_saved, ranks.world_size)
+    except (OSError, ValueError) as exc:  # a refused config or resume, an unreadable config.json
         raise refuse(f"safl train: {exc}") from None
+    cfg = run.config
     if ranks.launched and ranks.is_main:
         low, high = cfg.batch_size // ranks.world_size, -(-cfg.batch_size // ranks.world_size)
         print(
@@ -228,38 +222,33 @@ def run_train(args: argparse.Namespace) -> int:
             "crops per process; rank 0 validates, logs and saves",
             flush=True,
         )
-    # --resume with no saved state starts afresh (README's commands end in --resume): the
-    # recipe applies then too.
-    if not (args.resume and (Path(cfg.out) / "state.pt").is_file()):
-        tuned = with_finetune_defaults(cfg, set(given))
-        changed = {k: getattr(tuned, k) for k in FINETUNE_DEFAULTS if getattr(tuned, k) != getattr(cfg, k)}
-        if changed and ranks.is_main:
-            print(
-                "fine-tuning from --init: "
-                + ", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in changed.items())
-                + " (the fine-tune recipe; flags given win)",
-                flush=True,
-            )
-        cfg = tuned
-    if args.resume:
-        conflicts = resume_conflicts(cfg.out, given)
-        if conflicts and not args.override_saved:
-            raise refuse(
-                f"safl train: --resume keeps the saved run's settings, but {'; '.join(conflicts)}: drop the flag, or add --override-saved to change the run"
-            )
-        if conflicts:
-            _override_saved(Path(cfg.out), given)
+    if run.finetune and ranks.is_main:
+        print(
+            "fine-tuning from --init: "
+            + ", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in run.finetune.items())
+            + " (the fine-tune recipe; flags given win)",
+            flush=True,
+        )
+    if run.rewrite_saved:  # --override-saved: the run continues as changed, and a later --resume keeps the change
+        write_saved(out, cfg, ranks.world_size)
     twin = None
     if args.twin_out:
         if Path(args.twin_out).resolve() == Path(cfg.out).resolve():
             raise refuse("--twin-out must differ from --out")
-        twin = replace(
-            cfg,
-            out=args.twin_out,
-            loss=args.twin_loss or cfg.loss,
-            gamma=cfg.gamma if args.twin_gamma is None else args.twin_gamma,
-            init=args.twin_init or cfg.init,
-        )
+        twin_given = asdict(cfg) | {
+            "out": args.twin_out,
+            "loss": args.twin_loss or cfg.loss,
+            "gamma": cfg.gamma if args.twin_gamma is None else args.twin_gamma,
+            "init": args.twin_init or cfg.init,
+        }
+        twin_out = Path(args.twin_out)
+        try:  # the twin's own folder, resumed by the same rule: every value of the twin counts as given
+            twin_run = resolve(read_saved(twin_out), twin_given, args.resume, (twin_out / STATE_FILE).is_file(), args.override_saved, ranks.world_size)
+        except (OSError, ValueError) as exc:
+            raise refuse(f"safl train: --twin-out {twin_out}: {exc}") from None
+        twin = twin_run.config
+        if twin_run.rewrite_saved:
+            write_saved(twin_out, twin, ranks.world_size)
     from ..checkpoint import CheckpointError
     from .train import TrainingSetupError, train
 
@@ -272,18 +261,6 @@ def run_train(args: argparse.Namespace) -> int:
     if ranks.is_main:
         print(json.dumps(summary))
     return 0
-
-
-def _override_saved(out: Path, given: dict) -> None:
-    # --override-saved: the given run-defining flags go into the saved config, which --resume reads.
-    path = out / "config.json"
-    saved = json.loads(path.read_text())
-    saved.update(given)
-    # Atomic, through a file of this process's own: under torchrun every process writes it (the
-    # same text), and each reads it back when it resumes.
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(saved, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def add_eval_parser(sub: argparse._SubParsersAction, default_weights: Path | None) -> None:

@@ -1,16 +1,14 @@
-"""What defines a training run (``TrainConfig``) and the rules for changing one, apart from
-the trainer: ``safl --help`` and ``safl serve`` import this, not the training stack."""
+"""What defines a training run (``TrainConfig``) and which of it may change on resume, apart from
+the trainer (``model.training.resume`` decides a resumed run's config): ``safl --help`` and ``safl serve`` import this, not the training stack."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, fields, replace
-from pathlib import Path
 from typing import Any
 
 from .split import DEFAULT_SPLIT, SplitConfig
 
-__all__ = ["FINETUNE_DEFAULTS", "RUNTIME_FIELDS", "TrainConfig", "resume_conflicts", "with_finetune_defaults"]
+__all__ = ["FINETUNE_DEFAULTS", "RUNTIME_FIELDS", "TrainConfig", "with_finetune_defaults"]
 
 
 #: Fields that may change when a run is resumed (they do not change what is learnt).
@@ -123,25 +121,3 @@ def with_finetune_defaults(cfg: TrainConfig, given: set[str]) -> TrainConfig:
     if cfg.init is None:
         return cfg
     return replace(cfg, **{k: v for k, v in FINETUNE_DEFAULTS.items() if k not in given})
-
-
-def resume_conflicts(out: str | Path, given: dict[str, Any]) -> list[str]:
-    """The run-defining flags in ``given`` (name → value, as typed) that contradict the run
-    saved in ``out`` (``config.json``), as ``"--loss ce (saved: focal)"``; ``[]`` when there is
-    no saved run. A resumed run keeps its saved values, so such a flag would be ignored."""
-    path = Path(out) / "config.json"
-    if not path.is_file() or not (Path(out) / "state.pt").is_file():
-        return []  # nothing to resume: the run starts afresh with the flags given
-    saved = TrainConfig.from_dict(json.loads(path.read_text()))
-
-    def same(a: Any, b: Any) -> bool:
-        if a == b:
-            return True
-        paths = lambda v: [Path(x).resolve() for x in v] if isinstance(v, list) else [Path(v).resolve()]  # noqa: E731
-        return isinstance(a, (str, list)) and isinstance(b, (str, list)) and type(a) is type(b) and paths(a) == paths(b)
-
-    return [
-        f"--{k.replace('_', '-')} {v} (saved: {getattr(saved, k)})"
-        for k, v in given.items()
-        if k not in RUNTIME_FIELDS and k != "out" and not same(v, getattr(saved, k))
-    ]

@@ -11,12 +11,16 @@ from __future__ import annotations
 import argparse
 import json
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from .config import TrainConfig  # noqa: E402
+from .resume import read_saved  # noqa: E402
 
 
 def read_log(run: Path, chain: bool = True) -> tuple[list[dict], list[dict]]:
@@ -54,7 +58,7 @@ def chain_offset(run: Path) -> tuple[int, int]:
 
 def parent_run(run: Path) -> tuple[Path, int, int] | None:
     """(parent run folder, step, images seen) of the checkpoint a run was started from, if logged."""
-    init = json.loads((run / "config.json").read_text()).get("init")
+    init = (read_saved(run) or {}).get("init")
     if not init or not Path(init).with_suffix(".json").is_file():
         return None
     meta = json.loads(Path(init).with_suffix(".json").read_text()).get("training", {})
@@ -62,12 +66,12 @@ def parent_run(run: Path) -> tuple[Path, int, int] | None:
     if not (parent / "log.jsonl").is_file() or "step" not in meta:
         return None
     offset = int(meta["step"])
-    images = int(meta.get("images_seen", offset * json.loads((parent / "config.json").read_text()).get("batch_size", 64)))
+    images = int(meta.get("images_seen", offset * (read_saved(parent) or {}).get("batch_size", 64)))
     return parent, offset, images
 
 
 def _label(run: Path) -> str:
-    cfg = json.loads((run / "config.json").read_text())
+    cfg = read_saved(run) or asdict(TrainConfig())  # a folder without its config: the defaults
     return f"{run.name} ({'focal γ=' + str(cfg['gamma']) if cfg['loss'] == 'focal' else 'CE'})"
 
 

@@ -43,10 +43,11 @@ from ..loss import point_loss, sequence_loss
 from ..preprocess import ViewConfig, to_tensor
 from ..rectify import point_targets
 from ..safl import SAFL, SAFLConfig
-from .config import RUNTIME_FIELDS, TrainConfig
+from .config import TrainConfig
 from .data import ArrayDataset, augment_with_points, degrade, load_any, load_folder_part, shard_meta
 from .distributed import Ranks, derived_seed, stream_seed
 from .evaluate import evaluate
+from .resume import write_saved
 from .stream import RenderStream
 
 #: What validation reads: the service's default views, so validation numbers are what it answers.
@@ -260,20 +261,8 @@ class Trainer:
         self.out = Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
         state_path = self.out / "state.pt"
+        # cfg is final (model.training.resume.resolve): the saved config is not read again here.
         self.resumed = resume and state_path.is_file()
-        if self.resumed:
-            raw = json.loads((self.out / "config.json").read_text())
-            saved_world = raw.get("world_size", 1)  # runs from before torchrun support had one process
-            if saved_world != self.dist.world_size:
-                raise TrainingSetupError(
-                    f"--resume: {self.out} was trained by {saved_world} process(es) and this launch has {self.dist.world_size}; "
-                    f"each process's share of the batches depends on the number, so it resumes exactly only with "
-                    f"{'torchrun --nproc_per_node ' + str(saved_world) if saved_world > 1 else 'one process (no torchrun)'}"
-                )
-            saved = TrainConfig.from_dict(raw)
-            for name in RUNTIME_FIELDS:
-                setattr(saved, name, getattr(cfg, name))
-            cfg = saved
         self.cfg = cfg
         torch.set_num_threads(cfg.threads)
         try:
@@ -341,7 +330,7 @@ class Trainer:
         if self.resumed:
             self._load_state(state_path)
         elif self.dist.is_main:  # the world size too: --resume refuses another one
-            (self.out / "config.json").write_text(json.dumps({**asdict(cfg), "world_size": self.dist.world_size}, indent=2) + "\n")
+            write_saved(self.out, cfg, self.dist.world_size)
         if share_data_with is None:
             self.sampler.seek(self.step)
         if cfg.point_loss > 0 and self.sampler.batch(self.step).points is None:
