@@ -416,6 +416,9 @@ def test_render_dataset_refuses_other_settings(tmp_path: Path, font_cache: Path)
     meta = {**meta, "renderer_version": RENDERER_VERSION, "seed": CFG.seed, "fonts": len(discover_fonts(DEFAULT_CHARS, cache=out / "fonts.json"))}
     (out / "meta.json").write_text(json.dumps(meta))
     assert render_dataset(out, 10, CFG, workers=1, shard_size=16, progress=False)["rendered"] == 10  # the same settings: accepted
+    before_colour = {k: v for k, v in meta.items() if k != "p_weak_luma"}
+    (out / "meta.json").write_text(json.dumps(before_colour))
+    assert render_dataset(out, 10, CFG, workers=1, shard_size=16, progress=False)["rendered"] == 0  # a grey set from before colour: resumed
     (out / "meta.json").write_text(json.dumps({**meta, "text_mix": {**meta["text_mix"], "long_token": 0.5}}))
     with pytest.raises(SystemExit, match="other settings"):  # another mix of label kinds
         render_dataset(out, 10, CFG, workers=1, shard_size=16, progress=False)

@@ -550,6 +550,7 @@ def render_dataset(out: Path, count: int, cfg: SynthConfig, workers: int = 2, sh
     if old.is_file():
         prev = json.loads(old.read_text())
         prev.setdefault("text_mix", asdict(TextMix()))  # written before the mix was recorded: the default then
+        prev.setdefault("p_weak_luma", SynthConfig.p_weak_luma)  # written before colour: grey crops never draw it
         prev["text_mix"].setdefault("phrase", 0.0)  # written before phrases: none
         if {k: v for k, v in prev.items() if k != "count"} != {k: v for k, v in meta.items() if k != "count"}:
             raise SystemExit(f"{out} holds a data set rendered with other settings; use another --out or delete it")
