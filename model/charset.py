@@ -78,14 +78,17 @@ class Charset:
         else (``€``, ``ß``, ``™``, a lone ``´``) is left as it is. Same length as ``text``."""
         return "".join(c if c in self._index or (b := base_letter(c)) is None or b not in self._index else b for c in text)
 
-    def filter_label(self, text: str, max_len: int) -> str | None:
-        """Return ``text`` as the model learns it (accents folded, ``fold``) if it is
-        trainable (non-empty, in-set, short enough), else ``None``.
+    def spaced(self, text: str) -> str:
+        """``text`` with its spaces as the model reads them: without a space in the set, none
+        (a word reader; annotations sometimes join several words with one); with it, one
+        between words and none at either end."""
+        return " ".join(text.split()) if " " in self._index else text.replace(" ", "")
 
-        Spaces are removed first: the model reads single words and the benchmark
-        annotations sometimes join several words with a space.
+    def filter_label(self, text: str, max_len: int) -> str | None:
+        """Return ``text`` as the model learns it (spaces as ``spaced`` leaves them, accents
+        folded, ``fold``) if it is trainable (non-empty, in-set, short enough), else ``None``.
         """
-        text = self.fold(text.replace(" ", ""))
+        text = self.fold(self.spaced(text))
         if not text or len(text) > max_len:
             return None
         if any(c not in self._index for c in text):
@@ -100,7 +103,7 @@ class Charset:
         folded: dict[str, str] = {}
         counts = {"outside": 0, "long": 0, "empty": 0, "folded": 0}
         for lab in labels:
-            raw = lab.replace(" ", "")
+            raw = self.spaced(lab)
             text = self.fold(raw)
             if text != raw and all(c in self._index for c in text):
                 counts["folded"] += 1
@@ -175,14 +178,15 @@ class Charset:
         return inp, tgt
 
     def decode(self, ids: list[int]) -> str:
-        """Text of ``ids``, stopping at the first EOS and skipping other specials."""
+        """Text of ``ids``, stopping at the first EOS and skipping other specials; never
+        starting or ending with a space (``trim_spaces``)."""
         out = []
         for i in ids:
             if i == EOS_ID:
                 break
             if i >= NUM_SPECIAL:
                 out.append(self.chars[i - NUM_SPECIAL])
-        return "".join(out)
+        return trim_spaces(out, [1.0] * len(out))[0]
 
     def decode_batch(self, ids: torch.Tensor | np.ndarray, probs: torch.Tensor | np.ndarray) -> list[Recognition]:
         """Texts and confidences of greedy decoder output (``TransformerDecoder.greedy``):
@@ -208,5 +212,18 @@ class Charset:
                     break
                 chars.append(self.chars[i - NUM_SPECIAL])
                 confs.append(p)
-            out.append(Recognition("".join(chars), total, confs))
+            text, confs = trim_spaces(chars, confs)
+            out.append(Recognition(text, total, confs))
         return out
+
+
+def trim_spaces(chars: Sequence[str], confs: Sequence[float]) -> tuple[str, list[float]]:
+    """The reading without spaces at either end, and the confidences of what is left: a
+    model that reads the space may emit one first or last (a word's margin), which no user
+    wants; the reading's probability (``Recognition.confidence``) still counts them."""
+    start, end = 0, len(chars)
+    while start < end and chars[start] == " ":
+        start += 1
+    while end > start and chars[end - 1] == " ":
+        end -= 1
+    return "".join(chars[start:end]), list(confs[start:end])

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from . import greedy as greedy_rule
-from .charset import BOS_ID, EOS_ID, Charset
+from .charset import BOS_ID, EOS_ID, NUM_SPECIAL, Charset, trim_spaces
 from .decode import TransformerDecoder
 from .lexicon import Lexicon
 from .reading import MAX_TOP_K, Alternative, Recognition
@@ -146,7 +146,8 @@ def _recognition(charset: Charset, hyps: list[Hypothesis], top_k: int) -> Recogn
         return Recognition("", 0.0, [])
     best = hyps[0]
     alternatives = tuple(Alternative(charset.decode(h.ids), math.exp(h.log_prob)) for h in hyps[:top_k])
-    return Recognition(charset.decode(best.ids), math.exp(best.log_prob), best.probs[:-1], alternatives)
+    text, confs = trim_spaces([charset.chars[i - NUM_SPECIAL] for i in best.ids], best.probs[:-1])
+    return Recognition(text, math.exp(best.log_prob), confs, alternatives)
 
 
 @torch.no_grad()

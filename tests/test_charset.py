@@ -165,3 +165,23 @@ def test_token_mask_allows_the_listed_characters_and_the_end() -> None:
         cs.token_mask("abé")
     with pytest.raises(ValueError, match="leaves no character"):
         cs.token_mask("ab", "ab")
+
+
+def test_a_charset_with_the_space_keeps_single_spaces_between_words() -> None:
+    spaced = Charset(DEFAULT_CHARS + " ")
+    assert spaced.filter_label("  Total:   $14.99 ", 25) == "Total: $14.99"
+    assert Charset().filter_label("  Total:   $14.99 ", 25) == "Total:$14.99"  # a word reader, as before
+    assert spaced.filter_label("   ", 25) is None
+    assert "1 learnt with accents folded" in spaced.drop_reasons(["Café  au lait"], 25)
+
+
+def test_a_reading_never_starts_or_ends_with_a_space() -> None:
+    spaced = Charset(DEFAULT_CHARS + " ")
+    sp, h, i = spaced.encode(" ")[0], spaced.encode("H")[0], spaced.encode("i")[0]
+    ids = torch.tensor([[sp, h, sp, i, sp, EOS_ID], [h, i, EOS_ID, PAD_ID, PAD_ID, PAD_ID]])
+    probs = torch.tensor([[0.5, 0.9, 0.8, 0.7, 0.6, 0.95], [0.9, 0.8, 0.9, 1.0, 1.0, 1.0]])
+    first, second = spaced.decode_batch(ids, probs)
+    assert first.text == "H i" and first.char_confidences == pytest.approx([0.9, 0.8, 0.7])
+    assert first.confidence == pytest.approx(0.5 * 0.9 * 0.8 * 0.7 * 0.6 * 0.95)  # the probability of what was read
+    assert second.text == "Hi"
+    assert spaced.decode([sp, sp, h, sp]) == "H"

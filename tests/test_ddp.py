@@ -189,9 +189,9 @@ def test_each_rank_takes_its_share_of_the_global_batch() -> None:
 
     whole, shares = sampler(0, 1), [sampler(r, 2) for r in range(2)]
     for step in range(3):
-        images, _, tgt = whole.batch(step)
+        images, _, tgt, _ = whole.batch(step)
         for r, share in enumerate(shares):  # positions r, r + 2, ... of the whole batch
-            s_images, _, s_tgt = share.batch(step)
+            s_images, _, s_tgt, _ = share.batch(step)
             assert torch.equal(s_images, images[r::2]) and words(s_tgt) == words(tgt[r::2])
     assert [s.n_synth_mine for s in shares] == [3, 2]
     with pytest.raises(ValueError, match="global batch"):

@@ -32,6 +32,10 @@ class TextMix:
     #: 13-25 characters: URLs, e-mail addresses, phone numbers, compounds. Before this
     #: kind 1.2 % of labels had 13+ characters and the model misread most long tokens.
     long_token: float = 0.07
+    #: 2-3 words, numbers or a label and its value, joined by single spaces ("Total: $14.99",
+    #: "John Smith", "Exit 12"): what detectors that return lines give. Off by default: only a
+    #: model whose charset holds the space can read it (``safl synth --mix phrase=0.1``).
+    phrase: float = 0.0
 
 
 class Lexicon:
@@ -81,19 +85,21 @@ class TextSampler:
         self.charset = charset
         self.max_len = max_len
         self.lexicon = lexicon
-        kinds = [k for k in vars(mix)]
+        # Kinds of weight 0 are never drawn, not even by the fallback below.
+        kinds = [k for k in vars(mix) if getattr(mix, k) > 0]
         weights = np.array([getattr(mix, k) for k in kinds], dtype=np.float64)
         self.kinds = kinds
         self.cum = np.cumsum(weights / weights.sum()).tolist()
         self.punct = "".join(c for c in string.punctuation if c in charset)
 
     def sample(self, rng: random.Random) -> str:
-        """One label; always non-empty, in-charset and at most ``max_len`` long."""
+        """One label; always non-empty, in-charset and at most ``max_len`` long, and with
+        single spaces between words only (never at either end)."""
         for _ in range(20):
             r = rng.random()
             kind = next((k for k, c in zip(self.kinds, self.cum) if r < c), self.kinds[-1])
             text = getattr(self, "_" + kind)(rng)
-            if text and len(text) <= self.max_len and all(c in self.charset for c in text):
+            if text and len(text) <= self.max_len and all(c in self.charset for c in text) and text == " ".join(text.split()):
                 return text
         # Only reachable with a tiny charset or max_len: fall back to something legal.
         return self.charset[rng.randrange(len(self.charset))]
@@ -175,6 +181,18 @@ class TextSampler:
         n = rng.randint(13, 25)
         alphabet = string.ascii_uppercase + string.digits
         return "".join(rng.choice(alphabet + "-./") if 0 < i < n - 1 and rng.random() < 0.1 else rng.choice(alphabet) for i in range(n))
+
+    def _phrase(self, rng: random.Random) -> str:
+        r = rng.random()
+        if r < 0.25:  # a label and its value
+            label = _case(self.lexicon.by_frequency(rng), rng) + rng.choice((":", ":", "", " -"))
+            return f"{label} {rng.choice((self._price, self._number, self._date, self._code))(rng)}"
+        if r < 0.4:  # a name
+            return " ".join(self.lexicon.uniform(rng).capitalize() for _ in range(rng.randint(2, 3)))
+        if r < 0.55:  # a word and a number: "Exit 12", "Gate B7", "Room 101"
+            return f"{_case(self.lexicon.by_frequency(rng), rng)} {rng.choice((str(rng.randint(1, 999)), self._code(rng)))}"
+        words = [self.lexicon.by_frequency(rng) for _ in range(rng.randint(2, 3))]
+        return _case(" ".join(words), rng)
 
     def _random_chars(self, rng: random.Random) -> str:
         n = rng.randint(1, 10)
