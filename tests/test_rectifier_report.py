@@ -33,7 +33,11 @@ def test_an_identity_rectifier_reports_no_warp(crops, tiny_checkpoint: Path, tmp
     for kind, v in report["kinds"].items():
         assert v["offset"] < 1e-5 and v["spread"] < 1e-5 and v["outside"] == 0.0
         assert v["point_error"] > 0.05  # the identity is not where bent or framed text's edges lie
+        assert v["edge_bend"] < 1e-6  # the identity's edges are straight
         assert outputs[kind].shape == (6, 32, 128)
+    # The renderer's own edges: straight on straight text, bowed on curved text.
+    assert report["kinds"]["straight"]["truth_bend"] < 1e-3 < 0.02 < report["kinds"]["curved"]["truth_bend"]
+    assert report["kinds"]["arc"]["truth_bend"] > 0.02
     assert report["kinds"]["curved"]["bend_response"] < 1e-5 and report["kinds"]["arc"]["bend_response"] < 1e-5
     out = tmp_path / "r.json"
     assert rectifier_report.main([str(tiny_checkpoint), "--n", "3", "--json", str(out)]) == 0

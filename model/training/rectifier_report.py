@@ -13,6 +13,10 @@ gives, over the crops, in normalised image units (the image spans -1..1):
 - ``offset``: mean distance of the predicted fiducial points from the identity's;
 - ``spread``: standard deviation of each point across crops, averaged over points (a
   rectifier that applies one fixed warp to everything has a spread near 0);
+- ``edge_bend``: how far each predicted edge bows away from the straight line through its end
+  points (mean absolute y distance of its points from that chord); a tilt or a perspective
+  does not count, a curve does, so it should be near 0 on straight text and clearly above it
+  on curved text (``truth_bend``: the same of the renderer's own edges);
 - ``point_error``: mean distance of the predicted points from what the rectifier is taught
   to predict (``model.rectify.point_targets`` of the renderer's own geometry);
 - ``bend_response`` (curved and arc): mean distance between a word's points when bent and
@@ -88,6 +92,17 @@ def render_words(n: int, seed: int = 7) -> dict[str, Crops]:
     return out
 
 
+def edge_bend(points: torch.Tensor) -> float:
+    """Mean absolute distance (normalised y) of each edge's points from the chord through its
+    two ends, over the edges of ``points`` ``[N, F, 2]`` (top edge, then bottom edge)."""
+    k = points.shape[1] // 2
+    edges = points.reshape(-1, 2, k, 2)
+    x, y = edges[..., 0], edges[..., 1]
+    t = (x - x[..., :1]) / (x[..., -1:] - x[..., :1]).clamp(min=1e-6)
+    chord = y[..., :1] + t * (y[..., -1:] - y[..., :1])
+    return float((y - chord).abs().mean())
+
+
 def analyse(weights: Path, crops: dict[str, Crops], real: np.ndarray | None = None) -> tuple[dict, dict[str, np.ndarray]]:
     """The numbers of one checkpoint per kind, and its rectified outputs (uint8 ``[N, H, W]``
     per kind, and ``"real"`` for ``real`` crops, uint8 ``[M, H, W]``)."""
@@ -109,6 +124,8 @@ def analyse(weights: Path, crops: dict[str, Crops], real: np.ndarray | None = No
             numbers[kind] = {
                 "offset": float((p - base).norm(dim=-1).mean()),
                 "spread": float(p.std(dim=0).norm(dim=-1).mean()),
+                "edge_bend": edge_bend(p),
+                "truth_bend": edge_bend(torch.from_numpy(c.points)[known]),
                 "point_error": float((p[known] - target[known]).norm(dim=-1).mean()),
                 "outside": float((mid.abs() > 1).any(dim=-1).float().mean()),
             }
@@ -184,11 +201,16 @@ def main(argv: list[str] | None = None) -> int:
         reports.append(rep)
         outputs.append(out)
     names = args.names or [r["model"] for r in reports]
-    print("| model | kind | offset | spread | point error | outside (middle row) | bend response |\n|---|---|---:|---:|---:|---:|---:|")
+    print(
+        "| model | kind | offset | spread | edge bend (truth) | point error | outside (middle row) | bend response |\n|---|---|---:|---:|---:|---:|---:|---:|"
+    )
     for name, rep in zip(names, reports):
         for kind, v in rep["kinds"].items():
             bend = f"{v['bend_response']:.3f}" if "bend_response" in v else ""
-            print(f"| {name} | {kind} | {v['offset']:.3f} | {v['spread']:.3f} | {v['point_error']:.3f} | {100 * v['outside']:.1f} % | {bend} |")
+            print(
+                f"| {name} | {kind} | {v['offset']:.3f} | {v['spread']:.3f} | {v['edge_bend']:.3f} ({v['truth_bend']:.3f}) | {v['point_error']:.3f} "
+                f"| {100 * v['outside']:.1f} % | {bend} |"
+            )
     if args.json:
         args.json.write_text(json.dumps({"n_per_kind": args.n, "models": dict(zip(names, reports))}, indent=1) + "\n")
     if args.png:
