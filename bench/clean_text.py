@@ -12,6 +12,14 @@ renderer never trains on them), and cropped at the ink with a margin of 0, 5, 15
 of the ink height on every side: one crop per text and margin, so the margins compare the
 same texts.
 
+``--colour``: the same texts, each in a colour pair of weak luma and strong chroma instead
+(``model.training.colours.weak_luma_pair``: text and background within 24 luma levels of
+each other and clearly different hues, e.g. yellow on yellowish, red on dark red, pink on
+white), drawn from a random stream of their own: the crops a grey reader hardly sees, to
+compare a grey model with one grown to read colour (``grow --channels 3``) on the same texts::
+
+    python bench/clean_text.py --colour --weights runs/rgb/best.safetensors --json docs/results/clean_text_colour.json
+
 Metric: exact, case-sensitive word accuracy (whitespace removed on both sides), per margin
 and per length bucket; targets (issue "Accuracy"): >= 97 % at every margin and >= 95 % for
 13-25 characters. Engines: ``bench/peers.py``'s ``safl`` (the service's code path and default
@@ -36,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.peers import DEFAULT_WEIGHTS, Folder, PeerUnavailable, build_peers, run_benchmark  # noqa: E402
 from model.charset import DEFAULT_CHARS  # noqa: E402
 from model.checkpoint import CheckpointError  # noqa: E402
+from model.training.colours import RGB, weak_luma_pair  # noqa: E402
 from model.training.fonts import FontFace, by_family, discover_fonts  # noqa: E402
 from model.training.words import Lexicon, TextMix, TextSampler  # noqa: E402
 
@@ -52,19 +61,22 @@ def bucket_of(text: str) -> str:
 
 @dataclass(frozen=True)
 class Sample:
-    """One text as rendered: its label, font and polarity (the margins are applied per crop)."""
+    """One text as rendered: its label, font and polarity (the margins are applied per crop),
+    and with ``--colour`` its (text, background) colours."""
 
     text: str
     font: str
     inverted: bool
+    colours: tuple[RGB, RGB] | None = None
 
     @property
     def bucket(self) -> str:
         return bucket_of(self.text)
 
 
-def draw_texts(per_bucket: int, seed: int = SEED, faces: list[FontFace] | None = None) -> list[Sample]:
-    """``per_bucket`` texts for each length bucket, each with a held-out font and a polarity.
+def draw_texts(per_bucket: int, seed: int = SEED, faces: list[FontFace] | None = None, colour: bool = False) -> list[Sample]:
+    """``per_bucket`` texts for each length bucket, each with a held-out font and a polarity;
+    with ``colour``, the same texts, each with a weak-luma colour pair (``with_colours``).
 
     Raises ``RuntimeError`` when no held-out font family is installed.
     """
@@ -90,11 +102,24 @@ def draw_texts(per_bucket: int, seed: int = SEED, faces: list[FontFace] | None =
             continue
         want[bucket] -= 1
         out.append(Sample(text, rng.choice(fitting).path, inverted=len(out) % 2 == 1))
+    return with_colours(out, seed) if colour else out
+
+
+def with_colours(samples: list[Sample], seed: int) -> list[Sample]:
+    """``samples``, each with a (text, background) pair of weak luma and strong chroma drawn
+    from a stream of its own (the texts and fonts stay the grey benchmark's); an inverted
+    sample swaps the pair."""
+    rng = random.Random(f"{seed}:colour")
+    out = []
+    for s in samples:
+        text, background = weak_luma_pair(rng)
+        out.append(replace(s, colours=(background, text) if s.inverted else (text, background)))
     return out
 
 
 def render(sample: Sample, margin: float, size_px: int = 48) -> bytes:
-    """The sample drawn at ``size_px``, cropped at the ink plus ``margin`` x ink height, as PNG bytes."""
+    """The sample drawn at ``size_px``, cropped at the ink plus ``margin`` x ink height, as PNG
+    bytes: grey, or RGB in the sample's colours."""
     font = ImageFont.truetype(sample.font, size_px)
     left, top, right, bottom = ImageDraw.Draw(Image.new("L", (1, 1))).textbbox((0, 0), sample.text, font=font)
     pad = size_px
@@ -103,8 +128,11 @@ def render(sample: Sample, margin: float, size_px: int = 48) -> bytes:
     x0, y0, x1, y1 = mask.getbbox() or (0, 0, mask.width, mask.height)
     m = round(margin * (y1 - y0))
     box = (x0 - m, y0 - m, x1 + m, y1 + m)
-    fg, bg = (255, 0) if sample.inverted else (0, 255)
-    img = Image.composite(Image.new("L", mask.size, fg), Image.new("L", mask.size, bg), mask).crop(box)
+    if sample.colours is None:
+        mode, (fg, bg) = "L", ((255, 0) if sample.inverted else (0, 255))
+    else:
+        mode, (fg, bg) = "RGB", sample.colours
+    img = Image.composite(Image.new(mode, mask.size, fg), Image.new(mode, mask.size, bg), mask).crop(box)
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
@@ -183,7 +211,8 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
 
 def to_markdown(report: dict) -> str:
     margins = list(next(iter(report["engines"].values()))["per_margin"])
-    lines = [f"Clean text, held-out fonts ({report['texts']} texts x {len(margins)} margins, exact case-sensitive accuracy)", ""]
+    colour = ", weak-luma colours" if report.get("colour") else ""
+    lines = [f"Clean text, held-out fonts{colour} ({report['texts']} texts x {len(margins)} margins, exact case-sensitive accuracy)", ""]
     lines += engine_table(report, "per_margin", margins, [f"margin {float(m) * 100:g} %" for m in margins])
     lines.append("")
     lines.append(f"Targets: >= {100 * TARGET_PER_MARGIN:g} % at every margin, >= {100 * TARGET_LONG:g} % for 13-25 characters.")
@@ -195,11 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     add_engine_flags(p)
     p.add_argument("--margins", type=float, nargs="+", default=list(MARGINS), help="margins, as fractions of the ink height")
     p.add_argument("--predictions", type=Path, help="write every crop's label and readings here (TSV)")
+    p.add_argument("--colour", action="store_true", help="the same texts in weak-luma, strong-chroma colour pairs (RGB crops)")
     args = p.parse_args(argv)
     if args.per_bucket < 1:
         p.error("--per-bucket must be at least 1")
     try:
-        samples = draw_texts(args.per_bucket, args.seed)
+        samples = draw_texts(args.per_bucket, args.seed, colour=args.colour)
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -217,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "texts": len(samples),
         "seed": args.seed,
+        "colour": args.colour,
         "margins": args.margins,
         "engines": engines,
         "info": {peer.name: peer.info() for peer in peers},

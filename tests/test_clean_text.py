@@ -60,6 +60,26 @@ def test_crops_are_cut_at_the_ink_plus_the_margin(clean_text, any_faces) -> None
     assert inverted[:m].max() == 0
 
 
+def _luma(img: np.ndarray) -> np.ndarray:
+    return img.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+
+
+def test_the_colour_subset_is_the_same_texts_in_weak_luma_strong_chroma_colours(clean_text, any_faces) -> None:
+    grey = clean_text.draw_texts(2, seed=1, faces=any_faces)
+    colour = clean_text.draw_texts(2, seed=1, faces=any_faces, colour=True)
+    assert colour == clean_text.draw_texts(2, seed=1, faces=any_faces, colour=True)
+    assert [(s.text, s.font, s.inverted) for s in colour] == [(s.text, s.font, s.inverted) for s in grey]
+    assert all(s.colours is None for s in grey) and len({s.colours for s in colour}) == len(colour)
+    for sample in colour:
+        img = np.asarray(Image.open(io.BytesIO(clean_text.render(sample, 0.15))))
+        assert img.ndim == 3 and img.shape[2] == 3
+        fg, bg = sample.colours
+        assert tuple(img[0, 0]) == bg and (img == fg).all(axis=-1).any()  # the background, and text in its colour
+        y = _luma(img)
+        assert np.ptp(y) <= 25  # hardly any contrast in grey (antialiasing mixes the two) ...
+        assert np.linalg.norm((np.array(fg) - _luma(np.array(fg))) - (np.array(bg) - _luma(np.array(bg)))) >= 90  # ... clear in colour
+
+
 def test_score_counts_exact_case_sensitive_readings(clean_text) -> None:
     samples = [clean_text.Sample(t, "", False) for t in ("Hello", "www.example.com", "42")]
     r = clean_text.score(samples, {0.0: ["Hello", "www.example.com", "42"], 0.4: ["hello", "www.exampIe.com", " 4 2 "]})
@@ -94,6 +114,26 @@ def test_a_run_with_the_tiny_model(clean_text, any_faces, tiny_checkpoint: Path,
     assert report["texts"] == 8 and set(report["engines"]) == {"safl"}
     assert set(report["engines"]["safl"]["per_margin"]) == {"0", "0.4"}
     assert "| safl |" in capsys.readouterr().out
+    rc = clean_text.main(
+        [
+            "--weights",
+            str(tiny_checkpoint),
+            "--peers",
+            "safl",
+            "--per-bucket",
+            "1",
+            "--margins",
+            "0",
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+            "--colour",
+            "--no-progress",
+        ]
+    )
+    assert rc == 0 and json.loads(out.read_text())["colour"] is True
+    assert "weak-luma colours" in capsys.readouterr().out
 
 
 def test_no_held_out_fonts_is_one_line(clean_text, monkeypatch, capsys) -> None:
