@@ -91,47 +91,13 @@ def test_score_counts_exact_case_sensitive_readings(clean_text) -> None:
 def test_a_run_with_the_tiny_model(clean_text, any_faces, tiny_checkpoint: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.setattr(clean_text, "discover_fonts", lambda charset, families="train": any_faces)
     out = tmp_path / "clean.json"
-    rc = clean_text.main(
-        [
-            "--weights",
-            str(tiny_checkpoint),
-            "--peers",
-            "safl",
-            "--per-bucket",
-            "2",
-            "--margins",
-            "0",
-            "0.4",
-            "--threads",
-            "1",
-            "--json",
-            str(out),
-            "--no-progress",
-        ]
-    )
-    assert rc == 0
+    flags = ["--weights", str(tiny_checkpoint), "--peers", "safl", "--threads", "1", "--json", str(out), "--no-progress"]
+    assert clean_text.main([*flags, "--per-bucket", "2", "--margins", "0", "0.4"]) == 0
     report = json.loads(out.read_text())
     assert report["texts"] == 8 and set(report["engines"]) == {"safl"}
     assert set(report["engines"]["safl"]["per_margin"]) == {"0", "0.4"}
     assert "| safl |" in capsys.readouterr().out
-    rc = clean_text.main(
-        [
-            "--weights",
-            str(tiny_checkpoint),
-            "--peers",
-            "safl",
-            "--per-bucket",
-            "1",
-            "--margins",
-            "0",
-            "--threads",
-            "1",
-            "--json",
-            str(out),
-            "--colour",
-            "--no-progress",
-        ]
-    )
+    rc = clean_text.main([*flags, "--per-bucket", "1", "--margins", "0", "--colour"])
     assert rc == 0 and json.loads(out.read_text())["colour"] is True
     assert "weak-luma colours" in capsys.readouterr().out
 
