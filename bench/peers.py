@@ -74,11 +74,16 @@ from tqdm import tqdm  # noqa: E402
 
 from model import CheckpointError, load_checkpoint  # noqa: E402
 from model.engine import open_engine  # noqa: E402
+from model.onnx_reader import keep_telemetry_off  # noqa: E402
 from model.preprocess import ViewConfig  # noqa: E402
 from model.reading import read_images  # noqa: E402
 from model.training.data import read_labels_tsv  # noqa: E402
 from model.training.evaluate import as_json_dict, score  # noqa: E402
 from model.training.split import DEFAULT_SPLIT, FAIR_PART, part_indices  # noqa: E402
+
+# ONNX Runtime's telemetry off before RapidOCR loads the library, even in a run without safl
+# (--peers rapidocr) or with --backend torch, where safl's ONNX engine never comes first.
+keep_telemetry_off()
 
 DEFAULT_WEIGHTS = REPO / "weights" / "safl.safetensors"
 PEERS = ("safl", "tesseract", "rapidocr", "rapidocr3")
