@@ -36,7 +36,9 @@ class Settings(BaseSettings):
     # --- model
     weights: Path = Field(default=DEFAULT_WEIGHTS, description="checkpoint .safetensors (its .json sidecar must sit next to it)")
     device: str = Field(default="auto", description="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
-    threads: int | None = Field(default=None, ge=1, description="PyTorch intra-op threads for inference (unset: PyTorch's default)")
+    threads: int | None = Field(
+        default=None, ge=1, description="intra-op threads for inference (unset: PyTorch's default; ONNX Runtime: one per physical core)"
+    )
     backend: Literal["auto", "onnx", "torch"] = Field(
         default="auto",
         description="inference engine: onnx (ONNX Runtime; the same readings, about 2.5x faster at batch 1 on the CPU), torch (PyTorch), auto (onnx on the CPU, torch on CUDA)",
