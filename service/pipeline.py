@@ -258,7 +258,7 @@ async def recognize(request: Request, runtime: Runtime, view_cfg: ViewConfig) ->
             # Nobody reads this; 499 (nginx's "client closed request") labels the metrics.
             return error_response("client_disconnected", "the client disconnected before the results were ready")
         pictures: list[str | None] = [None] * len(answers)
-        if query.debug == "rectified":
+        if query.debug == "rectified" and crops:  # every file may have failed on its own (per_file_errors)
             # The view each answer came from: a tall crop's turned view when that one was read best.
             images = await run_in_threadpool(predictor.rectified, [views[view] for views, (_, view) in zip(crops, answers, strict=True)])
             pictures = [png_data_url(im) for im in images]

@@ -269,7 +269,7 @@ def test_disconnected_clients_leave_no_orphan_work(tiny_checkpoint: Path, tiny_m
 def wait_depth(batcher: Any, depth: int, timeout: float = 10.0) -> None:
     """Wait until the queue holds ``depth`` crops that nobody has given up on."""
     end = time.monotonic() + timeout
-    while sum(not c.future.done() for c in list(batcher._queue)) != depth:
+    while sum(not entry[-1].future.done() for entry in list(batcher._queue)) != depth:  # heap entries: (place, seq, crop)
         assert time.monotonic() < end, f"queue never held {depth} live crops"
         time.sleep(0.005)
 

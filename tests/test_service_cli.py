@@ -66,7 +66,7 @@ def test_recognize_json_and_bad_files(tiny_checkpoint: Path, word_files: list[Pa
     assert doc["model"].startswith("safl-tiny@")
     # One result per file in order, an unreadable one in the HTTP API's per-file error shape.
     assert [r["filename"] for r in doc["results"]] == [str(word_files[0]), str(bad), str(tmp_path / "missing.png")]
-    assert set(doc["results"][0]) == {"filename", "text", "confidence", "char_confidences"}
+    assert set(doc["results"][0]) == {"filename", "text", "confidence", "raw_confidence", "char_confidences"}
     assert [set(r) for r in doc["results"][1:]] == [{"filename", "error"}] * 2 and set(doc) == {"model", "results"}
     assert [r["error"]["code"] for r in doc["results"][1:]] == ["unsupported_image", "unreadable"]
     assert "notes.txt" in captured.err and "missing.png" in captured.err
