@@ -16,6 +16,7 @@ turned on it (stop 23's candidate: 215 crops right of 304 against 207, "lower" b
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -75,7 +76,24 @@ def main(argv: list[str] | None = None) -> int:
         cand_results, args.weights.parent / "metrics.json", {"model": cand_meta["model"], "split": {"part": args.part, **asdict(split)}, "training": cand_meta}
     )
     print(f"shipped {shipped.model_id} → {args.weights} (sha256 {shipped.sha256})")
+    calibrate_shipped(args.weights, args.val, split, args.threads)
     return 0
+
+
+def calibrate_shipped(weights: Path, val: list[Path], split: SplitConfig, threads: int) -> None:
+    """Fit the shipped model's confidence calibration (``safl calibrate``) on ``val``: the
+    sidecar ``save_checkpoint`` writes has none, and another model's would not fit this one.
+    When none can be fitted (too few crops, none right or none wrong) it says so in one line
+    and the model answers its raw probability until ``safl calibrate`` fits one."""
+    from .calibrate import add_calibrate_parser, run_calibrate
+
+    parser = argparse.ArgumentParser(prog="safl")
+    add_calibrate_parser(parser.add_subparsers(), None)
+    flags = ["--val-fraction", str(split.val_fraction), "--split-seed", str(split.seed), "--split-block", str(split.block), "--threads", str(threads)]
+    try:
+        run_calibrate(parser.parse_args(["calibrate", str(weights), "--data", *map(str, val), *flags]))
+    except SystemExit as exc:  # run_calibrate's one-line refusals
+        print(f"warning: no calibration fitted ({exc}); {weights.name} answers its raw probability until `safl calibrate` fits one", file=sys.stderr)
 
 
 if __name__ == "__main__":
