@@ -68,6 +68,11 @@ class Runtime:
         self.batcher = DynamicBatcher(p.recognize, config, self._executor, self.metrics)
         self.metrics.model_info.labels(name=p.info.name, sha=p.info.sha256[:12], device=str(p.device)).set(1)
         log.info("loaded %s on %s (%s)", p.info.model_id, p.device, p.precision)
+        # Said once at start: an empty or blank SAFL_API_KEY (an empty Secret) means no key.
+        if s.api_key is None:
+            log.info("no API key: /recognize answers anyone who can reach the port (set SAFL_API_KEY to require one)")
+        else:
+            log.info("API key required on /recognize%s", " and /metrics" if s.auth_metrics else "")
         self._warmup_task = asyncio.get_running_loop().create_task(self._warm_up_then_serve(), name="safl-warmup")
 
     async def _warm_up_then_serve(self) -> None:

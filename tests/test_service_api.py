@@ -180,6 +180,15 @@ async def test_api_key(tiny_checkpoint: Path) -> None:
         assert (await client.post("/recognize", files=multipart([png]))).status_code == 200
 
 
+@pytest.mark.parametrize(("key", "said"), [(" \n", "no API key: /recognize answers anyone"), ("s3cret", "API key required on /recognize")])
+async def test_the_start_says_whether_a_key_is_required(tiny_checkpoint: Path, caplog: pytest.LogCaptureFixture, key: str, said: str) -> None:
+    # A blank key (an empty Kubernetes Secret) turns authentication off: the log says so once.
+    with caplog.at_level("INFO", logger="service"):
+        async with running_app(settings_for(tiny_checkpoint, api_key=key)):
+            pass
+    assert sum(said in r.getMessage() for r in caplog.records) == 1
+
+
 async def test_ambiguous_credentials_are_refused(tiny_checkpoint: Path) -> None:
     # With two Authorization headers the first one won: a wrong key was let in behind a right
     # one, and a right key refused behind a wrong one, depending on the order.
