@@ -18,29 +18,14 @@ from pathlib import Path
 from PIL import Image
 
 from model.charset import DEFAULT_CHARS
+from model.training import synth
 from model.training.fonts import discover_fonts
-from model.training.synth import Renderer, SynthConfig
+from model.training.synth import Renderer
 
 HERE = Path(__file__).resolve().parent
 
-#: Everything random off: the examples switch on what they show.
-PLAIN = SynthConfig(
-    p_texture=0.0,
-    p_gradient=0.0,
-    p_shadow=0.0,
-    p_outline=0.0,
-    p_underline=0.0,
-    p_rotate=0.0,
-    p_perspective=0.0,
-    p_curve=0.0,
-    p_arc=0.0,
-    p_blur=0.0,
-    p_lowres=0.0,
-    p_noise=0.0,
-    p_jpeg=0.0,
-    p_tight=0.0,
-    p_low_contrast=0.0,
-)
+#: Everything random off, loose margins: the examples switch on what they show.
+PLAIN = dataclasses.replace(synth.PLAIN, p_tight=0.0)
 
 #: file name -> (word, settings switched on, seed)
 EXAMPLES: dict[str, tuple[str, dict[str, float], int]] = {

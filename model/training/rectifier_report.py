@@ -43,27 +43,11 @@ from ..checkpoint import load_checkpoint
 from ..preprocess import to_pixels, to_tensor
 from ..rectify import fiducial_points, point_targets
 from .fonts import discover_fonts
-from .synth import Renderer, SynthConfig
+from .synth import PLAIN, Renderer
 
 KINDS = ("straight", "perspective", "curved", "arc")
-#: What each kind turns on; everything that blurs, hides or frames the ink is off.
-_PLAIN = SynthConfig(
-    seed=7,
-    p_texture=0.0,
-    p_gradient=0.0,
-    p_shadow=0.0,
-    p_outline=0.0,
-    p_underline=0.0,
-    p_rotate=0.0,
-    p_perspective=0.0,
-    p_curve=0.0,
-    p_arc=0.0,
-    p_blur=0.0,
-    p_lowres=0.0,
-    p_noise=0.0,
-    p_jpeg=0.0,
-    p_low_contrast=0.0,
-)
+#: What each kind turns on (``synth.PLAIN``: everything that blurs, hides or frames the ink is off).
+_PLAIN = dataclasses.replace(PLAIN, seed=7)
 _KIND_FLAGS = {"straight": {}, "perspective": {"p_perspective": 1.0}, "curved": {"p_curve": 1.0}, "arc": {"p_arc": 1.0}}
 
 

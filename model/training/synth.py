@@ -96,6 +96,27 @@ class SynthConfig:
         return PreprocessConfig(self.height, self.width, self.channels)
 
 
+#: Every extra off (texture, gradient, shadow, outline, underline, rotation, perspective,
+#: parabola, arc, blur, low resolution, noise, JPEG, weak contrast): a flat crop of the text,
+#: for pictures, examples and tests that switch on the one thing they show.
+PLAIN = SynthConfig(
+    p_texture=0.0,
+    p_gradient=0.0,
+    p_shadow=0.0,
+    p_outline=0.0,
+    p_underline=0.0,
+    p_rotate=0.0,
+    p_perspective=0.0,
+    p_curve=0.0,
+    p_arc=0.0,
+    p_blur=0.0,
+    p_lowres=0.0,
+    p_noise=0.0,
+    p_jpeg=0.0,
+    p_low_contrast=0.0,
+)
+
+
 def _perspective_coeffs(src: list[tuple[float, float]], dst: list[tuple[float, float]]) -> list[float]:
     # PIL's PERSPECTIVE maps output (x, y) to input; solve the 8 coefficients from 4 pairs.
     rows, rhs = [], []
