@@ -11,6 +11,7 @@ import io
 import os
 import socket
 import subprocess
+import textwrap
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -231,3 +232,34 @@ def serve_in_thread(app: FastAPI) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=15)
         sock.close()
+
+
+def slow_server_script(path: Path, **settings: object) -> Path:
+    """Write a script that runs the real GracefulServer (``safl serve``) on the checkpoint and
+    port given as its arguments, with a model that takes 1 s a batch, so requests are in the
+    model and queued behind it when a signal comes; ``settings`` go into its ``Settings``.
+    Returns ``path``."""
+    extra = "".join(f", {k}={v!r}" for k, v in settings.items())
+    path.write_text(
+        textwrap.dedent(
+            f"""
+            import sys, time
+            from service import Settings
+            from service.cli import serve
+            from service.predictor import Predictor
+
+            class Slow:
+                def __init__(self, model):
+                    self.model = model
+                def recognize(self, images, amp_dtype=None):
+                    time.sleep(1.0)
+                    return self.model.recognize(images, amp_dtype=amp_dtype)
+
+            settings = Settings(weights=sys.argv[1], port=int(sys.argv[2]), device="cpu", threads=1, warmup=False{extra})
+            predictor = Predictor.load(settings.weights, "cpu", threads=1)
+            predictor.model = Slow(predictor.model)
+            raise SystemExit(serve(settings, predictor))
+            """
+        )
+    )
+    return path

@@ -7,7 +7,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import httpx
 from conftest import render_word
-from service_support import REPO, encode, free_port, metric, multipart, subprocess_env, wait_process_ready
+from service_support import REPO, encode, free_port, metric, multipart, slow_server_script, subprocess_env, wait_process_ready
 
 PNG = encode(render_word("word"))
 
@@ -95,35 +94,10 @@ def test_idle_and_trickling_sockets_neither_take_the_probes_down_nor_stay_open(t
     assert after.status_code == 200
 
 
-# The real GracefulServer with a model that takes 1 s a batch, one crop a batch: requests
-# are in the model and queued behind it when the signals come.
-_SLOW_SERVER = textwrap.dedent(
-    """
-    import sys, time
-    from service import Settings
-    from service.cli import serve
-    from service.predictor import Predictor
-
-    class Slow:
-        def __init__(self, model):
-            self.model = model
-        def recognize(self, images, amp_dtype=None):
-            time.sleep(1.0)
-            return self.model.recognize(images, amp_dtype=amp_dtype)
-
-    settings = Settings(weights=sys.argv[1], port=int(sys.argv[2]), device="cpu", threads=1, warmup=False, max_batch_size=1, log_level="info")
-    predictor = Predictor.load(settings.weights, "cpu", threads=1)
-    predictor.model = Slow(predictor.model)
-    raise SystemExit(serve(settings, predictor))
-    """
-)
-
-
 def test_a_second_sigterm_exits_at_once_and_answers_the_cut_off_requests(tiny_checkpoint: Path, tmp_path: Path) -> None:
     # The second signal used to cancel the requests in flight (uvicorn's plain-text 500,
     # CancelledError tracebacks in the log) and then wait the whole drain timeout (31 s).
-    script = tmp_path / "slow_server.py"
-    script.write_text(_SLOW_SERVER)
+    script = slow_server_script(tmp_path / "slow_server.py", max_batch_size=1, log_level="info")
     port = free_port()
     with _server([sys.executable, str(script), str(tiny_checkpoint), str(port)], port) as (url, proc):
         replies: list[httpx.Response | Exception] = []

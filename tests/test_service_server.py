@@ -6,7 +6,6 @@ import re
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -14,7 +13,18 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import render_word
-from service_support import encode, free_port, gated_predictor, metric, multipart, serve_in_thread, settings_for, subprocess_env, wait_process_ready
+from service_support import (
+    encode,
+    free_port,
+    gated_predictor,
+    metric,
+    multipart,
+    serve_in_thread,
+    settings_for,
+    slow_server_script,
+    subprocess_env,
+    wait_process_ready,
+)
 
 from service import create_app
 
@@ -89,34 +99,9 @@ def test_python_m_service_serve_exits_0_on_sigterm(tiny_checkpoint: Path) -> Non
             proc.wait()
 
 
-# Runs the real GracefulServer with a model that takes 1 s per batch, so there is
-# admitted work in flight when SIGTERM arrives.
-_SLOW_SERVER = textwrap.dedent(
-    """
-    import sys, time
-    from service import Settings
-    from service.cli import serve
-    from service.predictor import Predictor
-
-    class Slow:
-        def __init__(self, model):
-            self.model = model
-        def recognize(self, images, amp_dtype=None):
-            time.sleep(1.0)
-            return self.model.recognize(images, amp_dtype=amp_dtype)
-
-    settings = Settings(weights=sys.argv[1], port=int(sys.argv[2]), device="cpu", threads=1, warmup=False, log_level="warning")
-    predictor = Predictor.load(settings.weights, "cpu", threads=1)
-    predictor.model = Slow(predictor.model)
-    raise SystemExit(serve(settings, predictor))
-    """
-)
-
-
 @pytest.mark.slow
 def test_sigterm_drains_admitted_work_and_refuses_new(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    script = tmp_path / "slow_server.py"
-    script.write_text(_SLOW_SERVER)
+    script = slow_server_script(tmp_path / "slow_server.py", log_level="warning")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(

@@ -26,25 +26,16 @@ def val_folder(tmp_path: Path, memorised_checkpoint: tuple[Path, list[str]]) -> 
     return folder
 
 
+def _ship(candidate: Path, val: Path, weights: Path) -> int:
+    # Every crop of the toy folder in the validation part (blocks of one crop).
+    return ship.main(
+        [str(candidate), "--val", str(val), "--weights", str(weights), "--part", "val", "--val-fraction", "1.0", "--split-block", "1", "--threads", "1"]
+    )
+
+
 def test_a_candidate_ships_with_a_calibration_of_its_own(tmp_path: Path, memorised_checkpoint, val_folder: Path, capsys) -> None:
     weights = tmp_path / "weights" / "safl.safetensors"  # nothing shipped yet: the candidate ships
-    rc = ship.main(
-        [
-            str(memorised_checkpoint[0]),
-            "--val",
-            str(val_folder),
-            "--weights",
-            str(weights),
-            "--part",
-            "val",
-            "--val-fraction",
-            "1.0",
-            "--split-block",
-            "1",
-            "--threads",
-            "1",
-        ]
-    )
+    rc = _ship(memorised_checkpoint[0], val_folder, weights)
     assert rc == 0
     said = capsys.readouterr()
     assert "shipped safl-memorised@" in said.out and "wrote the calibration" in said.out
@@ -62,22 +53,6 @@ def test_a_calibration_that_cannot_be_fitted_leaves_a_working_raw_model_and_says
         render_word(w).save(folder / f"{i}.png")
     (folder / "labels.tsv").write_text("".join(f"{i}.png\t{w}\n" for i, w in enumerate(words)))
     weights = tmp_path / "weights" / "safl.safetensors"
-    rc = ship.main(
-        [
-            str(memorised_checkpoint[0]),
-            "--val",
-            str(folder),
-            "--weights",
-            str(weights),
-            "--part",
-            "val",
-            "--val-fraction",
-            "1.0",
-            "--split-block",
-            "1",
-            "--threads",
-            "1",
-        ]
-    )
+    rc = _ship(memorised_checkpoint[0], folder, weights)
     assert rc == 0 and read_calibration(weights) is None
     assert "warning: no calibration fitted" in capsys.readouterr().err
