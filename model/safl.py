@@ -135,16 +135,21 @@ class SAFL(nn.Module):
             images = self.rectifier(images)
         return self.encoder(images)
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor, return_points: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, images: torch.Tensor, tokens: torch.Tensor, return_points: bool = False, detach_points: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced logits for decoder input ``tokens`` (BOS + characters); with
         ``return_points``, also the rectifier's fiducial points ``[B, F, 2]`` (one pass of
-        the localisation net serves both; raises ``ValueError`` without a rectifier)."""
+        the localisation net serves both; raises ``ValueError`` without a rectifier), and with
+        ``detach_points`` the logits' gradient stops at the warp, so a loss on the logits
+        leaves the rectifier alone (a loss on the returned points still teaches it)."""
         if not return_points:
             return self.decoder(tokens, self.encode(images))
         if self.rectifier is None:
             raise ValueError("this model has no rectifier: it predicts no fiducial points")
         points = self.rectifier.points(images)
-        return self.decoder(tokens, self.encoder(self.rectifier.warp(images, points))), points
+        warped = self.rectifier.warp(images, points.detach() if detach_points else points)
+        return self.decoder(tokens, self.encoder(warped)), points
 
     @torch.no_grad()
     def generate(self, images: torch.Tensor, use_cache: bool = True, amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -227,3 +227,21 @@ def test_point_loss_without_points_in_the_data_is_a_setup_error(tmp_path: Path) 
         Trainer(_cfg(tmp_path / "run", folder, point_loss=1.0))
     with pytest.raises(ValueError, match="--rectifier-only"):
         _cfg(tmp_path / "run2", folder, rectifier_only=True)
+
+
+def test_detached_points_keep_the_recognition_loss_off_the_rectifier() -> None:
+    # Reaching the rectifier, the recognition loss taught it to cut off the first letter
+    # (v4-loc-b, step 3,000): with detach_points only the point loss teaches it.
+    torch.manual_seed(0)
+    model = SAFL(SAFLConfig.from_preset("tiny"))
+    with torch.no_grad():
+        model.rectifier.fc.weight.normal_(0, 0.05)
+    images, tokens = torch.randn(2, 1, 32, 128), torch.randint(3, 20, (2, 5))
+    logits, points = model(images, tokens, return_points=True, detach_points=True)
+    logits.sum().backward()
+    assert all(p.grad is None for p in model.rectifier.parameters())
+    assert all(p.grad is not None for p in model.encoder.parameters() if p.requires_grad)  # the encoder still learns
+    points.sum().backward()
+    assert model.rectifier.fc.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="--rectifier-points-only"):
+        TrainConfig(rectifier_points_only=True)

@@ -140,6 +140,8 @@ TRAIN_HELP = {
     "`safl synth` stores with each crop (renderer 4); crops without it (real ones) add recognition loss only",
     "rectifier_only": "train the rectifier alone on the point loss (encoder and decoder frozen, no recognition loss): "
     "the first stage of teaching a rectifier held at the identity",
+    "rectifier_points_only": "the point loss alone teaches the rectifier while everything trains: the recognition loss's gradient "
+    "stops at the warp (when it reached the rectifier, it taught it to cut off the first letter)",
     "weight_decay": "AdamW weight decay (not on biases, norms or positions)",
     "warmup_steps": "linear warm-up steps before the cosine decay",
     "total_steps": "length of the schedule; the run stops there",

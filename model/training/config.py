@@ -52,6 +52,7 @@ class TrainConfig:
     tps_lr_scale: float = 0.1  # the rectifier learns slower: a fast-moving grid destabilises everything after it
     point_loss: float = 0.0  # weight of the fiducial-point loss on crops with rendered geometry (model.loss.point_loss)
     rectifier_only: bool = False  # train the rectifier alone on the point loss: encoder and decoder frozen, no recognition loss
+    rectifier_points_only: bool = False  # the point loss alone teaches the rectifier: the recognition loss's gradient stops at the warp
     weight_decay: float = 0.05
     warmup_steps: int = 1000
     total_steps: int = 100000
@@ -88,6 +89,10 @@ class TrainConfig:
             (
                 not self.rectifier_only or (self.point_loss > 0 and self.tps_lr_scale > 0),
                 "--rectifier-only trains on the point loss alone: give --point-loss and --tps-lr-scale above 0",
+            ),
+            (
+                not self.rectifier_points_only or self.point_loss > 0,
+                "--rectifier-points-only teaches the rectifier with the point loss alone: give --point-loss",
             ),
             (self.batch_size >= 1 and self.total_steps >= 1, "--batch-size and --total-steps must be at least 1"),
             (self.warmup_steps >= 0, f"--warmup-steps must be at least 0, got {self.warmup_steps}"),

@@ -499,7 +499,7 @@ class Trainer:
             if cfg.rectifier_only:
                 loss = cfg.point_loss * point_loss(self.model.rectifier.points(images), targets)
             elif targets is not None:
-                logits, predicted = self.net(images, inp, return_points=True)
+                logits, predicted = self.net(images, inp, return_points=True, detach_points=cfg.rectifier_points_only)
             else:
                 logits = self.net(images, inp)
         if not cfg.rectifier_only:
