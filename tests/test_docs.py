@@ -77,7 +77,8 @@ def test_the_code_passes_the_linter_and_the_formatter(command: list[str]) -> Non
     ruff = Path(sys.executable).with_name("ruff")
     if not ruff.is_file():
         pytest.skip("ruff is not installed in this environment (pip install -e '.[dev]')")
-    out = subprocess.run([str(ruff), *command, "model", "service", "bench", "scripts", "tests"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    paths = ["model", "service", "bench", "scripts", "tests", "examples"]
+    out = subprocess.run([str(ruff), *command, *paths], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, f"run `ruff {' '.join(command)}`:\n" + out.stdout + out.stderr
 
 
