@@ -94,7 +94,8 @@ class RecognizeResponse(BaseModel):
 
 
 class RecognizeJSON(BaseModel):
-    """``application/json`` body for clients that cannot send multipart."""
+    """``application/json`` body for clients that cannot send multipart; a key that is none of
+    these is refused (422 invalid_option, naming it and the valid ones)."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -106,10 +106,24 @@ def _multipart_problem(exc: MultiPartException) -> str:
 #: The option that turns a file's error into one result instead of the request's error:
 #: a form field, a JSON key and a query parameter of this one name.
 PER_FILE_ERRORS = "per_file_errors"
-#: The plain form fields of a multipart request (all optional); any other is refused.
+#: The reading options (all optional): a multipart request's plain form fields and a JSON
+#: body's keys besides its images; any other field or key is refused (``unknown_option``).
 OPTION_FIELDS = ("allowlist", "blocklist", "lexicon", "top_k", PER_FILE_ERRORS)
+#: The keys of a JSON body (``RecognizeJSON``'s fields).
+JSON_KEYS = ("images", "filenames", *OPTION_FIELDS)
 #: What a ``per_file_errors`` form field or query parameter may say.
 _BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
+
+
+def unknown_option(what: str, name: str) -> APIError:
+    """``invalid_option`` for a form field or JSON key (``what``) that is no option, naming it
+    and the valid ones: a misspelt option (allow_list=, topk=) read unconstrained would look
+    like a reading that ignored it."""
+    options = ", ".join(OPTION_FIELDS)
+    if what == "JSON key":
+        others = ", ".join(k for k in JSON_KEYS if k not in OPTION_FIELDS)
+        return APIError("invalid_option", f"unknown JSON key {name[:40]!r}: the keys are {others} and the options {options}")
+    return APIError("invalid_option", f"unknown {what} {name[:40]!r}: the options are {options}")
 
 
 def parse_flag(name: str, raw: str) -> bool:
@@ -189,8 +203,7 @@ async def _read_multipart(request: Request, max_files: int, max_file_bytes: int)
             if key in FILE_FIELDS:
                 continue
             if key not in OPTION_FIELDS:
-                # A misspelt option (allow_list=, topk=) read unconstrained would look like a reading that ignored it.
-                raise APIError("invalid_option", f"unknown form field {key[:40]!r}: the options are {', '.join(OPTION_FIELDS)}")
+                raise unknown_option("form field", key)
             if key in fields or not isinstance(value, str):
                 raise APIError("invalid_option", f"{key} must be one plain form field")
             fields[key] = value
@@ -212,7 +225,11 @@ def _read_json(body: bytes, max_files: int, max_file_bytes: int) -> tuple[list[U
     try:
         payload = RecognizeJSON.model_validate_json(body)
     except ValidationError as exc:
-        err = exc.errors()[0]
+        errors = exc.errors()
+        unknown = [e for e in errors if e.get("type") == "extra_forbidden"]
+        if unknown:  # named first: {"image": ...} is a typo of "images", not only a body without them
+            raise unknown_option("JSON key", str(unknown[0]["loc"][0])) from None
+        err = errors[0]
         if err.get("type") == "json_invalid":
             raise APIError("invalid_json", f"the body is not valid JSON: {err.get('msg')}") from None
         where = ".".join(str(p) for p in err.get("loc", ())) or "body"

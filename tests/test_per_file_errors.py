@@ -155,6 +155,22 @@ def test_a_misspelt_multipart_option_is_refused_naming_it_and_the_options(server
     assert repr(field) in message and all(o in message for o in ("allowlist", "blocklist", "lexicon", "top_k", "per_file_errors"))
 
 
+@pytest.mark.parametrize("key", ["allow_list", "topk", "lexicons", "perfile_errors"])
+def test_a_misspelt_json_key_is_refused_naming_it_and_the_options(server: str, key: str) -> None:
+    r = _post(server, json={"images": [base64.b64encode(_PNG).decode()], key: "1"})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_option", r.text
+    message = r.json()["error"]["message"]
+    assert repr(key) in message and all(o in message for o in ("images", "filenames", "allowlist", "blocklist", "lexicon", "top_k", "per_file_errors"))
+
+
+def test_the_json_body_takes_the_options_of_a_form() -> None:
+    # One list of options for both bodies: the JSON schema's keys are the images, their names and OPTION_FIELDS.
+    from service.schemas import RecognizeJSON
+    from service.uploads import JSON_KEYS, OPTION_FIELDS
+
+    assert tuple(RecognizeJSON.model_fields) == JSON_KEYS == ("images", "filenames", *OPTION_FIELDS)
+
+
 def test_the_openapi_schema_describes_per_file_errors(server: str) -> None:
     spec = httpx.get(server + "/openapi.json").json()
     op = spec["paths"]["/recognize"]["post"]
