@@ -4,8 +4,9 @@ choice of engine (``choose_engine``, ``open_engine``) that the server, ``safl re
 
 Two engines read the same network: PyTorch (``model.torch_engine``) and ONNX Runtime over
 the exported graphs (``model.onnx_engine``), which reads the same and about 2.5x faster at
-batch 1 on the CPU (README, "Speed"). ``choose_engine`` imports neither PyTorch nor ONNX
-Runtime: ``safl recognize`` asks it before deciding whether to load PyTorch at all.
+batch 1 on the CPU (README, "ONNX Runtime and `safl export`"; model card, "Speed").
+``choose_engine`` imports neither PyTorch nor ONNX Runtime: ``safl recognize`` asks it
+before deciding whether to load PyTorch at all.
 """
 
 from __future__ import annotations

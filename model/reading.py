@@ -4,7 +4,8 @@ The crop as it is (its first view) is read first. Only a crop whose first readin
 unsure, less confident than ``ViewConfig.confident_at``, is read in its further views
 too, and the most confident of all its readings is the answer. Confident first readings
 are nearly always right, so this keeps the accuracy of reading every view at a fraction
-of its cost (README, "Reading several views").
+of its cost (README, "Reading options", Views; the measurements: weights/TRAINING_LOG.md,
+"Reading views").
 
 ``read_views`` does it with a synchronous reader, ``aread_answers`` with a coroutine (the
 service's batcher), also saying which view each answer was read from (the service shows

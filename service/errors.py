@@ -64,7 +64,7 @@ ERRORS: dict[str, ErrorCode] = {
         422,
         False,
         "an `allowlist`, `blocklist`, `lexicon`, `top_k`, `per_file_errors` or `debug` value the service cannot use (the message names the limit or the character), "
-        "or an unknown query parameter or form field (the message names it and the valid ones)",
+        "or an unknown query parameter, form field or JSON key (the message names it and the valid ones)",
     ),
     "invalid_timeout": ErrorCode(422, False, "`X-Request-Timeout-Ms` is not a positive number"),
     "validation_error": ErrorCode(422, False, "a request that does not match the API's schema"),
