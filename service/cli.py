@@ -114,7 +114,7 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
     glibc gives threads that allocate at once arenas of their own, up to 8 per core, and a
     served process's worker threads (image decoding, inference) keep growing them: in a
     5-minute soak at 32 clients the RSS crept up 8 MB after its first 30 s; with 2 arenas,
-    1.9 MB (README, "Accuracy and speed"). ``MALLOC_ARENA_MAX`` in the environment, if set,
+    1.9 MB (the training log, "Serving speed"). ``MALLOC_ARENA_MAX`` in the environment, if set,
     wins; elsewhere than glibc this does nothing.
     """
     return _mallopt("MALLOC_ARENA_MAX", _M_ARENA_MAX, arenas)

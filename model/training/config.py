@@ -114,8 +114,9 @@ class TrainConfig:
 #: the recipe for fine-tuning a trained model on one's own crops. The from-scratch defaults
 #: (lr 5e-4, a 1,000-step warm-up into a 100k-step schedule, a learning rectifier) took a
 #: shipped model from 96.7 to 90.0 % on 30 validation crops of a user's folder. A small peak
-#: lr, a short warm-up and schedule, and the rectifier frozen (when it learns, it squeezes
-#: the words and the encoder chases it: README, "Where training stands") keep the start;
+#: lr, a short warm-up and schedule, and the rectifier frozen (when the recognition loss teaches
+#: it, it squeezes the words and the encoder chases it: the model card's stage 4, and the
+#: training log's v4-loc-b) keep the start;
 #: the run validates at step 0, so ``best.safetensors`` is never worse than the start.
 FINETUNE_DEFAULTS: dict[str, Any] = {"lr": 1e-4, "warmup_steps": 100, "total_steps": 2000, "min_lr_ratio": 0.1, "tps_lr_scale": 0.0}
 
