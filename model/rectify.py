@@ -114,19 +114,22 @@ class TPSRectifier(nn.Module):
     ) -> None:
         super().__init__()
         cells = loc_grid[0] * loc_grid[1]
+        # The net reads the input at half size through three stride-2 convolutions.
+        fh, fw = height // 2, width // 2
+        for _ in range(3):
+            fh, fw = (fh + 1) // 2, (fw + 1) // 2
+        if fh % loc_grid[0] or fw % loc_grid[1]:
+            raise ValueError(f"the localisation grid {loc_grid[0]}x{loc_grid[1]} must divide its feature map ({fh}x{fw} for a {height}x{width} input)")
+        # A fixed pooling window, not adaptive pooling to the grid: ONNX export refuses an
+        # adaptive pool to anything but 1x1 on a map of symbolic size.
+        pool = nn.AdaptiveAvgPool2d(1) if cells == 1 else nn.AvgPool2d((fh // loc_grid[0], fw // loc_grid[1]))
 
         def block(cin: int, cout: int) -> list[nn.Module]:
             return [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
         # Strided convs (no max-pool) keep this net a small share of a CPU training step.
         self.loc_net = nn.Sequential(
-            *block(in_channels, 32),
-            *block(32, 64),
-            *block(64, 128),
-            nn.AdaptiveAvgPool2d(loc_grid),
-            nn.Flatten(),
-            nn.Linear(128 * cells, 64),
-            nn.ReLU(inplace=True),
+            *block(in_channels, 32), *block(32, 64), *block(64, 128), pool, nn.Flatten(), nn.Linear(128 * cells, 64), nn.ReLU(inplace=True)
         )
         self.fc = nn.Linear(64, 2 * (num_points + 1) if monotone else num_points * 2)
         nn.init.zeros_(self.fc.weight)

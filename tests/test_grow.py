@@ -181,3 +181,16 @@ def test_the_grown_shipped_model_reads_colour_crops_as_it_read_them_in_grey(colo
     assert max(abs(read_rgb[i].confidence - read_pillow[i].confidence) for i in sure) < 0.05
     until_end = torch.arange(tokens.shape[1])[None, :] <= torch.tensor([len(r.text) for r in read_pillow])[:, None]
     assert (logits_rgb - logits_pillow).abs().amax(dim=-1)[until_end].max() < 2.0
+
+
+def test_a_localisation_grid_model_reads_the_same_on_onnx_runtime() -> None:
+    from model.onnx_engine import OnnxEngine, export_graphs_checked
+
+    big = grow(_trained_looking(SAFLConfig.from_preset("tiny")), 1, 1, 2, loc_grid=(2, 8))
+    with torch.no_grad():
+        big.rectifier.fc.weight.normal_(0, 0.05)  # a rectifier that warps
+    images = torch.rand(3, 1, 32, 128) * 2 - 1
+    onnx = OnnxEngine(big, export_graphs_checked(big, "loc-grid"), threads=1).recognize(images)
+    torch_readings = big.recognize(images)
+    assert [r.text for r in onnx] == [r.text for r in torch_readings]
+    assert all(abs(a.confidence - b.confidence) < 1e-4 for a, b in zip(onnx, torch_readings))
