@@ -20,7 +20,13 @@ compare a grey model with one grown to read colour (``grow --channels 3``) on th
 
     python bench/clean_text.py --colour --weights runs/rgb/best.safetensors --json docs/results/clean_text_colour.json
 
-Metric: exact, case-sensitive word accuracy (whitespace removed on both sides), per margin
+``--phrases``: short phrases instead of words (the renderer's ``phrase`` kind: a label and its
+value, a name, "Exit 12", a run of words; 2-3 words up to 25 characters), scored with their
+spaces (one between words, none at either end): the benchmark of a model whose charset holds
+the space (issue 31, lever 3); a word reader, which drops every space, reads none of them right.
+
+Metric: exact, case-sensitive word accuracy (whitespace removed on both sides; kept with
+``--phrases``), per margin
 and per length bucket; targets (issue "Accuracy"): >= 97 % at every margin and >= 95 % for
 13-25 characters. Engines: ``bench/peers.py``'s ``safl`` (the service's code path and default
 views), ``rapidocr`` (rapidocr-onnxruntime 1.x, PP-OCRv4) and ``rapidocr3`` (rapidocr 3.x,
@@ -34,7 +40,7 @@ import io
 import json
 import random
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -68,15 +74,17 @@ class Sample:
     font: str
     inverted: bool
     colours: tuple[RGB, RGB] | None = None
+    spaced: bool = False  # scored with its spaces (--phrases)
 
     @property
     def bucket(self) -> str:
         return bucket_of(self.text)
 
 
-def draw_texts(per_bucket: int, seed: int = SEED, faces: list[FontFace] | None = None, colour: bool = False) -> list[Sample]:
+def draw_texts(per_bucket: int, seed: int = SEED, faces: list[FontFace] | None = None, colour: bool = False, phrases: bool = False) -> list[Sample]:
     """``per_bucket`` texts for each length bucket, each with a held-out font and a polarity;
-    with ``colour``, the same texts, each with a weak-luma colour pair (``with_colours``).
+    with ``colour``, the same texts, each with a weak-luma colour pair (``with_colours``); with
+    ``phrases``, phrases of 2-3 words scored with their spaces (the 1-4 bucket stays empty).
 
     Raises ``RuntimeError`` when no held-out font family is installed.
     """
@@ -88,20 +96,24 @@ def draw_texts(per_bucket: int, seed: int = SEED, faces: list[FontFace] | None =
             "(or: apt-get install $(python -m model.training.fonts --packages))"
         )
     rng = random.Random(seed)
-    # Long tokens are a quarter of the mix here (7 % in training data) so the 13-25 bucket fills.
-    sampler = TextSampler(DEFAULT_CHARS, 25, Lexicon(), replace(TextMix(), long_token=0.33))
-    want = {f"{lo}-{hi}": per_bucket for lo, hi in BUCKETS}
+    if phrases:
+        only_phrases = TextMix(**{k: 0.0 for k in asdict(TextMix())} | {"phrase": 1.0})
+        sampler = TextSampler(DEFAULT_CHARS + " ", 25, Lexicon(), only_phrases)
+    else:
+        # Long tokens are a quarter of the mix here (7 % in training data) so the 13-25 bucket fills.
+        sampler = TextSampler(DEFAULT_CHARS, 25, Lexicon(), replace(TextMix(), long_token=0.33))
+    want = {f"{lo}-{hi}": 0 if phrases and lo == 1 else per_bucket for lo, hi in BUCKETS}
     out: list[Sample] = []
     while any(want.values()):
         text = sampler.sample(rng)
         bucket = bucket_of(text)
         if not want[bucket]:
             continue
-        fitting = [f for f in rng.choice(families) if set(text) <= f.chars]
+        fitting = [f for f in rng.choice(families) if set(text) - {" "} <= f.chars]
         if not fitting:
             continue
         want[bucket] -= 1
-        out.append(Sample(text, rng.choice(fitting).path, inverted=len(out) % 2 == 1))
+        out.append(Sample(text, rng.choice(fitting).path, inverted=len(out) % 2 == 1, spaced=phrases))
     return with_colours(out, seed) if colour else out
 
 
@@ -138,21 +150,23 @@ def render(sample: Sample, margin: float, size_px: int = 48) -> bytes:
     return buf.getvalue()
 
 
-def exact(prediction: str, label: str) -> bool:
-    """Case-sensitive exact match, whitespace removed on both sides."""
-    return "".join(prediction.split()) == "".join(label.split())
+def exact(prediction: str, label: str, spaced: bool = False) -> bool:
+    """Case-sensitive exact match, whitespace removed on both sides; with ``spaced``, one space
+    between words kept on both sides (a reading must hold the label's spaces)."""
+    join = " ".join if spaced else "".join
+    return join(prediction.split()) == join(label.split())
 
 
 def accuracy(samples: list[Sample], by_condition: dict[float, list[str]]) -> tuple[dict[str, float], dict[str, float | None], float]:
     """Exact accuracy per condition (a margin, an arc: the keys, written with ``:g``), per
     length bucket (over every condition) and overall, from each condition's readings of ``samples``."""
-    per_condition = {f"{k:g}": sum(exact(p, s.text) for p, s in zip(preds, samples)) / len(samples) for k, preds in by_condition.items()}
+    per_condition = {f"{k:g}": sum(exact(p, s.text, s.spaced) for p, s in zip(preds, samples)) / len(samples) for k, preds in by_condition.items()}
     per_bucket = {}
     for lo, hi in BUCKETS:
         key = f"{lo}-{hi}"
-        hits = [exact(p, s.text) for preds in by_condition.values() for p, s in zip(preds, samples) if s.bucket == key]
+        hits = [exact(p, s.text, s.spaced) for preds in by_condition.values() for p, s in zip(preds, samples) if s.bucket == key]
         per_bucket[key] = sum(hits) / len(hits) if hits else None
-    total = [exact(p, s.text) for preds in by_condition.values() for p, s in zip(preds, samples)]
+    total = [exact(p, s.text, s.spaced) for preds in by_condition.values() for p, s in zip(preds, samples)]
     return per_condition, per_bucket, sum(total) / len(total)
 
 
@@ -193,7 +207,7 @@ def engine_table(report: dict, per: str, conditions: list[str], headers: list[st
     lines = ["| engine | " + " | ".join(headers) + " | " + " | ".join(f"{b} chars" for b in buckets) + " | overall |"]
     lines.append("|---|" + "---:|" * (len(conditions) + len(buckets) + 1))
     for name, r in report["engines"].items():
-        cells = [f"{100 * r[per][c]:.1f}" for c in conditions] + [f"{100 * r['per_length'][b]:.1f}" for b in buckets]
+        cells = [f"{100 * r[per][c]:.1f}" for c in conditions] + ["—" if r["per_length"][b] is None else f"{100 * r['per_length'][b]:.1f}" for b in buckets]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | **{100 * r['overall']:.1f}** |")
     return lines
 
@@ -212,7 +226,8 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
 def to_markdown(report: dict) -> str:
     margins = list(next(iter(report["engines"].values()))["per_margin"])
     colour = ", weak-luma colours" if report.get("colour") else ""
-    lines = [f"Clean text, held-out fonts{colour} ({report['texts']} texts x {len(margins)} margins, exact case-sensitive accuracy)", ""]
+    kind = "Clean phrases (scored with their spaces)" if report.get("phrases") else "Clean text"
+    lines = [f"{kind}, held-out fonts{colour} ({report['texts']} texts x {len(margins)} margins, exact case-sensitive accuracy)", ""]
     lines += engine_table(report, "per_margin", margins, [f"margin {float(m) * 100:g} %" for m in margins])
     lines.append("")
     lines.append(f"Targets: >= {100 * TARGET_PER_MARGIN:g} % at every margin, >= {100 * TARGET_LONG:g} % for 13-25 characters.")
@@ -225,11 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--margins", type=float, nargs="+", default=list(MARGINS), help="margins, as fractions of the ink height")
     p.add_argument("--predictions", type=Path, help="write every crop's label and readings here (TSV)")
     p.add_argument("--colour", action="store_true", help="the same texts in weak-luma, strong-chroma colour pairs (RGB crops)")
+    p.add_argument("--phrases", action="store_true", help="phrases of 2-3 words instead of words, scored with their spaces")
     args = p.parse_args(argv)
     if args.per_bucket < 1:
         p.error("--per-bucket must be at least 1")
     try:
-        samples = draw_texts(args.per_bucket, args.seed, colour=args.colour)
+        samples = draw_texts(args.per_bucket, args.seed, colour=args.colour, phrases=args.phrases)
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -248,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         "texts": len(samples),
         "seed": args.seed,
         "colour": args.colour,
+        "phrases": args.phrases,
         "margins": args.margins,
         "engines": engines,
         "info": {peer.name: peer.info() for peer in peers},

@@ -64,6 +64,15 @@ def _luma(img: np.ndarray) -> np.ndarray:
     return img.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
 
 
+def test_phrases_are_scored_with_their_spaces(clean_text, any_faces) -> None:
+    phrases = clean_text.draw_texts(3, seed=1, faces=any_faces, phrases=True)
+    assert len(phrases) == 9 and all(s.spaced and " " in s.text and s.text == " ".join(s.text.split()) for s in phrases)
+    assert {s.bucket for s in phrases} == {"5-8", "9-12", "13-25"}
+    assert clean_text.exact("Total:  $14.99 ", "Total: $14.99", spaced=True)
+    assert not clean_text.exact("Total:$14.99", "Total: $14.99", spaced=True)  # what a word reader answers
+    assert clean_text.exact("Total:$14.99", "Total: $14.99")  # words: spaces never count
+
+
 def test_the_colour_subset_is_the_same_texts_in_weak_luma_strong_chroma_colours(clean_text, any_faces) -> None:
     grey = clean_text.draw_texts(2, seed=1, faces=any_faces)
     colour = clean_text.draw_texts(2, seed=1, faces=any_faces, colour=True)
