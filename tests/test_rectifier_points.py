@@ -152,9 +152,13 @@ def test_point_targets_stay_reachable_and_keep_unknown_crops_unknown() -> None:
             assert 2 * np.exp(-MAX_LOG_ZOOM) <= span <= 2 * np.exp(MAX_LOG_ZOOM)
             assert abs((edge[-1, 0] + edge[0, 0]) / 2) <= MAX_SHIFT
             assert (edge[:, 1] - border).abs().max() <= 0.75
-    # The wide word's band grows by 10 % of its height above and below.
-    torch.testing.assert_close(t[1, 0, 1], torch.tensor(-0.9 - 0.18))
-    torch.testing.assert_close(t[1, k, 1], torch.tensor(0.9 + 0.18))
+    # The narrow word's band grows by 10 % of its height above and below; the wide word's
+    # stops at the crop's border, and so do its ends.
+    torch.testing.assert_close(t[0, 0, 1], torch.tensor(-0.4 - 0.08))
+    torch.testing.assert_close(t[0, k, 1], torch.tensor(0.4 + 0.08))
+    torch.testing.assert_close(t[1, 0, 1], torch.tensor(-1.0))
+    torch.testing.assert_close(t[1, k, 1], torch.tensor(1.0))
+    assert t[1, :, 0].min() >= -1.0 and t[1, :, 0].max() <= 1.0
 
 
 def test_point_loss_counts_only_the_crops_with_geometry() -> None:
