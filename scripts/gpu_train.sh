@@ -9,7 +9,7 @@
 # about 1 of start-up and validation, and about 3 of serving check (CHECK=0 skips it and
 # leaves room for MINUTES=8). Prepare here, once per leg:
 #
-#     python scripts/gpu_bundle.py --init runs/v4-loc-b/last.safetensors   # .gpu/: fonts, textures, crops, wheels, init
+#     python scripts/gpu_bundle.py                                          # .gpu/: fonts, textures, crops, wheels, init (default: the shipped weights)
 #     device run (carry .gpu): bash scripts/gpu_train.sh
 #     bash scripts/gpu_unpack.sh <files_at>                                  # back here: runs/gpu-v4, resumable
 #
@@ -39,13 +39,14 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --f
 python3 -c "import os, torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'cores', os.cpu_count())"
 
 # The recipe of the lineage it continues (issue 31 lever 1: the rectifier taught from the
-# renderer's geometry); batch 256 keeps 13 render processes ahead of the GPU.
+# renderer's geometry, by the point loss alone: the recognition loss reaching it taught it to
+# cut off first letters, training log v4-loc-b); batch 256 keeps 13 render processes ahead of the GPU.
 REAL=.gpu/real
 python3 -m model.training.cli train --out "$RUN" --init .gpu/init/init.safetensors \
     --stream-workers "${WORKERS:-13}" --stream-seed "${STREAM_SEED:-41}" \
     --real $REAL/iiit5k $REAL/svt $REAL/ic15 --real-ratio 0.1 --val $REAL/iiit5k $REAL/svt $REAL/ic15 \
     --batch-size "${BATCH:-256}" --lr "${LR:-3e-4}" --warmup-steps 300 --total-steps "${TOTAL:-12000}" --min-lr-ratio 0.05 \
-    --degrade 0.3 --point-loss 1 --tps-lr-scale 1 --seed 41 \
+    --degrade 0.3 --point-loss 1 --tps-lr-scale 1 --rectifier-points-only --seed 41 \
     --threads 2 --device "$DEVICE" --val-every 2000 --log-every 100 --checkpoint-minutes 2 \
     --max-minutes "$MINUTES" --resume --no-progress 2>&1 | tee "$OUT/train.log"
 rc=${PIPESTATUS[0]}
