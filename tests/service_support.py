@@ -142,6 +142,13 @@ class GatedModel:
         self.fail_next: BaseException | None = None
         self.oom_above: int | None = None
 
+    def close_gate(self, forget_calls: bool = True) -> None:
+        """Hold the next batch at the gate (and forget what ran so far): ``entered`` is set when it arrives."""
+        if forget_calls:
+            self.calls.clear()
+        self.gate.clear()
+        self.entered.clear()
+
     def recognize(self, images: torch.Tensor, amp_dtype: torch.dtype | None = None) -> list[Recognition]:
         self.calls.append(int(images.shape[0]))
         self.entered.set()

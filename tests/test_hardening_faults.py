@@ -269,8 +269,7 @@ async def test_deadline_leaves_no_unretrieved_future_exception(tiny_checkpoint: 
     logging.getLogger("asyncio").addHandler(records)
     try:
         async with running_app(settings_for(tiny_checkpoint, max_batch_size=1), predictor) as (_app, client):
-            gated.gate.clear()
-            gated.entered.clear()
+            gated.close_gate(forget_calls=False)
             held = asyncio.create_task(client.post("/recognize", files=multipart(images[:1])))
             while not gated.entered.is_set():
                 await asyncio.sleep(0.005)

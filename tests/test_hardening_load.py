@@ -82,9 +82,7 @@ async def test_burst_far_above_capacity_gets_fast_503_and_every_accepted_request
     async with running_app(settings, predictor) as (app, client):
         batcher = runtime_of(app).batcher
         assert batcher is not None
-        gated.calls.clear()
-        gated.gate.clear()
-        gated.entered.clear()
+        gated.close_gate()
         depths: list[int] = []
         sampling = True
 
@@ -164,8 +162,7 @@ async def test_requests_refused_for_a_full_queue_are_not_decoded(tiny_checkpoint
     async with running_app(settings_for(tiny_checkpoint, max_batch_size=1, max_queue=2, max_files=2), predictor) as (app, client):
         batcher = runtime_of(app).batcher
         assert batcher is not None
-        gated.gate.clear()
-        gated.entered.clear()
+        gated.close_gate(forget_calls=False)
         # One request at a time: sent together, the third could find the first still queued
         # (max_queue=2) and be refused before the worker took the first one.
         held = [asyncio.create_task(client.post("/recognize", files=multipart(PNGS[:1])))]
@@ -212,9 +209,7 @@ def test_disconnected_clients_leave_no_orphan_work(tiny_checkpoint: Path, tiny_m
     with serve_in_thread(app) as url:
         batcher = runtime.batcher
         assert batcher is not None
-        gated.calls.clear()
-        gated.gate.clear()
-        gated.entered.clear()
+        gated.close_gate()
         # 1. A client whose 2 crops are in the batch the model is running, then goes away.
         in_batch = _connect(url)
         in_batch.sendall(b"".join(_raw_request(PNGS[0:2])))

@@ -44,8 +44,7 @@ def images(tiny_model: SAFL) -> list[bytes]:
 
 async def _busy_worker(client: httpx.AsyncClient, gated: Any, png: bytes) -> asyncio.Task[httpx.Response]:
     """Close the gate and start a request that occupies the worker until the gate opens."""
-    gated.gate.clear()
-    gated.entered.clear()
+    gated.close_gate(forget_calls=False)
     task = asyncio.create_task(client.post("/recognize", files=multipart([png])))
     await wait_until(gated.entered.is_set)
     return task
@@ -130,9 +129,7 @@ async def test_a_requests_second_pass_keeps_its_place_in_the_queue(tiny_checkpoi
     async with running_app(settings, predictor) as (app, client):
         batcher = runtime_of(app).batcher
         assert batcher is not None
-        gated.calls.clear()
-        gated.gate.clear()
-        gated.entered.clear()
+        gated.close_gate()
         finished: list[str] = []
         first = asyncio.create_task(client.post("/recognize", files=multipart([tall])))
         first.add_done_callback(lambda _: finished.append("tall"))

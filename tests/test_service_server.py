@@ -49,9 +49,7 @@ def test_client_disconnect_drops_its_pending_crops(tiny_checkpoint: Path) -> Non
     predictor, gated = gated_predictor(tiny_checkpoint)
     app = create_app(settings_for(tiny_checkpoint, max_batch_size=1), predictor=predictor)
     with serve_in_thread(app) as url:
-        gated.calls.clear()
-        gated.gate.clear()
-        gated.entered.clear()
+        gated.close_gate()
         replies: list[httpx.Response] = []
         busy = threading.Thread(target=lambda: replies.append(httpx.post(url + "/recognize", files=multipart(PNGS[:1]), timeout=30)))
         busy.start()
