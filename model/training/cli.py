@@ -16,7 +16,7 @@ from pathlib import Path
 from ..engine import ENGINES
 from ..preprocess import ViewConfig
 from .config import TrainConfig
-from .split import DEFAULT_SPLIT, PARTS, SplitConfig
+from .split import DEFAULT_SPLIT, FAIR_PART, PARTS, SplitConfig
 from .words import TextMix
 
 
@@ -314,6 +314,16 @@ def add_split_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-fraction", type=_fraction, default=d.val_fraction, help="share of the blocks in the validation part (default: %(default)s)")
     p.add_argument("--split-seed", type=int, default=d.seed, help="seed of the block draw (default: %(default)s)")
     p.add_argument("--split-block", type=_positive_int, default=d.block, help="crops per contiguous block of the split, in source order (default: %(default)s)")
+
+
+def add_comparison_part_flag(p: argparse.ArgumentParser) -> None:
+    """``--part``: which validation crops two checkpoints are compared on (``ship``, ``compare``)."""
+    p.add_argument(
+        "--part",
+        choices=("val", "val-unseen"),
+        default=FAIR_PART,
+        help="val-unseen (default while the shipped model is of the legacy lineage, which trained on most of val) or val",
+    )
 
 
 def split_config(args: argparse.Namespace) -> SplitConfig:

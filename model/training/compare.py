@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import load_checkpoint
-from .cli import add_split_flags, split_config
+from .cli import add_comparison_part_flag, add_split_flags, split_config
 from .data import load_folder_part
 from .evaluate import normalize_36, predict
 from .split import DEFAULT_SPLIT, FAIR_PART, SplitConfig
@@ -89,12 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--names", nargs=2, default=["focal", "CE"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path)
-    p.add_argument(
-        "--part",
-        choices=("val", "val-unseen"),
-        default=FAIR_PART,
-        help="val-unseen (default while the shipped model is of the legacy lineage, which trained on most of val) or val",
-    )
+    add_comparison_part_flag(p)
     add_split_flags(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint, shipped_weights
-from .cli import add_split_flags, split_config
+from .cli import add_comparison_part_flag, add_split_flags, split_config
 from .data import load_folder_part
 from .evaluate import evaluate, pooled, to_json, to_markdown
 from .split import FAIR_PART, SplitConfig
@@ -44,12 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("candidate", type=Path)
     p.add_argument("--val", type=Path, nargs="+", required=True)
     p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
-    p.add_argument(
-        "--part",
-        choices=("val", "val-unseen"),
-        default=FAIR_PART,
-        help="val-unseen (default while the shipped model is of the legacy lineage, which trained on most of val) or val",
-    )
+    add_comparison_part_flag(p)
     add_split_flags(p)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
