@@ -98,6 +98,7 @@ def parse_mix(items: list[str]) -> TextMix:
 
 
 def run_synth(args: argparse.Namespace) -> int:
+    from ..charset import DEFAULT_CHARS
     from .synth import SynthConfig, render_dataset
 
     try:
@@ -108,7 +109,9 @@ def run_synth(args: argparse.Namespace) -> int:
     if args.width < 8 or args.width % 4:
         print(f"safl synth: --width {args.width}: the encoder's stem needs a multiple of 4, at least 8", file=sys.stderr)
         return 2
-    cfg = SynthConfig(seed=args.seed, text_mix=mix, width=args.width, channels=args.channels)
+    # Phrases are words joined by spaces: the renderer's charset must hold the space to draw them.
+    charset = DEFAULT_CHARS + " " if mix.phrase > 0 else DEFAULT_CHARS
+    cfg = SynthConfig(seed=args.seed, charset=charset, text_mix=mix, width=args.width, channels=args.channels)
     render_dataset(args.out, args.count, cfg, args.workers, args.shard_size, args.format, progress=not args.no_progress)
     return 0
 

@@ -254,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         "--plateau", type=Path, nargs="*", default=[], help="runs whose pooled validation to plot from step 0: docs/results/continuation_plateau.png"
     )
     p.add_argument("--line", nargs="*", default=[], metavar="LABEL=PERCENT", help="with --plateau: a reference model's pooled validation accuracy")
+    p.add_argument("--plateau-png", default="continuation_plateau.png", help="with --plateau: the file name in --out (default: %(default)s)")
     args = p.parse_args(argv)
     if not args.runs and not args.continuations and not args.plateau:
         p.error("give --runs, --continuations and/or --plateau")
@@ -268,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         since = {k: int(v) for k, v in (item.split("=", 1) for item in args.since)}
         print(plot_continuations(args.continuations, args.metrics, args.out / "cpu_continuations.png", since))
     if args.plateau:
-        print(plot_plateau(args.plateau, args.out / "continuation_plateau.png", lines))
+        print(plot_plateau(args.plateau, args.out / args.plateau_png, lines))
     if not args.runs:
         return 0
     print(plot_curves(args.runs[:1], args.out / "training_curves.png"))

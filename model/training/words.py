@@ -34,7 +34,8 @@ class TextMix:
     long_token: float = 0.07
     #: 2-3 words, numbers or a label and its value, joined by single spaces ("Total: $14.99",
     #: "John Smith", "Exit 12"): what detectors that return lines give. Off by default: only a
-    #: model whose charset holds the space can read it (``safl synth --mix phrase=0.1``).
+    #: model whose charset holds the space can read it (``safl synth --mix phrase=0.1`` renders
+    #: with the space added to the charset; the other kinds draw exactly as without it).
     phrase: float = 0.0
 
 
@@ -82,7 +83,13 @@ class TextSampler:
     """Draws label strings of at most ``max_len`` characters from ``charset``."""
 
     def __init__(self, charset: str, max_len: int, lexicon: Lexicon, mix: TextMix = TextMix()) -> None:
+        """Raises ``ValueError`` for a mix that draws phrases from a charset without the space
+        (every phrase would be refused and silently replaced by another kind)."""
+        if mix.phrase > 0 and " " not in charset:
+            raise ValueError("the phrase kind joins words with spaces: give a charset that holds the space")
         self.charset = charset
+        #: The charset less the space: what single tokens are drawn from.
+        self.glyphs = charset.replace(" ", "")
         self.max_len = max_len
         self.lexicon = lexicon
         # Kinds of weight 0 are never drawn, not even by the fallback below.
@@ -102,7 +109,7 @@ class TextSampler:
             if text and len(text) <= self.max_len and all(c in self.charset for c in text) and text == " ".join(text.split()):
                 return text
         # Only reachable with a tiny charset or max_len: fall back to something legal.
-        return self.charset[rng.randrange(len(self.charset))]
+        return self.glyphs[rng.randrange(len(self.glyphs))]
 
     def _word_by_frequency(self, rng: random.Random) -> str:
         return _case(self.lexicon.by_frequency(rng), rng)
@@ -196,5 +203,5 @@ class TextSampler:
 
     def _random_chars(self, rng: random.Random) -> str:
         n = rng.randint(1, 10)
-        pool = self.charset if rng.random() < 0.3 else string.ascii_letters + string.digits
+        pool = self.glyphs if rng.random() < 0.3 else string.ascii_letters + string.digits
         return "".join(rng.choice(pool) for _ in range(n))
