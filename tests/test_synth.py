@@ -468,3 +468,10 @@ def test_safl_synth_renders_phrases_when_the_mix_asks_for_them(tmp_path) -> None
     labels = (out / "shard-00000.txt").read_text(encoding="utf-8").splitlines()
     assert len(labels) == 60 and sum(" " in t for t in labels) > 50
     assert json.loads((out / "meta.json").read_text())["charset"].endswith(" ")
+
+
+def test_a_model_reading_the_space_is_streamed_phrases() -> None:
+    from model.training.words import SPACED_PHRASE_SHARE
+
+    assert TextMix.for_charset(DEFAULT_CHARS) == TextMix()
+    assert TextMix.for_charset(DEFAULT_CHARS + " ") == TextMix(phrase=SPACED_PHRASE_SHARE) and SPACED_PHRASE_SHARE > 0

@@ -17,7 +17,7 @@ from ..engine import ENGINES
 from ..preprocess import ViewConfig
 from .config import TrainConfig
 from .split import DEFAULT_SPLIT, FAIR_PART, PARTS, SplitConfig
-from .words import TextMix
+from .words import SPACED_PHRASE_SHARE, TextMix
 
 
 def add_synth_parser(sub: argparse._SubParsersAction) -> None:
@@ -126,7 +126,8 @@ TRAIN_HELP = {
     "charset": "the characters the model reads, as a string or a UTF-8 file holding them (a space in it is a character too, so "
     "multi-word crops read with their spaces); with --init, the characters both sets share keep their trained rows",
     "synth": "synthetic data: shard folders (safl synth), LMDBs or labels.tsv folders",
-    "stream_workers": "render synthetic crops on the fly in this many processes instead of --synth (under torchrun: per process, each with a seed of its own)",
+    "stream_workers": "render synthetic crops on the fly in this many processes instead of --synth (under torchrun: per process, each with a seed of "
+    f"its own); the default text mix, with {SPACED_PHRASE_SHARE * 100:g} %% phrases when the charset holds the space",
     "stream_seed": "renderer seed of the stream (seed 0 is the default `safl synth` set)",
     "real": "labels.tsv folders of real crops: their fine-tune part is trained on (model.training.split)",
     "real_ratio": "share of each batch drawn from --real",

@@ -49,6 +49,7 @@ from .distributed import Ranks, derived_seed, stream_seed
 from .evaluate import evaluate
 from .resume import write_saved
 from .stream import RenderStream
+from .words import TextMix
 
 #: What validation reads: the service's default views, so validation numbers are what it answers.
 VAL_VIEWS = ViewConfig()
@@ -347,8 +348,15 @@ class Trainer:
             from .synth import RENDERER_VERSION, SynthConfig
 
             seed = stream_seed(cfg.stream_seed, self.dist.rank)  # each rank renders crops of its own
+            chars = self.charset.chars
             scfg = SynthConfig(
-                seed=seed, charset=self.charset.chars, max_len=self.model_cfg.max_len, height=pcfg.height, width=pcfg.width, channels=pcfg.channels
+                seed=seed,
+                charset=chars,
+                max_len=self.model_cfg.max_len,
+                height=pcfg.height,
+                width=pcfg.width,
+                channels=pcfg.channels,
+                text_mix=TextMix.for_charset(chars),  # a model reading the space sees phrases
             )
             synth: ArrayDataset | RenderStream = RenderStream(scfg, cfg.stream_workers)
             n_synth: int | str = "streamed"
