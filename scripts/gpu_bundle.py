@@ -59,7 +59,7 @@ def pack_fonts(out: Path) -> None:
         try:
             font = subset.load_font(str(src), opts)
             sub = subset.Subsetter(opts)
-            sub.populate(text=DEFAULT_CHARS)
+            sub.populate(text=DEFAULT_CHARS + " ")  # the space too: phrases, for a model that reads it
             sub.subset(font)
             subset.save_font(font, str(dst), opts)
         except Exception as exc:  # noqa: BLE001 - a font that will not subset is left behind

@@ -42,7 +42,8 @@ python3 -c "import os, torch; print('torch', torch.__version__, 'cuda', torch.cu
 # renderer's geometry, by the point loss alone: the recognition loss reaching it taught it to
 # cut off first letters, training log v4-loc-b); batch 256 keeps 13 render processes ahead of the GPU.
 REAL=.gpu/real
-python3 -m model.training.cli train --out "$RUN" --init .gpu/init/init.safetensors \
+# CHARSET="$(cat runs/s34/charset-spaced.txt)" trains the adopted space lever (the stream then renders phrases).
+python3 -m model.training.cli train --out "$RUN" --init .gpu/init/init.safetensors ${CHARSET:+--charset "$CHARSET"} \
     --stream-workers "${WORKERS:-13}" --stream-seed "${STREAM_SEED:-41}" \
     --real $REAL/iiit5k $REAL/svt $REAL/ic15 --real-ratio 0.1 --val $REAL/iiit5k $REAL/svt $REAL/ic15 \
     --batch-size "${BATCH:-256}" --lr "${LR:-3e-4}" --warmup-steps 300 --total-steps "${TOTAL:-12000}" --min-lr-ratio 0.05 \

@@ -30,6 +30,7 @@ from model.training.fonts import FontFace, discover_fonts
 from model.training.stream import RenderStream
 from model.training.synth import RENDERER_VERSION, Renderer, SynthConfig
 from model.training.train import TrainConfig, Trainer, train, train_lockstep
+from model.training.words import TextMix
 
 CFG = SynthConfig(seed=0)
 
@@ -252,7 +253,8 @@ def test_stream_training_resumes_at_the_stream_position(tmp_path: Path, renderer
     assert t.sampler.synth.position == 3 * b
     assert [r["step"] for r in _log(cfg.out)] == [1, 2, 3]
     data = json.loads((Path(cfg.out) / "last.json").read_text())["training"]["data"]
-    assert data["synthetic"] == [{"stream": True, "renderer_version": RENDERER_VERSION, "seed": 1}]
+    mix = dataclasses.asdict(TextMix.for_charset(t.charset.chars))
+    assert data["synthetic"] == [{"stream": True, "renderer_version": RENDERER_VERSION, "seed": 1, "text_mix": mix}]
     # A twin that cannot join (no state: step 0) is refused, and the render workers stop.
     before = set(mp.active_children())
     with pytest.raises(ValueError, match="same step"):

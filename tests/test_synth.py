@@ -471,7 +471,7 @@ def test_safl_synth_renders_phrases_when_the_mix_asks_for_them(tmp_path) -> None
 
 
 def test_a_model_reading_the_space_is_streamed_phrases() -> None:
-    from model.training.words import SPACED_PHRASE_SHARE
+    from model.training.words import SPACED_PHRASE_WEIGHT
 
     assert TextMix.for_charset(DEFAULT_CHARS) == TextMix()
-    assert TextMix.for_charset(DEFAULT_CHARS + " ") == TextMix(phrase=SPACED_PHRASE_SHARE) and SPACED_PHRASE_SHARE > 0
+    assert TextMix.for_charset(DEFAULT_CHARS + " ") == TextMix(phrase=SPACED_PHRASE_WEIGHT) and SPACED_PHRASE_WEIGHT > 0

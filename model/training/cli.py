@@ -17,7 +17,7 @@ from ..engine import ENGINES
 from ..preprocess import ViewConfig
 from .config import TrainConfig
 from .split import DEFAULT_SPLIT, FAIR_PART, PARTS, SplitConfig
-from .words import SPACED_PHRASE_SHARE, TextMix
+from .words import SPACED_PHRASE_WEIGHT, TextMix
 
 
 def add_synth_parser(sub: argparse._SubParsersAction) -> None:
@@ -48,7 +48,7 @@ def add_synth_parser(sub: argparse._SubParsersAction) -> None:
         metavar="KIND=WEIGHT",
         help="weight of one kind of label string, repeatable (kinds and defaults: "
         + ", ".join(f"{k}={v}" for k, v in asdict(TextMix()).items())
-        + "; weights are normalised)",
+        + "; weights are normalised; phrase > 0 adds the space to the renderer's charset)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_synth)
@@ -127,7 +127,7 @@ TRAIN_HELP = {
     "multi-word crops read with their spaces); with --init, the characters both sets share keep their trained rows",
     "synth": "synthetic data: shard folders (safl synth), LMDBs or labels.tsv folders",
     "stream_workers": "render synthetic crops on the fly in this many processes instead of --synth (under torchrun: per process, each with a seed of "
-    f"its own); the default text mix, with {SPACED_PHRASE_SHARE * 100:g} %% phrases when the charset holds the space",
+    f"its own); the default text mix, with phrases at weight {SPACED_PHRASE_WEIGHT:g} when the charset holds the space",
     "stream_seed": "renderer seed of the stream (seed 0 is the default `safl synth` set)",
     "real": "labels.tsv folders of real crops: their fine-tune part is trained on (model.training.split)",
     "real_ratio": "share of each batch drawn from --real",

@@ -360,7 +360,9 @@ class Trainer:
             )
             synth: ArrayDataset | RenderStream = RenderStream(scfg, cfg.stream_workers)
             n_synth: int | str = "streamed"
-            synth_sources: list[dict[str, Any]] = [{"stream": True, "renderer_version": RENDERER_VERSION, "seed": cfg.stream_seed}]
+            synth_sources: list[dict[str, Any]] = [
+                {"stream": True, "renderer_version": RENDERER_VERSION, "seed": cfg.stream_seed, "text_mix": asdict(scfg.text_mix)}
+            ]
         else:
             synth_sets = [load_any(p, pcfg).filtered(self.charset, self.model_cfg.max_len) for p in cfg.synth]
             synth = _concat(synth_sets, "synth", pcfg)
