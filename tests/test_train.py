@@ -81,7 +81,7 @@ def test_lr_schedule() -> None:
 
 def test_short_run_lowers_the_loss(tmp_path: Path, shards: Path, real_folder: Path) -> None:
     out = tmp_path / "run"
-    cfg = _cfg(out, shards, total_steps=24, real=[str(real_folder)], real_ratio=0.25, val=[str(real_folder)], val_every=12)
+    cfg = _cfg(out, shards, total_steps=24, real=[str(real_folder)], real_ratio=0.25, val=[str(real_folder)], val_every=12, keep_val_checkpoints=True)
     trainer = Trainer(cfg)
     assert trainer.n_train == (47, 7)  # 5€ dropped; the real folder's fine-tune part (70 %)
     assert [len(v) for v in trainer.val_sets] == [3]
@@ -104,6 +104,11 @@ def test_short_run_lowers_the_loss(tmp_path: Path, shards: Path, real_folder: Pa
     assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
     _, best_info = load_checkpoint(out / "best.safetensors")
     assert "val" in best_info.training
+    # --keep-val-checkpoints: the weights of each validation, with what they scored.
+    assert sorted(p.name for p in out.glob("step-*.safetensors")) == ["step-000012.safetensors", "step-000024.safetensors"]
+    kept, kept_info = load_checkpoint(out / "step-000024.safetensors")
+    assert kept_info.training["step"] == 24 and kept_info.training["val"] == val_log[-1]["val"]
+    assert all(torch.equal(v, sd[k]) for k, v in kept.state_dict().items())
 
 
 def test_resume_continues_exactly(tmp_path: Path, shards: Path) -> None:

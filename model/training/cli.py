@@ -160,6 +160,7 @@ TRAIN_HELP = {
     "max_minutes": "stop (and save) after this many minutes",
     "checkpoint_minutes": "save the resumable state this often",
     "val_every": "validate every N steps (and always at the end of a run)",
+    "keep_val_checkpoints": "keep the weights validated at each --val-every step as step-NNNNNN.safetensors (to average a run's tail: model.training.average)",
     "log_every": "write a log.jsonl line every N steps",
     "stop_at_step": "stop (and save) at this step without changing the schedule",
     "progress": "",

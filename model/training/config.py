@@ -17,6 +17,7 @@ RUNTIME_FIELDS = {
     "threads",
     "checkpoint_minutes",
     "val_every",
+    "keep_val_checkpoints",
     "log_every",
     "stop_at_step",
     "progress",
@@ -67,6 +68,7 @@ class TrainConfig:
     max_minutes: float | None = None
     checkpoint_minutes: float = 5.0
     val_every: int = 1000
+    keep_val_checkpoints: bool = False  # keep the weights of every validation (step-NNNNNN.safetensors): a run's tail can be averaged
     log_every: int = 50
     stop_at_step: int | None = None
     progress: bool = True

@@ -7,6 +7,7 @@ A run lives in one folder (``--out``)::
                         with ``weights_only=True``), written atomically every few minutes
     last.safetensors    the latest weights as a servable checkpoint (+ .json sidecar)
     best.safetensors    the weights with the best mean validation accuracy so far
+    step-NNNNNN.safetensors  with --keep-val-checkpoints: the weights of each validation
     log.jsonl           one JSON object per log interval and per validation
 
 ``--resume`` continues exactly where the state left off: the same batches, the same
@@ -57,6 +58,11 @@ VAL_VIEWS = ViewConfig()
 
 class TrainingSetupError(ValueError):
     """A run that cannot start as configured (no data, no GPU, mismatched twins): a user error."""
+
+
+def val_checkpoint_name(step: int) -> str:
+    """The file ``--keep-val-checkpoints`` writes the weights validated at ``step`` to."""
+    return f"step-{step:06d}.safetensors"
 
 
 def cpu_has_bf16() -> bool:
@@ -484,9 +490,12 @@ class Trainer:
         val["mean_acc36"] = round(mean, 4)
         self.last_mean = round(mean, 4)
         self._log({"step": self.step, "images": self.step * self.cfg.batch_size, "train_hours": round(self.train_seconds / 3600, 4), "val": val})
+        name = f"safl-{self.model_cfg.preset}"
         if mean > self.best:
             self.best = mean
-            save_checkpoint(self.model, self.out / "best.safetensors", name=f"safl-{self.model_cfg.preset}", training=self.training_meta(val))
+            save_checkpoint(self.model, self.out / "best.safetensors", name=name, training=self.training_meta(val))
+        if self.cfg.keep_val_checkpoints:
+            save_checkpoint(self.model, self.out / val_checkpoint_name(self.step), name=name, training=self.training_meta(val))
         return val
 
     def _val_line(self, val: dict[str, Any]) -> str:
