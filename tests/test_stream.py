@@ -21,7 +21,7 @@ import pytest
 import torch
 from conftest import random_words, render_word, write_shards
 
-from model.charset import DEFAULT_CHARS
+from model.charset import DEFAULT_CHARS, NUM_SPECIAL
 from model.preprocess import PreprocessConfig, resize, to_tensor
 from model.training import stream as stream_module
 from model.training.cli import main as cli_main
@@ -30,7 +30,7 @@ from model.training.fonts import FontFace, discover_fonts
 from model.training.stream import RenderStream
 from model.training.synth import RENDERER_VERSION, Renderer, SynthConfig
 from model.training.train import TrainConfig, Trainer, train, train_lockstep
-from model.training.words import TextMix
+from model.training.words import SPACED_PHRASE_WEIGHT, TextMix
 
 CFG = SynthConfig(seed=0)
 
@@ -50,7 +50,8 @@ def renderer(faces: list[FontFace]) -> Renderer:
 def known_fonts(monkeypatch: pytest.MonkeyPatch, faces: list[FontFace]) -> None:
     """Streams reuse the fonts found once instead of scanning the system again (seconds each)."""
     real = stream_module.discover_fonts
-    monkeypatch.setattr(stream_module, "discover_fonts", lambda charset: faces if charset == DEFAULT_CHARS else real(charset))
+    # One scan serves the charset with the space and without it (``discover_fonts``).
+    monkeypatch.setattr(stream_module, "discover_fonts", lambda charset: faces if charset in (DEFAULT_CHARS, DEFAULT_CHARS + " ") else real(charset))
 
 
 def _reference(renderer: Renderer, indices: range) -> tuple[np.ndarray, list[str], np.ndarray]:
@@ -277,6 +278,19 @@ def test_stream_training_resumes_at_the_stream_position(tmp_path: Path, renderer
         raise
     assert resumed.run()["step"] == 5
     assert stream.position == 5 * b
+
+
+def test_a_model_reading_the_space_is_streamed_phrases_with_their_spaces(tmp_path: Path, known_fonts: None) -> None:
+    cfg = _cfg(tmp_path / "spaced", None, stream_workers=1, batch_size=48, total_steps=1, augment=0.0, charset=DEFAULT_CHARS + " ")
+    t = Trainer(cfg)
+    try:
+        assert t.sampler.synth.cfg.text_mix.phrase == SPACED_PHRASE_WEIGHT
+        _, _, tgt, _ = t.sampler.batch(0)
+    finally:
+        t.sampler.close()
+    labels = ["".join(t.charset.chars[i - NUM_SPECIAL] for i in row.tolist() if i >= NUM_SPECIAL) for row in tgt]  # untrimmed
+    phrases = [s for s in labels if " " in s]
+    assert phrases and all(s == s.strip() and "  " not in s for s in phrases), labels
 
 
 # -- CLI ------------------------------------------------------------------------------------------

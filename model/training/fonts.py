@@ -72,7 +72,7 @@ FAMILY_SETS = ("train", "held_out", "all")
 
 @dataclass(frozen=True)
 class FontFace:
-    """A usable font file, its family, and the charset characters it can draw."""
+    """A usable font file, its family, and the characters of the charset and the space it can draw."""
 
     path: str
     family: str
@@ -113,7 +113,9 @@ def discover_fonts(wanted: str, dirs: tuple[Path, ...] = FONT_DIRS, cache: Path 
             if Path(d["path"]).is_file() and not any(w in d["family"].lower() for w in _SKIP_WORDS)
         ]
         return _of_families(cached, families)
-    faces = list(_scan(wanted, tuple(dirs)))
+    # The space is looked up for every charset: phrases need it, words never ask for it, and one
+    # scan per process then serves a charset with the space and the same without it.
+    faces = list(_scan("".join(dict.fromkeys(wanted + " ")), tuple(dirs)))
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps([{"path": f.path, "family": f.family, "chars": "".join(sorted(f.chars))} for f in faces]))
