@@ -181,10 +181,20 @@ def score(samples: list[Sample], by_margin: dict[float, list[str]]) -> dict:
     }
 
 
-def run_engines(folders: list[Folder], names: list[str], weights: Path, threads: int, progress: bool) -> tuple[list, dict, dict[str, str]]:
-    """Every engine of ``names`` that loads, one crop per call, on every folder: the peers,
-    ``bench.peers.run_benchmark``'s results and the engines skipped (name → why). When none
-    loads, it says so on stderr and returns no peers and no results."""
+@dataclass
+class EngineReadings:
+    """What ``run_engines`` read: per engine that loaded, its predictions per folder (in the
+    folders' order, each in the folder's file order); its ``info()``; the engines skipped (name → why)."""
+
+    predictions: dict[str, list[list[str]]]
+    info: dict[str, dict]
+    skipped: dict[str, str]
+
+
+def run_engines(folders: list[Folder], names: list[str], weights: Path, threads: int, progress: bool) -> EngineReadings | None:
+    """Every engine of ``names`` that loads, one crop per call (``bench.peers.run_benchmark``),
+    on every folder; the engines are closed after. When none loads, it says so on stderr and
+    returns None."""
     peers, skipped = [], {}
     for peer in build_peers(names, weights, [1], threads):
         try:
@@ -195,8 +205,21 @@ def run_engines(folders: list[Folder], names: list[str], weights: Path, threads:
             print(f"{peer.name}: skipped ({exc})", file=sys.stderr)
     if not peers:
         print("error: no engine could run", file=sys.stderr)
-        return [], {}, skipped
-    return peers, run_benchmark(folders, peers, progress=progress), skipped
+        return None
+    try:
+        results = run_benchmark(folders, peers, progress=progress)
+        predictions = {peer.name: [results[peer.name][0].predictions[f.name] for f in folders] for peer in peers}
+        return EngineReadings(predictions, {peer.name: peer.info() for peer in peers}, skipped)
+    finally:
+        for peer in peers:
+            peer.close()
+
+
+def write_report(report: dict, path: Path | None) -> None:
+    """Write a bench report as JSON to ``path`` (its folder made); nothing without one."""
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=1) + "\n")
 
 
 def engine_table(report: dict, per: str, conditions: list[str], headers: list[str]) -> list[str]:
@@ -253,13 +276,10 @@ def main(argv: list[str] | None = None) -> int:
         Folder(f"{m:g}", Path(f"margin-{m:g}"), [f"{i:04d}.png" for i in range(len(samples))], [s.text for s in samples], [render(s, m) for s in samples])
         for m in args.margins
     ]
-    peers, results, skipped = run_engines(folders, args.peers, args.weights, args.threads, progress=not args.no_progress)
-    if not peers:
+    read = run_engines(folders, args.peers, args.weights, args.threads, progress=not args.no_progress)
+    if read is None:
         return 2
-    engines = {}
-    for peer in peers:
-        vr = results[peer.name][0]
-        engines[peer.name] = score(samples, {m: vr.predictions[f.name] for m, f in zip(args.margins, folders)})
+    engines = {name: score(samples, dict(zip(args.margins, per_folder))) for name, per_folder in read.predictions.items()}
     report = {
         "texts": len(samples),
         "seed": args.seed,
@@ -267,23 +287,17 @@ def main(argv: list[str] | None = None) -> int:
         "phrases": args.phrases,
         "margins": args.margins,
         "engines": engines,
-        "info": {peer.name: peer.info() for peer in peers},
-        "skipped": skipped,
+        "info": read.info,
+        "skipped": read.skipped,
     }
     print(to_markdown(report))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    write_report(report, args.json)
     if args.predictions:
-        rows = ["margin\tlabel\tfont\tinverted\t" + "\t".join(peer.name for peer in peers)]
-        for m, f in zip(args.margins, folders):
+        rows = ["margin\tlabel\tfont\tinverted\t" + "\t".join(read.predictions)]
+        for k, m in enumerate(args.margins):
             for i, s in enumerate(samples):
-                rows.append(
-                    "\t".join([f"{m:g}", s.text, Path(s.font).name, str(s.inverted)] + [results[peer.name][0].predictions[f.name][i] for peer in peers])
-                )
+                rows.append("\t".join([f"{m:g}", s.text, Path(s.font).name, str(s.inverted)] + [per_folder[k][i] for per_folder in read.predictions.values()]))
         args.predictions.write_text("\n".join(rows) + "\n")
-    for peer in peers:
-        peer.close()
     return 0
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import math
 import sys
 from pathlib import Path
@@ -40,7 +39,7 @@ from PIL import Image, ImageFont
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.clean_text import BUCKETS, Sample, accuracy, add_engine_flags, draw_texts, engine_table, run_engines  # noqa: E402
+from bench.clean_text import BUCKETS, Sample, accuracy, add_engine_flags, draw_texts, engine_table, run_engines, write_report  # noqa: E402
 from bench.peers import Folder  # noqa: E402
 from model.training.synth import _perspective_coeffs, arc_mask  # noqa: E402
 
@@ -171,17 +170,16 @@ def main(argv: list[str] | None = None) -> int:
         )
         for y in args.yaws
     ]
-    peers, results, skipped = run_engines(folders, args.peers, args.weights, args.threads, progress=not args.no_progress)
-    if not peers:
+    read = run_engines(folders, args.peers, args.weights, args.threads, progress=not args.no_progress)
+    if read is None:
         return 2
     engines = {}
-    for peer in peers:
-        vr = results[peer.name][0]
-        per_arc, per_length, overall = accuracy(samples, {a: vr.predictions[f.name] for a, f in zip(args.arcs, folders)})
-        engines[peer.name] = {"per_arc": per_arc, "per_length": per_length, "overall": overall}
+    for name, per_folder in read.predictions.items():
+        per_arc, per_length, overall = accuracy(samples, dict(zip(args.arcs, per_folder)))
+        engines[name] = {"per_arc": per_arc, "per_length": per_length, "overall": overall}
         if args.yaws:
-            per_yaw, per_length, overall = accuracy(samples, {y: vr.predictions[f.name] for y, f in zip(args.yaws, folders[len(args.arcs) :])})
-            engines[peer.name]["perspective"] = {"per_yaw": per_yaw, "per_length": per_length, "overall": overall}
+            per_yaw, per_length, overall = accuracy(samples, dict(zip(args.yaws, per_folder[len(args.arcs) :])))
+            engines[name]["perspective"] = {"per_yaw": per_yaw, "per_length": per_length, "overall": overall}
     rivals = [r["per_arc"] for name, r in engines.items() if name != "safl"]
     # safl at every arc at least the best RapidOCR package; None without both in the run
     bar_met = all(v >= max(r[k] for r in rivals) for k, v in engines["safl"]["per_arc"].items()) if "safl" in engines and rivals else None
@@ -192,15 +190,11 @@ def main(argv: list[str] | None = None) -> int:
         "yaws": args.yaws,
         "engines": engines,
         "bar_met": bar_met,
-        "info": {peer.name: peer.info() for peer in peers},
-        "skipped": skipped,
+        "info": read.info,
+        "skipped": read.skipped,
     }
     print(to_markdown(report))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
-    for peer in peers:
-        peer.close()
+    write_report(report, args.json)
     return 0
 
 

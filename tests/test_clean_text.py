@@ -101,8 +101,12 @@ def test_a_run_with_the_tiny_model(clean_text, any_faces, tiny_checkpoint: Path,
     monkeypatch.setattr(clean_text, "discover_fonts", lambda charset, families="train": any_faces)
     out = tmp_path / "clean.json"
     flags = ["--weights", str(tiny_checkpoint), "--peers", "safl", "--threads", "1", "--json", str(out), "--no-progress"]
-    assert clean_text.main([*flags, "--per-bucket", "2", "--margins", "0", "0.4"]) == 0
+    predictions = tmp_path / "predictions.tsv"
+    assert clean_text.main([*flags, "--per-bucket", "2", "--margins", "0", "0.4", "--predictions", str(predictions)]) == 0
     report = json.loads(out.read_text())
+    rows = [line.split("\t") for line in predictions.read_text().splitlines()]
+    assert rows[0] == ["margin", "label", "font", "inverted", "safl"] and len(rows) == 1 + 2 * 8
+    assert [r[0] for r in rows[1:]] == ["0"] * 8 + ["0.4"] * 8
     assert report["texts"] == 8 and set(report["engines"]) == {"safl"}
     assert set(report["engines"]["safl"]["per_margin"]) == {"0", "0.4"}
     assert "| safl |" in capsys.readouterr().out
