@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from ..engine import ENGINES
 from ..preprocess import ViewConfig
 from .config import TrainConfig
 from .split import DEFAULT_SPLIT, FAIR_PART, PARTS, SplitConfig
-from .words import SPACED_PHRASE_WEIGHT, TextMix
+from .words import SPACED_PHRASE_WEIGHT, TextMix, parse_mix
 
 
 def add_synth_parser(sub: argparse._SubParsersAction) -> None:
@@ -54,56 +53,13 @@ def add_synth_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_synth)
 
 
-def mix_item(text: str) -> tuple[str, float]:
-    """One ``--mix`` value, ``KIND=WEIGHT`` → ``(kind, weight)``.
-
-    Raises:
-        argparse.ArgumentTypeError: a missing ``=``, a kind ``TextMix`` does not have, or a
-            weight that is not a finite number ≥ 0.
-    """
-    kinds = asdict(TextMix())
-    kind, sep, value = text.partition("=")
-    if not sep or kind not in kinds:
-        raise argparse.ArgumentTypeError(f"--mix {text!r}: expected KIND=WEIGHT with KIND one of {', '.join(kinds)}")
-    try:
-        weight = float(value)
-    except ValueError:
-        weight = -1.0
-    if not math.isfinite(weight) or weight < 0:
-        raise argparse.ArgumentTypeError(f"--mix {text!r}: the weight must be a number >= 0")
-    return kind, weight
-
-
-def parse_mix(items: list[str]) -> TextMix:
-    """``["long_token=0.15", ...]`` → a :class:`TextMix` with those weights changed (the
-    others keep their defaults; the sampler normalises the weights).
-
-    Raises:
-        argparse.ArgumentTypeError: a bad item (``mix_item``), a kind given twice, or weights
-            whose sum is 0 or too large to normalise.
-    """
-    changes: dict[str, float] = {}
-    for item in items:
-        kind, weight = mix_item(item)
-        if kind in changes:
-            raise argparse.ArgumentTypeError(f"--mix {kind} given more than once")
-        changes[kind] = weight
-    mix = replace(TextMix(), **changes)
-    total = sum(asdict(mix).values())
-    if total <= 0:
-        raise argparse.ArgumentTypeError("--mix: at least one weight must be above 0")
-    if not math.isfinite(total):
-        raise argparse.ArgumentTypeError("--mix: the weights are too large to add up; use smaller numbers (they are normalised)")
-    return mix
-
-
 def run_synth(args: argparse.Namespace) -> int:
     from ..charset import DEFAULT_CHARS
     from .synth import SynthConfig, render_dataset
 
     try:
         mix = parse_mix(args.mix)
-    except argparse.ArgumentTypeError as e:
+    except ValueError as e:
         print(f"safl synth: {e}", file=sys.stderr)
         return 2
     if args.width < 8 or args.width % 4:
@@ -160,6 +116,8 @@ TRAIN_HELP = {
     "max_minutes": "stop (and save) after this many minutes",
     "checkpoint_minutes": "save the resumable state this often",
     "val_every": "validate every N steps (and always at the end of a run)",
+    "stream_mix": "with --stream-workers: KIND=WEIGHT changes of the streamed text mix, as safl synth --mix (default: the renderer's "
+    "mix, with phrases for a charset holding the space)",
     "keep_val_checkpoints": "keep the weights validated at each --val-every step as step-NNNNNN.safetensors (to average a run's tail: model.training.average)",
     "log_every": "write a log.jsonl line every N steps",
     "stop_at_step": "stop (and save) at this step without changing the schedule",
@@ -181,7 +139,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         if f.name == "progress":
             p.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS, help="no progress bar")
         elif isinstance(value, list):
-            p.add_argument(flag, nargs="+", default=argparse.SUPPRESS, metavar="DIR", help=TRAIN_HELP[f.name])
+            metavar = "KIND=WEIGHT" if f.name == "stream_mix" else "DIR"
+            p.add_argument(flag, nargs="+", default=argparse.SUPPRESS, metavar=metavar, help=TRAIN_HELP[f.name])
         elif isinstance(value, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
         elif f.name in ("max_minutes",):

@@ -40,6 +40,7 @@ class TrainConfig:
     synth: list[str] = field(default_factory=list)  # shard folders / LMDBs / labels.tsv folders
     stream_workers: int = 0  # >0: render synthetic crops on the fly in this many processes instead of --synth
     stream_seed: int = 1  # renderer seed of the stream (seed 0 is the pre-rendered data/synth set)
+    stream_mix: list[str] = field(default_factory=list)  # KIND=WEIGHT changes of the stream's text mix (safl synth --mix)
     real: list[str] = field(default_factory=list)  # labelled folders: their fine-tune part is trained on
     real_ratio: float = 0.0  # share of each batch drawn from `real`
     val: list[str] = field(default_factory=list)  # labelled folders: their validation part is reported
@@ -103,6 +104,13 @@ class TrainConfig:
             (self.ddp_timeout > 0, f"--ddp-timeout must be positive, got {self.ddp_timeout}"),
         ]
         problems = [message for ok, message in rules if not ok]
+        if self.stream_mix:
+            from .words import parse_mix  # here, not at the top: safl --help imports this module
+
+            try:
+                parse_mix(self.stream_mix, "--stream-mix")
+            except ValueError as exc:
+                problems.append(str(exc))
         if problems:
             raise ValueError("; ".join(problems))
 

@@ -50,7 +50,7 @@ from .distributed import Ranks, derived_seed, stream_seed
 from .evaluate import evaluate
 from .resume import write_saved
 from .stream import RenderStream
-from .words import TextMix
+from .words import TextMix, parse_mix
 
 #: What validation reads: the service's default views, so validation numbers are what it answers.
 VAL_VIEWS = ViewConfig()
@@ -362,7 +362,8 @@ class Trainer:
                 height=pcfg.height,
                 width=pcfg.width,
                 channels=pcfg.channels,
-                text_mix=TextMix.for_charset(chars),  # a model reading the space sees phrases
+                # A model reading the space sees phrases; --stream-mix changes the rest.
+                text_mix=parse_mix(cfg.stream_mix, "--stream-mix", TextMix.for_charset(chars)),
             )
             synth: ArrayDataset | RenderStream = RenderStream(scfg, cfg.stream_workers)
             n_synth: int | str = "streamed"

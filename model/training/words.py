@@ -10,9 +10,10 @@ words are still seen.
 from __future__ import annotations
 
 import functools
+import math
 import random
 import string
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -50,6 +51,49 @@ class TextMix:
 #: 8.5 % of crops). ``s34-space2`` read 83.5 % of clean phrases after 6,000 steps at this weight
 #: (7.8 % of its crops beside ``long_token=0.15``), words as well as without (weights/TRAINING_LOG.md, stop 34).
 SPACED_PHRASE_WEIGHT = 0.1
+
+
+def mix_item(text: str, flag: str = "--mix") -> tuple[str, float]:
+    """One ``--mix`` value (or ``flag``'s), ``KIND=WEIGHT`` → ``(kind, weight)``.
+
+    Raises:
+        ValueError: a missing ``=``, a kind ``TextMix`` does not have, or a
+            weight that is not a finite number ≥ 0.
+    """
+    kinds = asdict(TextMix())
+    kind, sep, value = text.partition("=")
+    if not sep or kind not in kinds:
+        raise ValueError(f"{flag} {text!r}: expected KIND=WEIGHT with KIND one of {', '.join(kinds)}")
+    try:
+        weight = float(value)
+    except ValueError:
+        weight = -1.0
+    if not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"{flag} {text!r}: the weight must be a number >= 0")
+    return kind, weight
+
+
+def parse_mix(items: list[str], flag: str = "--mix", base: TextMix | None = None) -> TextMix:
+    """``["long_token=0.15", ...]`` → ``base`` (default: ``TextMix()``) with those weights
+    changed (the sampler normalises the weights); ``flag`` names the option in messages.
+
+    Raises:
+        ValueError: a bad item (``mix_item``), a kind given twice, or weights
+            whose sum is 0 or too large to normalise.
+    """
+    changes: dict[str, float] = {}
+    for item in items:
+        kind, weight = mix_item(item, flag)
+        if kind in changes:
+            raise ValueError(f"{flag} {kind} given more than once")
+        changes[kind] = weight
+    mix = replace(base or TextMix(), **changes)
+    total = sum(asdict(mix).values())
+    if total <= 0:
+        raise ValueError(f"{flag}: at least one weight must be above 0")
+    if not math.isfinite(total):
+        raise ValueError(f"{flag}: the weights are too large to add up; use smaller numbers (they are normalised)")
+    return mix
 
 
 class Lexicon:
