@@ -281,7 +281,9 @@ def test_stream_training_resumes_at_the_stream_position(tmp_path: Path, renderer
 
 
 def test_a_model_reading_the_space_is_streamed_phrases_with_their_spaces(tmp_path: Path, known_fonts: None) -> None:
-    cfg = _cfg(tmp_path / "spaced", None, stream_workers=1, batch_size=48, total_steps=1, augment=0.0, charset=DEFAULT_CHARS + " ", stream_mix=["long_token=0.15"])
+    cfg = _cfg(
+        tmp_path / "spaced", None, stream_workers=1, batch_size=48, total_steps=1, augment=0.0, charset=DEFAULT_CHARS + " ", stream_mix=["long_token=0.15"]
+    )
     t = Trainer(cfg)
     try:
         # The phrases a spaced charset adds, and --stream-mix's change of the rest (the lineage's data mix).
