@@ -6,28 +6,36 @@
 #
 #     bash bench/gpu_check.sh [OUT_DIR]        # default OUT_DIR: docs/results/gpu
 #
-# Without CUDA it stops at once with one line and exit status 2.
-set -euo pipefail
+# Without CUDA it stops at once with one line and exit status 2. PYTHON (default python3) names
+# the interpreter. Each part runs whatever the others did; the exit status is 1 when one failed.
+set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out="${1:-docs/results/gpu}"
+PY=${PYTHON:-python3}
 
-if ! python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+err=$(mktemp)
+if ! cuda=$($PY -c 'import torch; print(torch.cuda.is_available())' 2>"$err"); then
+    echo "gpu_check: $PY cannot import torch: $(tail -n 1 "$err")" >&2
+    exit 2
+fi
+if [ "$cuda" != True ]; then
     echo "gpu_check: no CUDA device here (torch.cuda.is_available() is False); run it on a machine with a GPU and a CUDA build of torch" >&2
     exit 2
 fi
 mkdir -p "$out"
 weights="${SAFL_WEIGHTS:-weights/safl.safetensors}"
-python -c 'import torch; print("==> GPU:", torch.cuda.get_device_name(0), "| torch", torch.__version__)'
+failed=()
+$PY -c 'import torch; print("==> GPU:", torch.cuda.get_device_name(0), "| torch", torch.__version__)'
 
 echo "==> offline: the model alone, bf16, batches 32-256"
-python bench/model_speed.py --device cuda --amp bf16 --weights "$weights" --typical-len 0 --batches 32 64 128 256 --repeats 10 --json "$out/offline.json" | tee "$out/offline.md"
+$PY bench/model_speed.py --device cuda --amp bf16 --weights "$weights" --typical-len 0 --batches 32 64 128 256 --repeats 10 --json "$out/offline.json" | tee "$out/offline.md" || failed+=(offline)
 
 echo "==> served: safl serve --device cuda --bf16, 64 and 128 concurrent clients, one crop per request"
-python bench/service_load.py --weights "$weights" --device cuda --bf16 --backends torch --batch-sizes 128 --concurrency 64 128 \
-    --duration "${DURATION:-20}" --json "$out/served.json" | tee "$out/served.md"
+$PY bench/service_load.py --weights "$weights" --device cuda --bf16 --backends torch --batch-sizes 128 --concurrency 64 128 \
+    --duration "${DURATION:-20}" --json "$out/served.json" | tee "$out/served.md" || failed+=(served)
 
 echo "==> forced out-of-memory: a 4,096-crop batch in a memory cap the model cannot fit it in"
-python - "$weights" <<'PY'
+$PY - "$weights" <<'PY' || failed+=(out-of-memory)
 import sys
 
 import torch
@@ -49,7 +57,7 @@ print(f"forced OOM split: {'PASS' if ok else 'FAIL'} ({len(results)} results, al
 sys.exit(0 if ok else 1)
 PY
 
-python - "$out" <<'PY'
+$PY - "$out" <<'PY' || failed+=(ratio)
 import json
 import sys
 from pathlib import Path
@@ -59,3 +67,7 @@ offline = max(r["crops_per_s"] for r in json.loads((out / "offline.json").read_t
 served = max(r["crops_per_s"] for r in json.loads((out / "served.json").read_text())["results"])
 print(f"served {served:.0f} crops/s / offline {offline:.0f} crops/s = {served / offline:.2f} (goal >= 0.8): {'MET' if served >= 0.8 * offline else 'NOT MET'}")
 PY
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "gpu_check: failed: ${failed[*]}" >&2
+    exit 1
+fi
