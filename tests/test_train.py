@@ -344,10 +344,12 @@ def test_resume_refuses_a_flag_that_contradicts_the_saved_run(tmp_path: Path, sh
 def test_a_short_run_with_val_ends_with_a_validation(tmp_path: Path, shards: Path, real_folder: Path, capsys) -> None:
     # Validation every 1,000 steps never came in a 3-step run, which then left no best.safetensors.
     out = tmp_path / "short"
-    Trainer(_cfg(out, shards, total_steps=3, warmup_steps=10, val=[str(real_folder)], val_every=1000)).run()
+    summary = Trainer(_cfg(out, shards, total_steps=3, warmup_steps=10, val=[str(real_folder)], val_every=1000, log_every=50)).run()
     assert [r["step"] for r in _log(out) if "val" in r] == [3]
     assert (out / "best.safetensors").is_file()
     printed = capsys.readouterr().out
+    # Three steps, none of them logged (--log-every 50): trained all the same, and its speed measured.
+    assert summary["img_s"] > 0 and "short: stopped at step 3 (steps)" in printed and "nothing to train" not in printed
     assert "warning: --warmup-steps 10 is not below --total-steps 3" in printed
 
 

@@ -644,6 +644,8 @@ class Trainer:
             )
         self.save_state()
         totals = loop.totals
+        totals.add(loop.window)  # the steps since the last log line: a run shorter than --log-every trained too
+        loop.window = _Window()
         n = max(totals.n, 1)
         summary = {
             "run": str(self.out),
