@@ -297,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         for k, m in enumerate(args.margins):
             for i, s in enumerate(samples):
                 rows.append("\t".join([f"{m:g}", s.text, Path(s.font).name, str(s.inverted)] + [per_folder[k][i] for per_folder in read.predictions.values()]))
+        args.predictions.parent.mkdir(parents=True, exist_ok=True)
         args.predictions.write_text("\n".join(rows) + "\n")
     return 0
 

@@ -14,6 +14,7 @@ out="${1:-docs/results/gpu}"
 PY=${PYTHON:-python3}
 
 err=$(mktemp)
+trap 'rm -f "$err"' EXIT
 if ! cuda=$($PY -c 'import torch; print(torch.cuda.is_available())' 2>"$err"); then
     echo "gpu_check: $PY cannot import torch: $(tail -n 1 "$err")" >&2
     exit 2

@@ -4,8 +4,8 @@ Debian fonts.
 
     python scripts/gpu_bundle.py [--init CKPT] [--charset STRING|FILE] [--real ../shared/data/train]
 
-- ``fonts/``: every font the renderer would use here, subset to the model's charset
-  (fontTools), so 240 MB of font packages shrink to a few MB with the same glyphs;
+- ``fonts/``: every font the renderer would use here, subset to the charset and the space
+  (fontTools), so 240 MB of font packages shrink to about 15 MB with the same glyphs;
 - ``backgrounds/``: the wallpaper textures, already at the size the renderer uses;
 - ``shim/wordfreq.py`` + ``wordfreq_en.tsv``: the lexicon the renderer draws from, as
   a stand-in for the ``wordfreq`` package (whose wheel carries every language);
@@ -51,21 +51,23 @@ from model.training.data import read_labels_tsv  # noqa: E402
 from model.training.fonts import discover_fonts  # noqa: E402
 from model.training.synth import BACKGROUND_DIRS  # noqa: E402
 
-#: What the fonts are subset to: the charset's glyphs and the space (phrases, for a model that reads it).
-SUBSET_TEXT = DEFAULT_CHARS + " "
+
+def subset_text(charset: str | None) -> str:
+    """What the fonts are subset to: the charset's glyphs and the space (phrases, for a model that reads it)."""
+    return "".join(dict.fromkeys((charset or DEFAULT_CHARS) + " "))
 
 
-def pack_fonts(out: Path) -> tuple[int, int]:
-    """Subset every font the renderer would use here into ``out`` (kept from an earlier
-    bundle only when it was subset to the same text); returns (fonts, fonts that draw the space)."""
+def pack_fonts(out: Path, text: str) -> tuple[int, int]:
+    """Subset every font the renderer would use here for ``text`` into ``out`` (kept from an
+    earlier bundle only when it was subset to the same text); returns (fonts, fonts that draw the space)."""
     from fontTools import subset
     from fontTools.ttLib import TTFont
 
     stamp = out / ".subset-text"
-    if out.is_dir() and (not stamp.is_file() or stamp.read_text(encoding="utf-8") != SUBSET_TEXT):
+    if out.is_dir() and (not stamp.is_file() or stamp.read_text(encoding="utf-8") != text):
         shutil.rmtree(out)  # subset to other text (stop 34's had no space: the leg's phrases found no font)
     out.mkdir(parents=True, exist_ok=True)
-    faces = discover_fonts(DEFAULT_CHARS)
+    faces = discover_fonts(text)
     opts = subset.Options()
     opts.name_IDs = ["*"]  # keep family names: the renderer samples by family
     opts.layout_features = ["kern", "liga", "calt", "clig"]
@@ -79,12 +81,12 @@ def pack_fonts(out: Path) -> tuple[int, int]:
         try:
             font = subset.load_font(str(src), opts)
             sub = subset.Subsetter(opts)
-            sub.populate(text=SUBSET_TEXT)
+            sub.populate(text=text)
             sub.subset(font)
             subset.save_font(font, str(dst), opts)
         except Exception as exc:  # noqa: BLE001 - a font that will not subset is left behind
             print(f"skip {src}: {exc}")
-    stamp.write_text(SUBSET_TEXT, encoding="utf-8")
+    stamp.write_text(text, encoding="utf-8")
     packed = sorted(p for p in out.iterdir() if p.suffix.lower() in (".ttf", ".otf"))
     with_space = 0
     for p in packed:
@@ -208,7 +210,7 @@ def pack_wheels(out: Path) -> None:
 
 
 def _normal(name: str) -> str:
-    """A distribution name or version as wheel file names and pins compare (PEP 503, lower case)."""
+    """A distribution name or version as wheel file names write it (runs of ``-_.`` as ``_``, lower case): pins and files compare so."""
     return re.sub(r"[-_.]+", "_", name).lower()
 
 
@@ -256,7 +258,7 @@ def main() -> None:
     pack_wheels(args.out / "whl")
     pack_backgrounds(args.out / "backgrounds")
     pack_real(args.real, args.out / "real")
-    fonts, fonts_with_space = pack_fonts(args.out / "fonts")
+    fonts, fonts_with_space = pack_fonts(args.out / "fonts", subset_text(charset))
     total = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())
     manifest = {
         "built": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -268,12 +270,14 @@ def main() -> None:
         "wheels": list(GPU_WHEELS),
         "bytes": total,
     }
-    (args.out / "MANIFEST.json").write_text(json.dumps(manifest, indent=1) + "\n")
     print(f"bundle: {total / 1e6:.1f} MB in {args.out}")
+    # Checked before the manifest is written: gpu_train.sh runs only a bundle that has one.
+    (args.out / "MANIFEST.json").unlink(missing_ok=True)
     if total > MAX_BUNDLE_BYTES:
         raise SystemExit(f"the bundle is {total / 2**20:.0f} MiB, over the {MAX_BUNDLE_BYTES / 2**20:.0f} MiB that may travel beside the tree")
     if charset and " " in charset and not fonts_with_space:
         raise SystemExit("the charset holds the space but no packed font draws it: the stream would render no phrase")
+    (args.out / "MANIFEST.json").write_text(json.dumps(manifest, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@
 # minutes with the check, 6-7 without. A hard stop (SIGTERM, which saves the state after the
 # current step) lands before DEADLINE whatever happens. Prepare here, once per leg:
 #
-#     python scripts/gpu_bundle.py [--init CKPT] [--charset FILE]    # .gpu/: see its docstring
+#     python scripts/gpu_bundle.py --charset runs/s34/charset-spaced.txt [--init CKPT]   # .gpu/ (the lineage reads the space)
 #     device run (carry .gpu, timeout_s 600): bash scripts/gpu_train.sh
 #     bash scripts/gpu_unpack.sh <files_at> [RUN]                      # back here: RUN, resumable
 #
@@ -51,11 +51,19 @@ export PYTHONUNBUFFERED=1 ORT_DISABLE_TELEMETRY=1
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 # Everything the leg imports, at once: a missing wheel fails here in seconds, not minutes in.
 $PY -c "import os, torch, service.app, model.training.train, rapidfuzz, wordfreq; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'cores', os.cpu_count())" || exit 2
-INIT=$($PY -c 'import json; print(json.load(open(".gpu/MANIFEST.json"))["init"])')
+manifest() { $PY -c "import json, sys; print(json.load(open('.gpu/MANIFEST.json'))[sys.argv[1]])" "$1"; }
+INIT=$(manifest init)
+# The shipped init travels with the tree, not the bundle: a model shipped since the bundle was built is refused.
+if [ "$(sha256sum "$INIT" | cut -d' ' -f1)" != "$(manifest init_sha256)" ]; then
+    echo "gpu_train: $INIT is not the init the bundle was built for (sha256 differs): rebuild .gpu" >&2
+    exit 2
+fi
 CHARSET_ARGS=()
-if [ -f .gpu/charset.txt ]; then
+if [ ! -f .gpu/charset.txt ]; then
+    echo "note: no .gpu/charset.txt: the leg trains over the init's charset" >&2
+else
     CHARSET_ARGS=(--charset .gpu/charset.txt)
-    if grep -q ' ' .gpu/charset.txt && [ "$($PY -c 'import json; print(json.load(open(".gpu/MANIFEST.json"))["fonts_with_space"])')" = 0 ]; then
+    if grep -q ' ' .gpu/charset.txt && [ "$(manifest fonts_with_space)" = 0 ]; then
         echo "gpu_train: the charset holds the space but no bundled font draws it (rebuild .gpu)" >&2
         exit 2
     fi
@@ -73,14 +81,20 @@ fi
 # 150 s: the start-up before --max-minutes' clock starts (imports, the font scan, the real crops,
 # the render processes, the step-0 validation) and the closing validation, save and copies.
 left=$((DEADLINE - $(elapsed)))
+stop=$((left - 25))
 MINUTES=${MINUTES:-$($PY -c "print(round(max(0.5, ($left - 150) / 60), 2))")}
-echo "==> training for $MINUTES minutes ($(elapsed) s)"
+rm -f "$OUT"/state.pt.part-*  # a stale part would be appended to this leg's state by gpu_unpack.sh
+if [ "$stop" -lt 120 ]; then
+    echo "gpu_train: $left s left before DEADLINE: too little to train (CHECK_SECONDS or DEADLINE)" >&2
+    exit 3
+fi
+echo "==> training for $MINUTES minutes, stopped at the latest $stop s from now ($(elapsed) s)"
 # The lineage's recipe (training log: v5-space; the point loss alone teaches the rectifier, its
 # text mix with long tokens at 0.15), scaled to batch 256 (lr 3e-4, warm-up 300), which keeps 13
 # render processes ahead of the GPU. --foreground: SIGTERM to the trainer alone, which saves the
 # state after its step and stops its render workers itself.
-timeout --foreground -s TERM -k 30 $((left - 25)) \
-    $PY -m model.training.cli train --out "$RUN" --init "$INIT" "${CHARSET_ARGS[@]}" \
+timeout --foreground -s TERM -k 30 "$stop" \
+    $PY -m model.training.cli train --out "$RUN" --init "$INIT" ${CHARSET_ARGS[@]+"${CHARSET_ARGS[@]}"} \
     --stream-workers "${WORKERS:-13}" --stream-seed "${STREAM_SEED:-41}" --stream-mix long_token=0.15 \
     --real .gpu/real/iiit5k .gpu/real/svt .gpu/real/ic15 --real-ratio 0.1 --val .gpu/real/iiit5k .gpu/real/svt .gpu/real/ic15 \
     --batch-size "${BATCH:-256}" --lr "${LR:-3e-4}" --warmup-steps 300 --total-steps "${TOTAL:-12000}" --min-lr-ratio 0.05 \
@@ -88,12 +102,15 @@ timeout --foreground -s TERM -k 30 $((left - 25)) \
     --threads 2 --device "$DEVICE" --val-every 2000 --log-every 100 --checkpoint-minutes 2 \
     --max-minutes "$MINUTES" --resume --no-progress 2>&1 | tee "$OUT/train.log"
 rc=${PIPESTATUS[0]}
+[ "$rc" = 124 ] && echo "==> the hard stop ended training (SIGTERM: the state was saved after the step)"
 echo "==> training: exit $rc after $(elapsed) s"
 
 cp "$RUN/last.safetensors" "$OUT/" 2>/dev/null
 # state.pt holds the optimiser's moments too (3x the weights): split under the 16 MiB a file may have.
 [ -f "$RUN/state.pt" ] && split -b 15m -d "$RUN/state.pt" "$OUT/state.pt.part-"
-tar -cf "$OUT/run.tar" -C "$RUN" --exclude state.pt --exclude last.safetensors .
+# Not the state (above), the last weights (beside), a save cut short (*.tmp) or kept validations:
+# run.tar must stay under 16 MiB or it, with the config a resume needs, does not come back.
+tar -cf "$OUT/run.tar" -C "$RUN" --exclude state.pt --exclude last.safetensors --exclude '*.tmp' --exclude 'step-*' .
 ls -la "$OUT"
 echo "==> done after $(elapsed) s: training exit $rc, serving check exit $check_rc"
 [ "$rc" = 0 ] && { [ "$check_rc" = 0 ] || [ "$check_rc" = skipped ]; }

@@ -6,8 +6,8 @@
 #     bash scripts/gpu_unpack.sh FILES_AT [RUN]        # RUN default: runs/gpu-v5
 # Then, on this machine's cores (the stream's 13 render processes become one, a run-defining change):
 #     safl train --out runs/gpu-v5 --resume --override-saved --device cpu --threads 1 --stream-workers 1
-# The saved config names the bundle's folders (.gpu/real/*, and .gpu/init/* for another init
-# than the shipped weights): resume from the repository root with the same .gpu/ beside it.
+# The saved config names the bundle's real crops (.gpu/real/*): resume from the repository root
+# with .gpu/real beside it.
 set -euo pipefail
 src=${1:?usage: gpu_unpack.sh FILES_AT [RUN]}
 run=${2:-runs/gpu-v5}

@@ -5,7 +5,6 @@ first import on a lent machine, where nothing installs from a registry)."""
 from __future__ import annotations
 
 import importlib.util
-import re
 from importlib import metadata
 from pathlib import Path
 from types import ModuleType
@@ -17,10 +16,6 @@ REPO = Path(__file__).resolve().parent.parent
 #: What the GPU leg imports beyond the project's own dependencies (training: the validation's
 #: edit distance and the renderer's fonts; wordfreq travels as a shim, lmdb and matplotlib stay here).
 TRAINING_ROOTS = ("rapidfuzz", "fonttools")
-
-
-def _normal(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +39,7 @@ def _requirements(dist: str) -> list[str]:
 
 
 def test_the_wheels_cover_what_the_image_lacks(bundle: ModuleType) -> None:
+    _normal = bundle._normal
     image = {_normal(line) for line in bundle.IMAGE_PACKAGES.read_text().splitlines() if line and not line.startswith("#")}
     wheels = {_normal(w.split("==")[0]) for w in bundle.GPU_WHEELS}
     assert len(image) > 150 and "torch" in image and "fastapi" not in image
@@ -73,6 +69,13 @@ def test_a_spaced_charset_travels_as_a_file_with_its_trailing_space(bundle: Modu
     assert bundle.pack_charset(DEFAULT_CHARS + " ", out) == DEFAULT_CHARS + " "
     assert read_charset(str(out)) == DEFAULT_CHARS + " "  # what gpu_train.sh passes to --charset
     assert bundle.pack_charset(None, out) is None and not out.exists()  # a stale one goes
+
+
+def test_fonts_are_subset_to_the_charset_and_the_space(bundle: ModuleType) -> None:
+    from model.charset import DEFAULT_CHARS
+
+    assert bundle.subset_text(None) == bundle.subset_text(DEFAULT_CHARS + " ") == DEFAULT_CHARS + " "
+    assert bundle.subset_text("abcé") == "abcé "
 
 
 def test_the_shipped_init_travels_with_the_tree(bundle: ModuleType, tmp_path: Path) -> None:

@@ -84,7 +84,9 @@ def test_what_cannot_be_resumed_or_built_is_refused() -> None:
     with pytest.raises(ValueError, match="--loss must be focal or ce"):
         resolve(None, {"loss": "mse"}, resume=False, has_state=False)
     with pytest.raises(ValueError, match=r"--stream-mix 'long=0.1': expected KIND=WEIGHT with KIND one of word_by_frequency"):
-        TrainConfig(stream_mix=["long=0.1"])
+        TrainConfig(stream_mix=["long=0.1"], stream_workers=1)
+    with pytest.raises(ValueError, match="--stream-mix changes the streamed crops: give --stream-workers"):
+        TrainConfig(stream_mix=["long_token=0.1"])
     with pytest.raises(ValueError, match="--rectifier-only trains on the point loss alone"):
         resolve(None, {"rectifier_only": True}, resume=False, has_state=False)
 

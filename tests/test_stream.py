@@ -29,7 +29,7 @@ from model.training.data import augment
 from model.training.fonts import FontFace, discover_fonts
 from model.training.stream import RenderStream
 from model.training.synth import RENDERER_VERSION, Renderer, SynthConfig
-from model.training.train import TrainConfig, Trainer, train, train_lockstep
+from model.training.train import TrainConfig, Trainer, TrainingSetupError, train, train_lockstep
 from model.training.words import SPACED_PHRASE_WEIGHT, TextMix
 
 CFG = SynthConfig(seed=0)
@@ -294,6 +294,14 @@ def test_a_model_reading_the_space_is_streamed_phrases_with_their_spaces(tmp_pat
     labels = ["".join(t.charset.chars[i - NUM_SPECIAL] for i in row.tolist() if i >= NUM_SPECIAL) for row in tgt]  # untrimmed
     phrases = [s for s in labels if " " in s]
     assert phrases and all(s == s.strip() and "  " not in s for s in phrases), labels
+
+
+def test_phrases_streamed_to_a_model_without_the_space_are_refused_before_any_worker_starts(tmp_path: Path) -> None:
+    # In a render worker the refusal restarted the worker forever and the trainer waited on it.
+    before = set(mp.active_children())
+    with pytest.raises(TrainingSetupError, match="--stream-mix phrase: the phrase kind joins words with spaces"):
+        Trainer(_cfg(tmp_path / "wordy", None, stream_workers=1, stream_mix=["phrase=0.1"]))
+    assert set(mp.active_children()) == before
 
 
 # -- CLI ------------------------------------------------------------------------------------------

@@ -267,6 +267,14 @@ def test_cli_train(tmp_path: Path, shards: Path, capsys: pytest.CaptureFixture[s
         cli_main(["train", "--out", str(tmp_path / "x"), "--loss", "mse"])
 
 
+def test_a_repeated_list_flag_adds_to_the_list() -> None:
+    from service.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--stream-mix", "long_token=0.15", "--stream-mix", "phrase=0.1", "--real", "a", "b", "--real", "c"])
+    assert args.stream_mix == ["long_token=0.15", "phrase=0.1"] and args.real == ["a", "b", "c"]
+    assert not hasattr(build_parser().parse_args(["train"]), "real")  # not given: the saved run's value on --resume
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

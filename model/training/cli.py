@@ -83,7 +83,7 @@ TRAIN_HELP = {
     "multi-word crops read with their spaces); with --init, the characters both sets share keep their trained rows",
     "synth": "synthetic data: shard folders (safl synth), LMDBs or labels.tsv folders",
     "stream_workers": "render synthetic crops on the fly in this many processes instead of --synth (under torchrun: per process, each with a seed of "
-    f"its own); the default text mix, with phrases at weight {SPACED_PHRASE_WEIGHT:g} when the charset holds the space",
+    f"its own); the default text mix, with phrases at weight {SPACED_PHRASE_WEIGHT:g} when the charset holds the space (--stream-mix changes it)",
     "stream_seed": "renderer seed of the stream (seed 0 is the default `safl synth` set)",
     "real": "labels.tsv folders of real crops: their fine-tune part is trained on (model.training.split)",
     "real_ratio": "share of each batch drawn from --real",
@@ -116,9 +116,10 @@ TRAIN_HELP = {
     "max_minutes": "stop (and save) after this many minutes",
     "checkpoint_minutes": "save the resumable state this often",
     "val_every": "validate every N steps (and always at the end of a run)",
-    "stream_mix": "with --stream-workers: KIND=WEIGHT changes of the streamed text mix, as safl synth --mix (default: the renderer's "
-    "mix, with phrases for a charset holding the space)",
-    "keep_val_checkpoints": "keep the weights validated at each --val-every step as step-NNNNNN.safetensors (to average a run's tail: model.training.average)",
+    "stream_mix": "with --stream-workers: KIND=WEIGHT changes of the streamed text mix, the kinds of safl synth --mix (default: the "
+    "renderer's mix, with phrases for a charset holding the space; phrase needs a charset with the space)",
+    "keep_val_checkpoints": "keep the weights of every validation as step-NNNNNN.safetensors (step 0 with --init, each --val-every step, "
+    "the end of each invocation), to average a run's tail (model.training.average); give it again with each --resume",
     "log_every": "write a log.jsonl line every N steps",
     "stop_at_step": "stop (and save) at this step without changing the schedule",
     "progress": "",
@@ -140,7 +141,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS, help="no progress bar")
         elif isinstance(value, list):
             metavar = "KIND=WEIGHT" if f.name == "stream_mix" else "DIR"
-            p.add_argument(flag, nargs="+", default=argparse.SUPPRESS, metavar=metavar, help=TRAIN_HELP[f.name])
+            # extend: a repeated flag adds to the list (--stream-mix a=1 --stream-mix b=2), as safl synth --mix does
+            p.add_argument(flag, nargs="+", action="extend", default=argparse.SUPPRESS, metavar=metavar, help=TRAIN_HELP[f.name])
         elif isinstance(value, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
         elif f.name in ("max_minutes",):

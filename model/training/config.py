@@ -102,6 +102,7 @@ class TrainConfig:
             (0.0 <= self.min_lr_ratio <= 1.0, f"--min-lr-ratio must be between 0 and 1, got {self.min_lr_ratio}"),
             (self.amp in ("auto", "bf16", "off"), f"--amp must be auto, bf16 or off, got {self.amp!r}"),
             (self.ddp_timeout > 0, f"--ddp-timeout must be positive, got {self.ddp_timeout}"),
+            (not self.stream_mix or self.stream_workers > 0, "--stream-mix changes the streamed crops: give --stream-workers"),
         ]
         problems = [message for ok, message in rules if not ok]
         if self.stream_mix:

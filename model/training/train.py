@@ -355,15 +355,15 @@ class Trainer:
 
             seed = stream_seed(cfg.stream_seed, self.dist.rank)  # each rank renders crops of its own
             chars = self.charset.chars
+            # A model reading the space sees phrases; --stream-mix changes the rest.
+            mix = parse_mix(cfg.stream_mix, "--stream-mix", TextMix.for_charset(chars))
+            try:
+                # Here, not in the render workers: a worker that fails to start is restarted forever.
+                mix.check_charset(chars)
+            except ValueError as exc:
+                raise TrainingSetupError(f"--stream-mix phrase: {exc}") from None
             scfg = SynthConfig(
-                seed=seed,
-                charset=chars,
-                max_len=self.model_cfg.max_len,
-                height=pcfg.height,
-                width=pcfg.width,
-                channels=pcfg.channels,
-                # A model reading the space sees phrases; --stream-mix changes the rest.
-                text_mix=parse_mix(cfg.stream_mix, "--stream-mix", TextMix.for_charset(chars)),
+                seed=seed, charset=chars, max_len=self.model_cfg.max_len, height=pcfg.height, width=pcfg.width, channels=pcfg.channels, text_mix=mix
             )
             synth: ArrayDataset | RenderStream = RenderStream(scfg, cfg.stream_workers)
             n_synth: int | str = "streamed"

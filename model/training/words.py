@@ -43,8 +43,15 @@ class TextMix:
     @classmethod
     def for_charset(cls, charset: str) -> TextMix:
         """The default mix, with phrases (weight ``SPACED_PHRASE_WEIGHT``) when ``charset`` holds the
-        space: what ``safl train --stream-workers`` renders for the model it trains."""
+        space: what ``safl train --stream-workers`` renders for the model it trains (the base its
+        ``--stream-mix`` changes)."""
         return cls(phrase=SPACED_PHRASE_WEIGHT) if " " in charset else cls()
+
+    def check_charset(self, charset: str) -> None:
+        """Raises ``ValueError`` for a mix that draws phrases from a charset without the space:
+        every phrase would be refused and silently replaced by another kind (stop 34's data)."""
+        if self.phrase > 0 and " " not in charset:
+            raise ValueError("the phrase kind joins words with spaces: give a charset that holds the space")
 
 
 #: The phrase weight for a model that reads the space (against the default mix's 1.07: about
@@ -142,8 +149,7 @@ class TextSampler:
     def __init__(self, charset: str, max_len: int, lexicon: Lexicon, mix: TextMix = TextMix()) -> None:
         """Raises ``ValueError`` for a mix that draws phrases from a charset without the space
         (every phrase would be refused and silently replaced by another kind)."""
-        if mix.phrase > 0 and " " not in charset:
-            raise ValueError("the phrase kind joins words with spaces: give a charset that holds the space")
+        mix.check_charset(charset)
         self.charset = charset
         #: The charset less the space: what single tokens are drawn from.
         self.glyphs = charset.replace(" ", "")
