@@ -57,9 +57,25 @@ def test_calibrate_keeps_the_raw_probability_and_the_characters_consistent() -> 
     assert math.prod(out.char_confidences) * eos**power == pytest.approx(out.confidence)
     assert np.argsort(out.char_confidences).tolist() == np.argsort(r.char_confidences).tolist()
     assert out.alternatives[0].confidence == pytest.approx(out.confidence)
+    # The other text: its share of what is left, as the model splits it among the other texts.
+    assert out.alternatives[1].confidence == pytest.approx((1 - out.confidence) * 0.1 / (1 - 0.36))
     assert calibrate(out, cal) == out  # applying twice changes nothing
     plain = calibrate(r, None)
     assert plain.confidence == r.confidence and plain.raw_confidence == r.confidence
+
+
+def test_alternatives_never_add_up_to_more_than_one() -> None:
+    # A confident reading whose alternatives the model finds likely too: the map applied to
+    # each (as before) gave 0.88 + 0.46 + 0.25 here.
+    cal = Calibration(1.533, 1.962)
+    alts = (Alternative("EXIT", 0.5), Alternative("exit", 0.2), Alternative("Exit", 0.12))
+    out = calibrate(Recognition("EXIT", 0.5, [0.9, 0.9, 0.9, 0.7], alts), cal)
+    confs = [a.confidence for a in out.alternatives]
+    assert confs[0] == out.confidence > 0.8 and sum(confs) <= 1.0
+    assert confs[1] == pytest.approx((1 - out.confidence) * 0.2 / 0.5) and confs[1] > confs[2]  # the model's order kept
+    assert sum(float(cal(a.confidence)) for a in alts) > 1.5  # what the old rule claimed
+    certain = calibrate(Recognition("EXIT", 1.0, [1.0] * 4, (Alternative("EXIT", 1.0), Alternative("EXlT", 0.0))), cal)
+    assert certain.alternatives[1].confidence == 0.0
 
 
 def test_a_constrained_reading_is_calibrated_from_the_free_models_probability() -> None:
