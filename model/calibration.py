@@ -136,8 +136,9 @@ def calibrate(r: Recognition, calibration: Calibration | None) -> Recognition:
     factor = p / raw if raw > 0 else 0.0
     conf = float(calibration(p))
     # Not the map itself applied to each alternative: on the 2,025 val crops that listed the
-    # other texts 3x more confident than they were right (mean 0.116, 3.7 % right; ECE 0.079
-    # against 0.016 so) and over 1 in all for 73 % of crops (docs/results/alternatives_calibration_*.json).
+    # other texts 3x more confident than they were right (mean 0.116, 3.7 % right, ECE 0.079;
+    # shared out of the rest, ECE 0.016) and over 1 in all for 73 % of crops
+    # (docs/results/alternatives_calibration_8f51e07e4c6a.json).
     rest, others = 1.0 - conf, 1.0 - p
 
     def share(a: Alternative) -> float:
