@@ -48,13 +48,13 @@ sys.path.insert(0, str(ROOT))
 from model.charset import DEFAULT_CHARS  # noqa: E402
 from model.preprocess import PreprocessConfig, resize  # noqa: E402
 from model.training.data import read_labels_tsv  # noqa: E402
-from model.training.fonts import discover_fonts  # noqa: E402
+from model.training.fonts import discover_fonts, glyph_text  # noqa: E402
 from model.training.synth import BACKGROUND_DIRS  # noqa: E402
 
 
 def subset_text(charset: str | None) -> str:
     """What the fonts are subset to: the charset's glyphs and the space (phrases, for a model that reads it)."""
-    return "".join(dict.fromkeys((charset or DEFAULT_CHARS) + " "))
+    return glyph_text(charset or DEFAULT_CHARS)
 
 
 def pack_fonts(out: Path, text: str) -> tuple[int, int]:

@@ -96,6 +96,13 @@ def _inspect(path: Path, wanted: str) -> FontFace | None:
     return FontFace(str(path), family, chars)
 
 
+def glyph_text(charset: str) -> str:
+    """The characters fonts are looked up (and subset) for: ``charset`` and the space, once each.
+    The space for every charset: phrases need it, words never ask for it, and one scan per
+    process then serves a charset with the space and the same without it."""
+    return "".join(dict.fromkeys(charset + " "))
+
+
 def discover_fonts(wanted: str, dirs: tuple[Path, ...] = FONT_DIRS, cache: Path | None = None, families: str = "train") -> list[FontFace]:
     """Usable fonts under ``dirs``, sorted by path (deterministic across runs).
 
@@ -113,9 +120,7 @@ def discover_fonts(wanted: str, dirs: tuple[Path, ...] = FONT_DIRS, cache: Path 
             if Path(d["path"]).is_file() and not any(w in d["family"].lower() for w in _SKIP_WORDS)
         ]
         return _of_families(cached, families)
-    # The space is looked up for every charset: phrases need it, words never ask for it, and one
-    # scan per process then serves a charset with the space and the same without it.
-    faces = list(_scan("".join(dict.fromkeys(wanted + " ")), tuple(dirs)))
+    faces = list(_scan(glyph_text(wanted), tuple(dirs)))
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps([{"path": f.path, "family": f.family, "chars": "".join(sorted(f.chars))} for f in faces]))
