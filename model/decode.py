@@ -46,6 +46,11 @@ class DecoderLayer(nn.Module):
         return x + self.drop(self.ffn(self.norm3(x))), (k, v)
 
 
+#: The parameters (of ``SAFL``'s state dict) with one row per token id: what a change of charset
+#: re-indexes (``model.training.train.with_charset``, ``model.training.average``).
+TOKEN_ROW_PARAMS = ("decoder.embed.weight", "decoder.head.weight", "decoder.head.bias")
+
+
 class TransformerDecoder(nn.Module):
     """Predicts the next character from the image memory and the characters so far."""
 

@@ -56,3 +56,32 @@ def test_mismatched_or_too_few_checkpoints_are_refused(tiny_model: SAFL, tmp_pat
     assert main([str(tmp_path / "y.safetensors"), str(tiny), str(tmp_path / "missing.safetensors")]) == 2
     assert "not found" in capsys.readouterr().err
     assert not (tmp_path / "y.safetensors").exists()
+
+
+def test_nested_charsets_average_each_row_over_the_inputs_that_have_its_token(tiny_model: SAFL, tmp_path: Path) -> None:
+    from model.training.train import with_charset
+
+    narrow = _perturbed(tiny_model, 1)
+    wide = _perturbed(with_charset(tiny_model, " " + tiny_model.config.charset), 2)  # a space learnt on top
+    paths = [save_checkpoint(m, tmp_path / f"{n}.safetensors", name="safl-tiny").weights_path for n, m in (("narrow", narrow), ("wide", wide))]
+    soup, info = load_checkpoint(average_checkpoints(paths, tmp_path / "soup.safetensors").weights_path)
+    assert info.config.charset == wide.config.charset  # the widest charset is read
+    sn, sw, ss = narrow.state_dict(), wide.state_dict(), soup.state_dict()
+    space, a = wide.charset.encode(" ")[0], wide.charset.encode("a")[0]
+    a_narrow = narrow.charset.encode("a")[0]
+    for k in ("decoder.embed.weight", "decoder.head.weight", "decoder.head.bias"):
+        assert torch.equal(ss[k][space], sw[k][space]), k  # the new token's row: the one input that learnt it
+        assert torch.allclose(ss[k][a], (sw[k][a] + sn[k][a_narrow]) / 2, atol=1e-6), k  # a shared one: the mean
+        assert torch.allclose(ss[k][:3], (sw[k][:3] + sn[k][:3]) / 2, atol=1e-6), k  # the special tokens too
+    assert torch.allclose(ss["decoder.norm.weight"], (sw["decoder.norm.weight"] + sn["decoder.norm.weight"]) / 2, atol=1e-6)
+    soup.recognize(torch.zeros(1, 1, soup.config.height, soup.config.width))
+
+
+def test_charsets_that_do_not_nest_are_refused(tiny_model: SAFL, tmp_path: Path) -> None:
+    from model.training.train import with_charset
+
+    cs = tiny_model.config.charset
+    a = save_checkpoint(with_charset(tiny_model, cs + " "), tmp_path / "a.safetensors").weights_path
+    b = save_checkpoint(with_charset(tiny_model, cs + "é"), tmp_path / "b.safetensors").weights_path
+    with pytest.raises(CheckpointError, match="do not nest"):
+        average_checkpoints([a, b], tmp_path / "x.safetensors")

@@ -39,6 +39,7 @@ import torch
 
 from ..charset import NUM_SPECIAL, Charset
 from ..checkpoint import load_checkpoint, read_info, save_checkpoint
+from ..decode import TOKEN_ROW_PARAMS
 from ..device import DeviceUnavailable, resolve_device
 from ..loss import point_loss, sequence_loss
 from ..preprocess import ViewConfig, to_tensor
@@ -753,8 +754,7 @@ def with_charset(model: SAFL, chars: str) -> SAFL:
     keep_old = torch.tensor(list(range(NUM_SPECIAL)) + old_ids)
     keep_new = torch.tensor(list(range(NUM_SPECIAL)) + new_ids)
     state = model.state_dict()
-    remapped = {"decoder.embed.weight", "decoder.head.weight", "decoder.head.bias"}
-    fresh.load_state_dict({k: v for k, v in state.items() if k not in remapped}, strict=False)
+    fresh.load_state_dict({k: v for k, v in state.items() if k not in TOKEN_ROW_PARAMS}, strict=False)
     with torch.no_grad():
         dec = fresh.decoder
         dec.embed.weight[keep_new] = state["decoder.embed.weight"][keep_old]
