@@ -272,7 +272,7 @@ def add_recognize_parser(sub: argparse._SubParsersAction) -> None:
         choices=FORMATS,
         default="tsv",
         help="tsv: file<TAB>text<TAB>confidence, a tab, newline, carriage return or backslash in a file name written \\t \\n \\r \\\\; csv: the same with a "
-        "header row; jsonl: one object per file (file, text, confidence, char_confidences, or error); "
+        "header row; jsonl: one object per file (file, text, confidence, raw_confidence, char_confidences, alternatives with --top-k; or file and error); "
         'json: one document, the API\'s response shape with per-file errors in place, {"filename", "error": {"code", "message"}} (default: %(default)s)',
     )
     p.add_argument("--json", dest="format", action="store_const", const="json", help="same as --format json")

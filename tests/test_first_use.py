@@ -150,6 +150,7 @@ def test_the_readmes_first_request_answers_as_shown(tmp_path: Path) -> None:
             "filename": g["filename"],
             "text": g["text"],
             "confidence": round(g["confidence"], 2),
+            "raw_confidence": round(g["raw_confidence"], 2),
             "char_confidences": [round(c, 2) for c in g["char_confidences"]],
         }
         for g in got["results"]
