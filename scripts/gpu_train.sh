@@ -27,31 +27,32 @@ RUN=${RUN:-runs/gpu-v5}
 OUT=${OUT:-runs/gpu-out}
 DEVICE=${DEVICE:-cuda}
 PY=${PYTHON:-python3}
+B=${BUNDLE:-.gpu}  # the bundle (tests/test_gpu_leg.py runs the leg on a small one)
 mkdir -p "$OUT"
 elapsed() { echo $(($(date +%s) - t0)); }
 
-if [ ! -f .gpu/MANIFEST.json ]; then
-    echo "gpu_train: no .gpu/MANIFEST.json: run python scripts/gpu_bundle.py here and carry .gpu" >&2
+if [ ! -f "$B/MANIFEST.json" ]; then
+    echo "gpu_train: no $B/MANIFEST.json: run python scripts/gpu_bundle.py here and carry .gpu" >&2
     exit 2
 fi
-cat .gpu/MANIFEST.json
+cat "$B/MANIFEST.json"
 
-# The image has torch but not the service's stack: install the bundled wheels (no network) and
-# the renderer's fonts and textures. A dry run on a CPU machine that has them: DEVICE=cpu ASSETS=0.
+# The image has torch but not the service's stack: install the bundled wheels (no network). A dry
+# run on a CPU machine that has them: DEVICE=cpu ASSETS=0.
 if [ "${ASSETS:-1}" = 1 ]; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/whl/*.whl || exit 1
-    mkdir -p /usr/share/fonts/truetype/safl-bundle /usr/share/backgrounds/safl-bundle
-    cp -n .gpu/fonts/* /usr/share/fonts/truetype/safl-bundle/ 2>/dev/null
-    cp -n .gpu/backgrounds/* /usr/share/backgrounds/safl-bundle/ 2>/dev/null
-    export PYTHONPATH=/tmp/site:$PWD/.gpu/shim:$PWD
+    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$B"/whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$(realpath "$B")/shim:$PWD
 else
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
+# The renderer reads the bundle's fonts and textures where they lie (no root, no system folder),
+# and only those: the same faces here in a dry run as on the GPU machine.
+export SAFL_FONT_DIRS=$(realpath "$B")/fonts SAFL_BACKGROUND_DIRS=$(realpath "$B")/backgrounds
 export PYTHONUNBUFFERED=1 ORT_DISABLE_TELEMETRY=1
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 # Everything the leg imports, at once: a missing wheel fails here in seconds, not minutes in.
 $PY -c "import os, torch, service.app, model.training.train, rapidfuzz, wordfreq; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'cores', os.cpu_count())" || exit 2
-manifest() { $PY -c "import json, sys; print(json.load(open('.gpu/MANIFEST.json'))[sys.argv[1]])" "$1"; }
+manifest() { $PY -c "import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])" "$B/MANIFEST.json" "$1"; }
 INIT=$(manifest init)
 # The shipped init travels with the tree, not the bundle: a model shipped since the bundle was built is refused.
 if [ "$(sha256sum "$INIT" | cut -d' ' -f1)" != "$(manifest init_sha256)" ]; then
@@ -59,11 +60,11 @@ if [ "$(sha256sum "$INIT" | cut -d' ' -f1)" != "$(manifest init_sha256)" ]; then
     exit 2
 fi
 CHARSET_ARGS=()
-if [ ! -f .gpu/charset.txt ]; then
-    echo "note: no .gpu/charset.txt: the leg trains over the init's charset" >&2
+if [ ! -f "$B/charset.txt" ]; then
+    echo "note: no $B/charset.txt: the leg trains over the init's charset" >&2
 else
-    CHARSET_ARGS=(--charset .gpu/charset.txt)
-    if grep -q ' ' .gpu/charset.txt && [ "$(manifest fonts_with_space)" = 0 ]; then
+    CHARSET_ARGS=(--charset "$B/charset.txt")
+    if grep -q ' ' "$B/charset.txt" && [ "$(manifest fonts_with_space)" = 0 ]; then
         echo "gpu_train: the charset holds the space but no bundled font draws it (rebuild .gpu)" >&2
         exit 2
     fi
@@ -96,7 +97,7 @@ echo "==> training for $MINUTES minutes, stopped at the latest $stop s from now 
 timeout --foreground -s TERM -k 30 "$stop" \
     $PY -m model.training.cli train --out "$RUN" --init "$INIT" ${CHARSET_ARGS[@]+"${CHARSET_ARGS[@]}"} \
     --stream-workers "${WORKERS:-13}" --stream-seed "${STREAM_SEED:-41}" --stream-mix long_token=0.15 \
-    --real .gpu/real/iiit5k .gpu/real/svt .gpu/real/ic15 --real-ratio 0.1 --val .gpu/real/iiit5k .gpu/real/svt .gpu/real/ic15 \
+    --real "$B/real/iiit5k" "$B/real/svt" "$B/real/ic15" --real-ratio 0.1 --val "$B/real/iiit5k" "$B/real/svt" "$B/real/ic15" \
     --batch-size "${BATCH:-256}" --lr "${LR:-3e-4}" --warmup-steps 300 --total-steps "${TOTAL:-12000}" --min-lr-ratio 0.05 \
     --degrade 0.3 --point-loss 1 --tps-lr-scale 1 --rectifier-points-only --seed 41 \
     --threads 2 --device "$DEVICE" --val-every 2000 --log-every 100 --checkpoint-minutes 2 \

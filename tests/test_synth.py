@@ -77,6 +77,29 @@ def test_no_fonts_warns_and_returns_empty(tmp_path: Path) -> None:
         assert discover_fonts(DEFAULT_CHARS, dirs=(tmp_path, tmp_path / "missing")) == []
 
 
+def test_font_and_texture_folders_can_be_named_in_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    from model.training import synth
+
+    dejavu = sorted(Path("/usr/share/fonts").rglob("DejaVuSans.ttf"))
+    if not dejavu:
+        pytest.skip("no DejaVu Sans installed")
+    (tmp_path / "fonts").mkdir()
+    shutil.copy(dejavu[0], tmp_path / "fonts" / "mine.ttf")
+    monkeypatch.setenv("SAFL_FONT_DIRS", f"{tmp_path / 'missing'}:{tmp_path / 'fonts'}")
+    assert [Path(f.path) for f in discover_fonts(DEFAULT_CHARS, families="all")] == [tmp_path / "fonts" / "mine.ttf"]  # those alone
+    (tmp_path / "textures").mkdir()
+    Image.new("L", (64, 48), 77).save(tmp_path / "textures" / "wall.png")
+    monkeypatch.setenv("SAFL_BACKGROUND_DIRS", str(tmp_path / "textures"))
+    synth._load_textures.cache_clear()
+    try:
+        (texture,) = synth._load_textures()
+        assert texture.size == (64, 48) and texture.getpixel((0, 0)) == 77
+    finally:
+        synth._load_textures.cache_clear()  # later renders read the system's again
+
+
 def test_by_family_groups_and_sorts() -> None:
     f = lambda p, fam: FontFace(p, fam, frozenset("a"))
     groups = by_family([f("/b1", "B"), f("/a1", "A"), f("/b2", "B")])

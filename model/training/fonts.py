@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import string
 import sys
 import warnings
@@ -41,6 +42,9 @@ DEBIAN_FONT_PACKAGES = (
 ).split()
 
 FONT_DIRS = (Path("/usr/share/fonts"), Path("/usr/local/share/fonts"), Path.home() / ".fonts")
+#: Folders to look for fonts in instead of ``FONT_DIRS`` (``os.pathsep``-separated): your own
+#: fonts, or a GPU bundle's subsets (``scripts/gpu_train.sh``), without installing them.
+FONT_DIRS_ENV = "SAFL_FONT_DIRS"
 REQUIRED = set(string.ascii_letters + string.digits)
 _SKIP_WORDS = ("emoji", "symbol", "dingbat", "math", "music", "braille", "color", "keyboard")
 
@@ -103,8 +107,15 @@ def glyph_text(charset: str) -> str:
     return "".join(dict.fromkeys(charset + " "))
 
 
-def discover_fonts(wanted: str, dirs: tuple[Path, ...] = FONT_DIRS, cache: Path | None = None, families: str = "train") -> list[FontFace]:
-    """Usable fonts under ``dirs``, sorted by path (deterministic across runs).
+def search_dirs(env: str, default: tuple[Path, ...]) -> tuple[Path, ...]:
+    """The folders named by the environment variable ``env`` (``os.pathsep``-separated), else ``default``."""
+    value = os.environ.get(env, "")
+    return tuple(Path(p) for p in value.split(os.pathsep) if p) or default
+
+
+def discover_fonts(wanted: str, dirs: tuple[Path, ...] | None = None, cache: Path | None = None, families: str = "train") -> list[FontFace]:
+    """Usable fonts under ``dirs`` (default: ``$SAFL_FONT_DIRS``, else ``FONT_DIRS``), sorted
+    by path (deterministic across runs).
 
     ``families``: ``"train"`` (default: all but ``HELD_OUT_FAMILIES``), ``"held_out"`` (only
     those) or ``"all"``. The ``cache`` file lists every usable face. Raises ``ValueError``
@@ -120,7 +131,7 @@ def discover_fonts(wanted: str, dirs: tuple[Path, ...] = FONT_DIRS, cache: Path 
             if Path(d["path"]).is_file() and not any(w in d["family"].lower() for w in _SKIP_WORDS)
         ]
         return _of_families(cached, families)
-    faces = list(_scan(glyph_text(wanted), tuple(dirs)))
+    faces = list(_scan(glyph_text(wanted), tuple(dirs) if dirs is not None else search_dirs(FONT_DIRS_ENV, FONT_DIRS)))
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps([{"path": f.path, "family": f.family, "chars": "".join(sorted(f.chars))} for f in faces]))

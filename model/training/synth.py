@@ -46,13 +46,15 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from ..charset import DEFAULT_CHARS
 from ..preprocess import PreprocessConfig, resize
 from .colours import RGB, colourise, tinted, weak_luma_pair, weak_luma_partner
-from .fonts import FontFace, by_family, discover_fonts
+from .fonts import FontFace, by_family, discover_fonts, search_dirs
 from .words import Lexicon, TextMix, TextSampler
 
 RENDERER_VERSION = (
     4  # 2: tight crops more often, weak contrast, long tokens (words.TextMix.long_token); 3: text set along arcs (p_arc); 4: fiducial points (same images as 3)
 )
 BACKGROUND_DIRS = (Path("/usr/share/backgrounds"), Path("/usr/share/images/desktop-base"), Path("/usr/share/wallpapers"))
+#: Folders of textures instead of ``BACKGROUND_DIRS`` (``os.pathsep``-separated), as ``SAFL_FONT_DIRS`` for fonts.
+BACKGROUND_DIRS_ENV = "SAFL_BACKGROUND_DIRS"
 
 
 @dataclass(frozen=True)
@@ -140,7 +142,7 @@ def _load_textures(max_side: int = 480) -> tuple[Image.Image, ...]:
     # Cached per process (read-only afterwards): decoding the 4096-px wallpapers takes
     # seconds, and forked render workers inherit the parent's copy.
     textures = []
-    for d in BACKGROUND_DIRS:
+    for d in search_dirs(BACKGROUND_DIRS_ENV, BACKGROUND_DIRS):
         if not d.is_dir():
             continue
         for p in sorted(d.rglob("*")):
