@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -483,3 +484,30 @@ def test_cli_trains_a_model_over_its_own_charset(tmp_path: Path, shards: Path) -
     assert cli_main(args) == 0
     _, info = load_checkpoint(out / "last.safetensors")
     assert info.config.charset == "0123456789abcdefghijklmnopqrstuvwxyz "
+
+
+def test_freeze_holds_the_named_parts_and_their_statistics_while_the_rest_learns(tmp_path: Path, shards: Path) -> None:
+    # The tiny preset's rectifier and encoder hold BatchNorm layers: in train mode their
+    # running statistics would move even with no gradient.
+    trainer = Trainer(_cfg(tmp_path / "run", shards, freeze=["rectifier", "encoder"], total_steps=3, tps_lr_scale=1.0))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.run()
+    after = trainer.model.state_dict()
+    changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"decoder"}, changed
+    assert any("running_mean" in k for k in before if k.startswith(("rectifier.", "encoder.")))  # there were statistics to hold
+    assert read_saved(tmp_path / "run")["freeze"] == ["rectifier", "encoder"]  # run-defining: --resume keeps it
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"freeze": ["stem"]}, "--freeze takes rectifier, encoder, decoder, got stem"),
+        ({"freeze": ["rectifier", "encoder", "decoder"]}, "leaves nothing to train"),
+        ({"freeze": ["encoder"], "rectifier_only": True, "point_loss": 1.0, "tps_lr_scale": 1.0}, "drop --freeze"),
+        ({"freeze": ["rectifier"], "point_loss": 1.0}, "--freeze rectifier with --point-loss"),
+    ],
+)
+def test_freeze_refuses_what_cannot_train(overrides: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TrainConfig(**overrides)

@@ -100,6 +100,8 @@ TRAIN_HELP = {
     "`safl synth` stores with each crop (renderer 4); crops without it (real ones) add recognition loss only",
     "rectifier_only": "train the rectifier alone on the point loss (encoder and decoder frozen, no recognition loss): "
     "the first stage of teaching a rectifier held at the identity",
+    "freeze": "parts of the network that do not train, their BatchNorm statistics and dropout held too: rectifier, encoder, "
+    "decoder (e.g. --freeze rectifier encoder: the decoder alone learns, say a new character, on the encoder's features)",
     "rectifier_points_only": "the point loss alone teaches the rectifier while everything trains: the recognition loss's gradient "
     "stops at the warp (when it reached the rectifier, it taught it to cut off the first letter)",
     "weight_decay": "AdamW weight decay (not on biases, norms or positions)",
@@ -140,7 +142,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         if f.name == "progress":
             p.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS, help="no progress bar")
         elif isinstance(value, list):
-            metavar = "KIND=WEIGHT" if f.name == "stream_mix" else "DIR"
+            metavar = {"stream_mix": "KIND=WEIGHT", "freeze": "PART"}.get(f.name, "DIR")
             # extend: a repeated flag adds to the list (--stream-mix a=1 --stream-mix b=2), as safl synth --mix does
             p.add_argument(flag, nargs="+", action="extend", default=argparse.SUPPRESS, metavar=metavar, help=TRAIN_HELP[f.name])
         elif isinstance(value, bool):

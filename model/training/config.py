@@ -28,6 +28,10 @@ RUNTIME_FIELDS = {
 }
 
 
+#: The parts of ``SAFL`` (its top-level modules) ``--freeze`` can hold still.
+FREEZABLE = ("rectifier", "encoder", "decoder")
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a training run."""
@@ -55,6 +59,7 @@ class TrainConfig:
     point_loss: float = 0.0  # weight of the fiducial-point loss on crops with rendered geometry (model.loss.point_loss)
     rectifier_only: bool = False  # train the rectifier alone on the point loss: encoder and decoder frozen, no recognition loss
     rectifier_points_only: bool = False  # the point loss alone teaches the rectifier: the recognition loss's gradient stops at the warp
+    freeze: list[str] = field(default_factory=list)  # parts of the network that do not train (FREEZABLE), e.g. a decoder taught alone
     weight_decay: float = 0.05
     warmup_steps: int = 1000
     total_steps: int = 100000
@@ -96,6 +101,13 @@ class TrainConfig:
             (
                 not self.rectifier_points_only or self.point_loss > 0,
                 "--rectifier-points-only teaches the rectifier with the point loss alone: give --point-loss",
+            ),
+            (not set(self.freeze) - set(FREEZABLE), f"--freeze takes {', '.join(FREEZABLE)}, got {' '.join(self.freeze)}"),
+            (not set(FREEZABLE) <= set(self.freeze), "--freeze of every part leaves nothing to train"),
+            (not (self.freeze and self.rectifier_only), "--rectifier-only freezes the encoder and decoder itself: drop --freeze"),
+            (
+                "rectifier" not in self.freeze or self.point_loss == 0,
+                "--freeze rectifier with --point-loss: the point loss teaches the rectifier alone; drop one",
             ),
             (self.batch_size >= 1 and self.total_steps >= 1, "--batch-size and --total-steps must be at least 1"),
             (self.warmup_steps >= 0, f"--warmup-steps must be at least 0, got {self.warmup_steps}"),

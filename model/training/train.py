@@ -346,6 +346,9 @@ class Trainer:
         if cfg.rectifier_only:
             for name, p in self.model.named_parameters():
                 p.requires_grad_(name.startswith("rectifier."))
+        for name, p in self.model.named_parameters():
+            if name.split(".")[0] in cfg.freeze:
+                p.requires_grad_(False)  # no gradient, so AdamW leaves it (and its weight decay) alone
         self.net = self.dist.wrap(self.model)  # what train_step runs: under torchrun, DDP around self.model
         self._loop: _LoopState | None = None
 
@@ -479,6 +482,10 @@ class Trainer:
             # The recogniser is frozen whole, its BatchNorm statistics included.
             self.model.eval()
             self.model.rectifier.train()
+        for part in self.cfg.freeze:
+            module = getattr(self.model, part)
+            if module is not None:
+                module.eval()
 
     def validate(self) -> dict[str, Any]:
         """Validation metrics per set; saves ``best`` when the mean 36-char accuracy improves."""
