@@ -14,6 +14,10 @@ import copy
 import dataclasses
 import json
 import multiprocessing as mp
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +28,7 @@ from conftest import random_words, render_word, write_shards
 from model.charset import DEFAULT_CHARS, NUM_SPECIAL
 from model.preprocess import PreprocessConfig, resize, to_tensor
 from model.training import stream as stream_module
+from model.training import synth as synth_module
 from model.training.cli import main as cli_main
 from model.training.data import augment
 from model.training.fonts import FontFace, discover_fonts
@@ -100,6 +105,23 @@ def test_stream_seed_and_one_worker(renderer: Renderer, known_fonts: None) -> No
     seed0 = _reference(renderer, range(10, 18))
     assert sum(a != b for a, b in zip(got[1], seed0[1])) >= 6
     assert all(not np.array_equal(a, b) for a, b in zip(got[0], seed0[0]))
+
+
+def test_a_stream_closes_when_a_worker_was_killed_from_outside(known_fonts: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `pkill -f "safl train"` reaches the render workers too; one that died waiting for work held
+    # the pool's task-queue lock, and Pool.terminate waited on it forever after the state was saved.
+    monkeypatch.setattr(synth_module, "CLOSE_TIMEOUT_S", 2.0)
+    stream = RenderStream(CFG, workers=1, chunk=4, depth=1)
+    stream.take(4)
+    time.sleep(3.0)  # the chunk in flight rendered, the worker waits for the next holding the lock
+    (worker,) = mp.active_children()
+    os.kill(worker.pid, signal.SIGKILL)
+    time.sleep(1.0)  # the pool starts a new worker in its place
+    closer = threading.Thread(target=stream.close, daemon=True)
+    closer.start()
+    closer.join(30)
+    assert not closer.is_alive(), "closing the stream hung"
+    assert not mp.active_children()
 
 
 def test_stream_needs_a_worker() -> None:

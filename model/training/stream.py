@@ -17,7 +17,7 @@ from collections import deque
 import numpy as np
 
 from .fonts import discover_fonts
-from .synth import SynthConfig, render_pool, render_range
+from .synth import SynthConfig, close_pool, render_pool, render_range
 
 
 class RenderStream:
@@ -69,9 +69,8 @@ class RenderStream:
         return images[:n], labels, points[:n]
 
     def close(self) -> None:
-        """Stop the workers."""
-        self._pool.terminate()
-        self._pool.join()
+        """Stop the workers (``close_pool``: bounded, even when one was killed from outside)."""
+        close_pool(self._pool)
 
     def __enter__(self) -> RenderStream:
         return self

@@ -35,6 +35,8 @@ import json
 import math
 import multiprocessing as mp
 import random
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from multiprocessing.pool import Pool
@@ -528,6 +530,9 @@ _WORKER: Renderer | None = None
 
 def _init_worker(cfg: SynthConfig, faces: list[FontFace]) -> None:
     global _WORKER  # one renderer per worker process, built once
+    # Ctrl-C reaches the whole process group: the parent decides what stops (the trainer after
+    # its step); a worker dying of it could hold the pool's task lock (close_pool).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER = Renderer(cfg, faces)
 
 
@@ -537,6 +542,25 @@ def render_pool(cfg: SynthConfig, faces: list[FontFace], workers: int) -> Pool:
     forked workers inherit them. Close it (or use it as a context manager) when done."""
     _load_textures()
     return mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(cfg, faces))
+
+
+#: Seconds ``close_pool`` waits for ``Pool.terminate`` before it kills the workers itself.
+CLOSE_TIMEOUT_S = 10.0
+
+
+def close_pool(pool: Pool, timeout: float | None = None) -> None:
+    """``pool.terminate()``, bounded. A worker killed from outside (``pkill -f "safl train"``,
+    a SIGTERM to the process group or cgroup) can die while it holds the pool's task-queue
+    lock, and ``terminate`` then waits on that lock forever: the trainer hung after saving its
+    state. After ``timeout`` seconds every child process of this one is killed and the pool
+    left to the interpreter's exit (``timeout`` default: ``CLOSE_TIMEOUT_S``)."""
+    closer = threading.Thread(target=pool.terminate, name="close-render-pool", daemon=True)
+    closer.start()
+    closer.join(CLOSE_TIMEOUT_S if timeout is None else timeout)
+    if closer.is_alive():
+        for child in mp.active_children():
+            child.kill()
+        closer.join(1.0)
 
 
 def render_range(bounds: tuple[int, int]) -> tuple[np.ndarray, list[str], np.ndarray]:
