@@ -486,7 +486,7 @@ def test_cli_trains_a_model_over_its_own_charset(tmp_path: Path, shards: Path) -
     assert info.config.charset == "0123456789abcdefghijklmnopqrstuvwxyz "
 
 
-def test_freeze_holds_the_named_parts_and_their_statistics_while_the_rest_learns(tmp_path: Path, shards: Path) -> None:
+def test_freeze_holds_the_named_parts_and_their_statistics_while_the_rest_learns(tmp_path: Path, shards: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # The tiny preset's rectifier and encoder hold BatchNorm layers: in train mode their
     # running statistics would move even with no gradient.
     trainer = Trainer(_cfg(tmp_path / "run", shards, freeze=["rectifier", "encoder"], total_steps=3, tps_lr_scale=1.0))
@@ -497,6 +497,7 @@ def test_freeze_holds_the_named_parts_and_their_statistics_while_the_rest_learns
     assert changed == {"decoder"}, changed
     assert any("running_mean" in k for k in before if k.startswith(("rectifier.", "encoder.")))  # there were statistics to hold
     assert read_saved(tmp_path / "run")["freeze"] == ["rectifier", "encoder"]  # run-defining: --resume keeps it
+    assert re.search(r"\(0\.\d\d M params, 0\.\d\d M of them trained\)", capsys.readouterr().out)
 
 
 @pytest.mark.parametrize(

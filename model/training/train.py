@@ -561,8 +561,10 @@ class Trainer:
         say = self.dist.is_main  # rank 0 alone prints
         ranks = f" ×{self.dist.world_size} ({self.dist.backend})" if self.dist.enabled else ""
         if say:
+            total, trained = sum(p.numel() for p in self.model.parameters()), self.model.num_parameters()
+            params = f"{total / 1e6:.2f} M params" + (f", {trained / 1e6:.2f} M of them trained" if trained != total else "")
             print(
-                f"training {self.model_cfg.preset} ({self.model.num_parameters() / 1e6:.2f} M params) on {self.device}{ranks}, "
+                f"training {self.model_cfg.preset} ({params}) on {self.device}{ranks}, "
                 f"amp={self.amp_dtype}, threads={cfg.threads}, loss={cfg.loss}"
                 f"{f' gamma={cfg.gamma}' if cfg.loss == 'focal' else ''}; data: {self.n_train[0]} synthetic + {self.n_train[1]} real; "
                 f"{'resumed at' if self.resumed else 'starting at'} step {self.step} → {self.out}",
