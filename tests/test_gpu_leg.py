@@ -70,9 +70,9 @@ def test_the_gpu_leg_trains_returns_its_state_and_resumes_here(tmp_path: Path, t
     assert trained["config"]["charset"] == DEFAULT_CHARS + " "  # the bundle's charset, not the init's
     assert trained["training"]["step"] == 2
     assert trained["training"]["data"]["synthetic"][0]["stream"] is True
-    # The stream drew the bundle's faces and nothing else.
     log = (out / "train.log").read_text()
     assert "streamed synthetic" in log, log[-2000:]
+    assert "no system fonts found" not in leg.stdout + leg.stderr  # the bundle's faces were found (SAFL_FONT_DIRS)
 
     here = tmp_path / "here"
     unpack = _run(["bash", "scripts/gpu_unpack.sh", str(out), str(here)], env)
