@@ -88,10 +88,11 @@ def average_checkpoints(paths: Sequence[Path], out: Path, name: str | None = Non
                 total[k][ids] += v.double()
             else:
                 total[k] += v.double()
+    first_state = loaded[0][0].state_dict()
     mean = {}
     for k, v in target.items():
         if not v.is_floating_point():
-            mean[k] = loaded[0][0].state_dict()[k]
+            mean[k] = first_state[k]
         elif k in TOKEN_ROW_PARAMS:
             mean[k] = (total[k] / rows.view(-1, *[1] * (v.dim() - 1))).to(v.dtype)
         else:
