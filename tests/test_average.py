@@ -85,3 +85,26 @@ def test_charsets_that_do_not_nest_are_refused(tiny_model: SAFL, tmp_path: Path)
     b = save_checkpoint(with_charset(tiny_model, cs + "é"), tmp_path / "b.safetensors").weights_path
     with pytest.raises(CheckpointError, match="do not nest"):
         average_checkpoints([a, b], tmp_path / "x.safetensors")
+
+
+def test_mix_weighs_the_inputs_and_a_token_row_over_those_that_have_it(tiny_model: SAFL, tmp_path: Path, capsys) -> None:
+    from model.training.train import with_charset
+
+    narrow = _perturbed(tiny_model, 1)
+    wide = _perturbed(with_charset(tiny_model, " " + tiny_model.config.charset), 2)
+    paths = [save_checkpoint(m, tmp_path / f"{n}.safetensors", name="safl-tiny").weights_path for n, m in (("narrow", narrow), ("wide", wide))]
+    assert main([str(tmp_path / "wise.safetensors"), *map(str, paths), "--mix", "1", "3"]) == 0  # scaled: 0.25 / 0.75
+    assert "the mix 1 3 of 2 checkpoints" in capsys.readouterr().out
+    soup, info = load_checkpoint(tmp_path / "wise.safetensors")
+    assert info.training["mix"] == [0.25, 0.75]
+    sn, sw, ss = narrow.state_dict(), wide.state_dict(), soup.state_dict()
+    space, a, a_narrow = wide.charset.encode(" ")[0], wide.charset.encode("a")[0], narrow.charset.encode("a")[0]
+    k = "decoder.norm.weight"
+    assert torch.allclose(ss[k], 0.25 * sn[k] + 0.75 * sw[k], atol=1e-6)
+    for k in ("decoder.embed.weight", "decoder.head.bias"):
+        assert torch.equal(ss[k][space], sw[k][space]), k  # only one input has it: its weight becomes 1
+        assert torch.allclose(ss[k][a], 0.25 * sn[k][a_narrow] + 0.75 * sw[k][a], atol=1e-6), k
+    for bad in (["--mix", "1"], ["--mix", "1", "0"], ["--mix", "1", "-1"]):
+        assert main([str(tmp_path / "bad.safetensors"), *map(str, paths), *bad]) == 2
+        assert "one positive weight per checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "bad.safetensors").exists()

@@ -15,6 +15,13 @@ averaged with the model it grew from read 2 % of clean phrases with their spaces
 the rest of the decoder halfway back to a model that never wrote one. The result is an
 ordinary checkpoint: compare it with ``model.training.compare`` and ship it with
 ``model.training.ship`` like any other. Its sidecar names the checkpoints it averages.
+
+``--mix`` weighs the inputs instead of averaging them uniformly: with two checkpoints, a model
+and its fine-tuned continuation, ``--mix 0.3 0.7`` is the weight-space interpolation of WiSE-FT
+(Wortsman et al. 2022, arXiv 2109.01903, section 2: θ = (1 − α)·θ₀ + α·θ₁, here α = 0.7),
+which keeps more of the first model's behaviour the smaller α is::
+
+    python -m model.training.average runs/wise.safetensors weights/safl.safetensors runs/v6/last.safetensors --mix 0.3 0.7
 """
 
 from __future__ import annotations
@@ -50,16 +57,18 @@ def _token_ids(charset: str, into: Charset) -> torch.Tensor:
     return torch.tensor(list(range(NUM_SPECIAL)) + [into.encode(ch)[0] for ch in charset])
 
 
-def average_checkpoints(paths: Sequence[Path], out: Path, name: str | None = None) -> CheckpointInfo:
-    """Write the uniform average of the checkpoints ``paths`` to ``out`` and return its info;
-    ``name`` defaults to the first checkpoint's (e.g. ``safl-small``). The average reads the
-    widest of their charsets; a token's rows (``TOKEN_ROW_PARAMS``) average over the inputs
-    whose charset has it.
+def average_checkpoints(paths: Sequence[Path], out: Path, name: str | None = None, mix: Sequence[float] | None = None) -> CheckpointInfo:
+    """Write the average of the checkpoints ``paths`` to ``out`` and return its info; ``name``
+    defaults to the first checkpoint's (e.g. ``safl-small``). ``mix`` gives each input's weight
+    (positive; scaled to sum to 1), uniform if ``None``. The average reads the widest of their
+    charsets; a token's rows (``TOKEN_ROW_PARAMS``) average over the inputs whose charset has it,
+    their weights scaled to sum to 1 over those.
 
     Raises ``CheckpointError`` for fewer than two distinct inputs, an input given twice, an
     ``out`` that is one of the inputs (it would be overwritten before it is read), an
     unreadable input, inputs whose model configs (architecture, input geometry) differ other
-    than in the charset, or charsets that do not nest.
+    than in the charset, charsets that do not nest, or a ``mix`` that does not give one positive
+    weight per input.
     """
     resolved = [Path(p).resolve() for p in paths]
     if len(set(resolved)) != len(resolved):
@@ -68,6 +77,11 @@ def average_checkpoints(paths: Sequence[Path], out: Path, name: str | None = Non
         raise CheckpointError("averaging needs at least two checkpoints")
     if Path(out).resolve() in resolved:
         raise CheckpointError(f"{out} is one of the inputs; write the average elsewhere (and promote it with model.training.ship)")
+    if mix is None:
+        mix = [1.0] * len(paths)
+    if len(mix) != len(paths) or not all(w > 0 for w in mix):
+        raise CheckpointError(f"--mix needs one positive weight per checkpoint ({len(paths)}), got {list(mix)}")
+    weights = [w / sum(mix) for w in mix]
     loaded = [load_checkpoint(p) for p in paths]
     first = loaded[0][1]
     for path, (_, info) in zip(paths[1:], loaded[1:], strict=True):
@@ -77,17 +91,17 @@ def average_checkpoints(paths: Sequence[Path], out: Path, name: str | None = Non
     model = SAFL(replace(first.config, charset=charset))
     target = model.state_dict()
     total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in target.items() if v.is_floating_point()}
-    rows = torch.zeros(model.charset.vocab_size, dtype=torch.float64)  # how many inputs have each token
-    for other, info in loaded:
+    rows = torch.zeros(model.charset.vocab_size, dtype=torch.float64)  # the weight of the inputs that have each token
+    for (other, info), w in zip(loaded, weights, strict=True):
         ids = _token_ids(info.config.charset, model.charset)
-        rows[ids] += 1
+        rows[ids] += w
         for k, v in other.state_dict().items():
             if not v.is_floating_point():
                 continue
             if k in TOKEN_ROW_PARAMS:
-                total[k][ids] += v.double()
+                total[k][ids] += w * v.double()
             else:
-                total[k] += v.double()
+                total[k] += w * v.double()
     first_state = loaded[0][0].state_dict()
     mean = {}
     for k, v in target.items():
@@ -96,9 +110,12 @@ def average_checkpoints(paths: Sequence[Path], out: Path, name: str | None = Non
         elif k in TOKEN_ROW_PARAMS:
             mean[k] = (total[k] / rows.view(-1, *[1] * (v.dim() - 1))).to(v.dtype)
         else:
-            mean[k] = (total[k] / len(paths)).to(v.dtype)
+            mean[k] = total[k].to(v.dtype)
     model.load_state_dict(mean)
-    return save_checkpoint(model, out, name=name or first.name, training={"averaged": [info.model_id for _, info in loaded]})
+    training: dict = {"averaged": [info.model_id for _, info in loaded]}
+    if len(set(weights)) > 1:
+        training["mix"] = weights
+    return save_checkpoint(model, out, name=name or first.name, training=training)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,14 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", type=Path, help="where to write the averaged checkpoint (.safetensors; the .json sidecar goes beside it)")
     p.add_argument("checkpoints", type=Path, nargs="+", help="two or more checkpoints of one architecture (charsets may nest)")
     p.add_argument("--name", help="model name recorded in the sidecar (default: the first checkpoint's, e.g. safl-small)")
+    p.add_argument("--mix", type=float, nargs="+", metavar="W", help="one positive weight per checkpoint, in order, scaled to sum to 1 (default: uniform)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     try:
-        info = average_checkpoints(args.checkpoints, args.out, args.name)
+        info = average_checkpoints(args.checkpoints, args.out, args.name, args.mix)
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"{info.model_id}: the mean of {len(args.checkpoints)} checkpoints → {info.weights_path}")
+    how = "the mean" if args.mix is None else f"the mix {' '.join(f'{w:g}' for w in args.mix)}"
+    print(f"{info.model_id}: {how} of {len(args.checkpoints)} checkpoints → {info.weights_path}")
     return 0
 
 
