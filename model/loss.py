@@ -47,3 +47,22 @@ def sequence_loss(logits: torch.Tensor, targets: torch.Tensor, kind: str = "foca
     if kind == "ce":
         return focal_loss(logits, targets, 0.0)
     raise ValueError(f"unknown loss {kind!r}: expected 'focal' or 'ce'")
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Knowledge distillation's soft-target term (Hinton et al. 2015, arXiv 1503.02531; used
+    against forgetting as in Learning without Forgetting, Li & Hoiem 2016, arXiv 1606.09282):
+    the mean over the positions in ``mask`` of KL(teacher ‖ student) of the next-token
+    distributions, at temperature 1.
+
+    ``student`` ``[B, T, Vs]`` and ``teacher`` ``[B, T, Vt]`` logits of one teacher-forced
+    batch; ``ids`` ``[Vt]`` int64, each teacher token's id in the student's vocabulary
+    (``model.charset.token_ids``: the teacher's charset nests in the student's); ``mask``
+    ``[B, T]`` bool. A student token the teacher lacks (a new character) has teacher probability
+    0, so the mass the student gives it counts against it. A zero that still carries the graph
+    when ``mask`` is empty."""
+    if not bool(mask.any()):
+        return student.sum() * 0.0
+    s = F.log_softmax(student.float()[mask], dim=-1)[:, ids]
+    t = F.log_softmax(teacher.float()[mask], dim=-1)
+    return (t.exp() * (t - s)).sum(-1).mean()

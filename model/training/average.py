@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from ..charset import NUM_SPECIAL, Charset
+from ..charset import token_ids
 from ..checkpoint import CheckpointError, CheckpointInfo, load_checkpoint, save_checkpoint
 from ..decode import TOKEN_ROW_PARAMS
 from ..safl import SAFL
@@ -50,11 +50,6 @@ def _widest(charsets: Sequence[str]) -> str:
                 f"the charsets do not nest: {''.join(sorted(missing))!r} is missing from the widest ({len(widest)} characters); only checkpoints whose charsets nest average"
             )
     return widest
-
-
-def _token_ids(charset: str, into: Charset) -> torch.Tensor:
-    """For each token id of ``charset`` (specials first), its id in ``into``."""
-    return torch.tensor(list(range(NUM_SPECIAL)) + [into.encode(ch)[0] for ch in charset])
 
 
 def average_checkpoints(paths: Sequence[Path], out: Path, name: str | None = None, mix: Sequence[float] | None = None) -> CheckpointInfo:
@@ -93,7 +88,7 @@ def average_checkpoints(paths: Sequence[Path], out: Path, name: str | None = Non
     total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in target.items() if v.is_floating_point()}
     rows = torch.zeros(model.charset.vocab_size, dtype=torch.float64)  # the weight of the inputs that have each token
     for (other, info), w in zip(loaded, weights, strict=True):
-        ids = _token_ids(info.config.charset, model.charset)
+        ids = token_ids(info.config.charset, model.charset)
         rows[ids] += w
         for k, v in other.state_dict().items():
             if not v.is_floating_point():

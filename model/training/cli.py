@@ -104,6 +104,10 @@ TRAIN_HELP = {
     "decoder (e.g. --freeze rectifier encoder: the decoder alone learns, say a new character, on the encoder's features)",
     "rectifier_points_only": "the point loss alone teaches the rectifier while everything trains: the recognition loss's gradient "
     "stops at the warp (when it reached the rectifier, it taught it to cut off the first letter)",
+    "distill": "a teacher checkpoint (its charset within the run's) whose next-character distributions the run is held to on "
+    "every crop whose label the teacher can read, beside the recognition loss: knowledge distillation against forgetting, "
+    "e.g. --distill of the --init model while a new character is learnt",
+    "distill_weight": "weight of the --distill term (KL divergence from the teacher, per character)",
     "weight_decay": "AdamW weight decay (not on biases, norms or positions)",
     "warmup_steps": "linear warm-up steps before the cosine decay",
     "total_steps": "length of the schedule; the run stops there",
@@ -151,7 +155,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
             p.add_argument(flag, type=float, default=argparse.SUPPRESS, help=text)
         elif f.name in ("stop_at_step",):
             p.add_argument(flag, type=int, default=argparse.SUPPRESS, help=text)
-        elif f.name in ("init", "charset"):
+        elif f.name in ("init", "charset", "distill"):
             p.add_argument(flag, default=argparse.SUPPRESS, help=TRAIN_HELP[f.name])
         elif f.name in ("val_fraction", "real_ratio", "degrade"):
             p.add_argument(flag, type=_fraction, default=argparse.SUPPRESS, help=text)

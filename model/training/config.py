@@ -60,6 +60,8 @@ class TrainConfig:
     rectifier_only: bool = False  # train the rectifier alone on the point loss: encoder and decoder frozen, no recognition loss
     rectifier_points_only: bool = False  # the point loss alone teaches the rectifier: the recognition loss's gradient stops at the warp
     freeze: list[str] = field(default_factory=list)  # parts of the network that do not train (FREEZABLE), e.g. a decoder taught alone
+    distill: str | None = None  # a teacher checkpoint whose readings the run is held to (model.loss.distill_loss), e.g. the model it starts from
+    distill_weight: float = 1.0  # weight of the distillation term beside the recognition loss
     weight_decay: float = 0.05
     warmup_steps: int = 1000
     total_steps: int = 100000
@@ -109,6 +111,8 @@ class TrainConfig:
                 "rectifier" not in self.freeze or self.point_loss == 0,
                 "--freeze rectifier with --point-loss: the point loss teaches the rectifier alone; drop one",
             ),
+            (self.distill_weight >= 0, f"--distill-weight must be at least 0, got {self.distill_weight}"),
+            (not (self.distill and self.rectifier_only), "--rectifier-only trains on the point loss alone: drop --distill"),
             (self.batch_size >= 1 and self.total_steps >= 1, "--batch-size and --total-steps must be at least 1"),
             (self.warmup_steps >= 0, f"--warmup-steps must be at least 0, got {self.warmup_steps}"),
             (0.0 <= self.min_lr_ratio <= 1.0, f"--min-lr-ratio must be between 0 and 1, got {self.min_lr_ratio}"),

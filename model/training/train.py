@@ -37,11 +37,11 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from ..charset import NUM_SPECIAL, Charset
-from ..checkpoint import load_checkpoint, read_info, save_checkpoint
+from ..charset import NUM_SPECIAL, PAD_ID, Charset, token_ids
+from ..checkpoint import CheckpointError, load_checkpoint, read_info, save_checkpoint
 from ..decode import TOKEN_ROW_PARAMS
 from ..device import DeviceUnavailable, resolve_device
-from ..loss import point_loss, sequence_loss
+from ..loss import distill_loss, point_loss, sequence_loss
 from ..preprocess import ViewConfig, to_tensor
 from ..rectify import point_targets
 from ..safl import SAFL, SAFLConfig
@@ -261,6 +261,15 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+class _Teacher(NamedTuple):
+    """A ``--distill`` teacher: the frozen model, each of its token ids in the student's
+    vocabulary (``ids``) and each student id in its own, −1 where it has none (``to_teacher``)."""
+
+    model: SAFL
+    ids: torch.Tensor
+    to_teacher: torch.Tensor
+
+
 class Trainer:
     """Builds data, model and optimiser from a ``TrainConfig`` and runs the loop."""
 
@@ -349,8 +358,35 @@ class Trainer:
         for name, p in self.model.named_parameters():
             if name.split(".")[0] in cfg.freeze:
                 p.requires_grad_(False)  # no gradient, so AdamW leaves it (and its weight decay) alone
+        self.teacher = self._load_teacher(cfg.distill) if cfg.distill else None
         self.net = self.dist.wrap(self.model)  # what train_step runs: under torchrun, DDP around self.model
         self._loop: _LoopState | None = None
+
+    def _load_teacher(self, path: str) -> _Teacher:
+        try:
+            teacher, info = load_checkpoint(path)
+        except (CheckpointError, OSError) as exc:
+            raise TrainingSetupError(f"--distill: {exc}") from None
+        if replace(info.config, charset="") != replace(self.model_cfg, charset=""):
+            raise TrainingSetupError(f"--distill: {path} is another architecture or input geometry than the model trained; a teacher reads the same batch")
+        try:
+            ids = token_ids(info.config.charset, self.charset)
+        except KeyError as exc:
+            raise TrainingSetupError(f"--distill: the run's charset lacks the teacher's {exc.args[0]}; the teacher's charset must nest in it") from None
+        to_teacher = torch.full((self.charset.vocab_size,), -1, dtype=torch.int64)
+        to_teacher[ids] = torch.arange(len(ids))
+        teacher = teacher.to(self.device, memory_format=torch.channels_last).eval().requires_grad_(False)
+        return _Teacher(teacher, ids.to(self.device), to_teacher.to(self.device))
+
+    def _distill_term(self, images: torch.Tensor, inp: torch.Tensor, tgt: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The distillation term on the crops whose labels the teacher can read (its charset may
+        lack a character the run learns, e.g. the space)."""
+        t = self.teacher
+        t_inp, t_tgt = t.to_teacher[inp], t.to_teacher[tgt]
+        readable = ((t_inp >= 0).all(1) & (t_tgt >= 0).all(1)).unsqueeze(1)
+        with torch.no_grad():
+            t_logits = t.model(images, t_inp.clamp(min=0))
+        return distill_loss(logits, t_logits, t.ids, readable & (tgt != PAD_ID))
 
     def _build_data(self, cfg: TrainConfig) -> None:
         pcfg = self.model_cfg.preprocess
@@ -532,6 +568,9 @@ class Trainer:
                 logits = self.net(images, inp)
         if not cfg.rectifier_only:
             loss = sequence_loss(logits, tgt, cfg.loss, cfg.gamma)
+            if self.teacher is not None:
+                with ctx:
+                    loss = loss + cfg.distill_weight * self._distill_term(images, inp, tgt, logits)
             if targets is not None:
                 loss = loss + cfg.point_loss * point_loss(predicted, targets)
         if self.dist.enabled:
@@ -566,7 +605,8 @@ class Trainer:
             print(
                 f"training {self.model_cfg.preset} ({params}) on {self.device}{ranks}, "
                 f"amp={self.amp_dtype}, threads={cfg.threads}, loss={cfg.loss}"
-                f"{f' gamma={cfg.gamma}' if cfg.loss == 'focal' else ''}; data: {self.n_train[0]} synthetic + {self.n_train[1]} real; "
+                f"{f' gamma={cfg.gamma}' if cfg.loss == 'focal' else ''}"
+                f"{f' + {cfg.distill_weight:g} × distillation from {cfg.distill}' if cfg.distill else ''}; data: {self.n_train[0]} synthetic + {self.n_train[1]} real; "
                 f"{'resumed at' if self.resumed else 'starting at'} step {self.step} → {self.out}",
                 flush=True,
             )
