@@ -104,7 +104,7 @@ def test_mix_weighs_the_inputs_and_a_token_row_over_those_that_have_it(tiny_mode
     for k in ("decoder.embed.weight", "decoder.head.bias"):
         assert torch.equal(ss[k][space], sw[k][space]), k  # only one input has it: its weight becomes 1
         assert torch.allclose(ss[k][a], 0.25 * sn[k][a_narrow] + 0.75 * sw[k][a], atol=1e-6), k
-    for bad in (["--mix", "1"], ["--mix", "1", "0"], ["--mix", "1", "-1"]):
+    for bad in (["--mix", "1"], ["--mix", "1", "0"], ["--mix", "1", "-1"], ["--mix", "inf", "1"]):
         assert main([str(tmp_path / "bad.safetensors"), *map(str, paths), *bad]) == 2
-        assert "one positive weight per checkpoint" in capsys.readouterr().err
+        assert "one positive, finite weight per checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "bad.safetensors").exists()

@@ -27,6 +27,7 @@ which keeps more of the first model's behaviour the smaller α is::
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -74,8 +75,8 @@ def average_checkpoints(paths: Sequence[Path], out: Path, name: str | None = Non
         raise CheckpointError(f"{out} is one of the inputs; write the average elsewhere (and promote it with model.training.ship)")
     if mix is None:
         mix = [1.0] * len(paths)
-    if len(mix) != len(paths) or not all(w > 0 for w in mix):
-        raise CheckpointError(f"--mix needs one positive weight per checkpoint ({len(paths)}), got {list(mix)}")
+    if len(mix) != len(paths) or not all(0 < w < math.inf for w in mix):
+        raise CheckpointError(f"--mix needs one positive, finite weight per checkpoint ({len(paths)}), got {list(mix)}")
     weights = [w / sum(mix) for w in mix]
     loaded = [load_checkpoint(p) for p in paths]
     first = loaded[0][1]

@@ -111,7 +111,7 @@ class TrainConfig:
                 "rectifier" not in self.freeze or self.point_loss == 0,
                 "--freeze rectifier with --point-loss: the point loss teaches the rectifier alone; drop one",
             ),
-            (self.distill_weight >= 0, f"--distill-weight must be at least 0, got {self.distill_weight}"),
+            (0 < self.distill_weight < float("inf"), f"--distill-weight must be positive and finite, got {self.distill_weight}"),
             (not (self.distill and self.rectifier_only), "--rectifier-only trains on the point loss alone: drop --distill"),
             (self.batch_size >= 1 and self.total_steps >= 1, "--batch-size and --total-steps must be at least 1"),
             (self.warmup_steps >= 0, f"--warmup-steps must be at least 0, got {self.warmup_steps}"),

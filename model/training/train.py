@@ -266,6 +266,7 @@ class _Teacher(NamedTuple):
     vocabulary (``ids``) and each student id in its own, −1 where it has none (``to_teacher``)."""
 
     model: SAFL
+    model_id: str
     ids: torch.Tensor
     to_teacher: torch.Tensor
 
@@ -312,6 +313,8 @@ class Trainer:
             raise TrainingSetupError("--point-loss / --rectifier-only teach the rectifier, and this model has none (use_tps is off)")
         if cfg.rectifier_only and self.dist.enabled:
             raise TrainingSetupError("--rectifier-only runs in one process: its few seconds a step need no torchrun")
+        # Before the data loads (minutes of shards): a teacher that cannot serve fails at once.
+        self.teacher = self._load_teacher(cfg.distill) if cfg.distill else None
         if share_data_with is not None:
             # A lockstep twin: the same batches, augmentation draws and validation sets.
             self.val_sets, self.gen, self.sampler = share_data_with.val_sets, share_data_with.gen, share_data_with.sampler
@@ -358,25 +361,33 @@ class Trainer:
         for name, p in self.model.named_parameters():
             if name.split(".")[0] in cfg.freeze:
                 p.requires_grad_(False)  # no gradient, so AdamW leaves it (and its weight decay) alone
-        self.teacher = self._load_teacher(cfg.distill) if cfg.distill else None
+        if self.teacher is not None:
+            self.teacher = self.teacher._replace(
+                model=self.teacher.model.to(self.device, memory_format=torch.channels_last),
+                ids=self.teacher.ids.to(self.device),
+                to_teacher=self.teacher.to_teacher.to(self.device),
+            )
         self.net = self.dist.wrap(self.model)  # what train_step runs: under torchrun, DDP around self.model
         self._loop: _LoopState | None = None
 
     def _load_teacher(self, path: str) -> _Teacher:
+        """The ``--distill`` teacher, frozen, on the CPU (``__init__`` moves it after the render
+        workers fork). It reads the student's batch, so its input geometry must be the same and
+        its decoder as long; its architecture may differ (a bigger model teaching a smaller)."""
         try:
             teacher, info = load_checkpoint(path)
         except (CheckpointError, OSError) as exc:
             raise TrainingSetupError(f"--distill: {exc}") from None
-        if replace(info.config, charset="") != replace(self.model_cfg, charset=""):
-            raise TrainingSetupError(f"--distill: {path} is another architecture or input geometry than the model trained; a teacher reads the same batch")
-        try:
-            ids = token_ids(info.config.charset, self.charset)
-        except KeyError as exc:
-            raise TrainingSetupError(f"--distill: the run's charset lacks the teacher's {exc.args[0]}; the teacher's charset must nest in it") from None
+        if info.config.preprocess != self.model_cfg.preprocess or info.config.max_len < self.model_cfg.max_len:
+            geometry = [f"{p.height}x{p.width}x{p.channels} up to {c.max_len} characters" for c in (info.config, self.model_cfg) for p in [c.preprocess]]
+            raise TrainingSetupError(f"--distill: {path} reads {geometry[0]}, the run {geometry[1]}; a teacher reads the run's own batches")
+        missing = "".join(ch for ch in info.config.charset if ch not in self.charset)
+        if missing:
+            raise TrainingSetupError(f"--distill: the run's charset lacks the teacher's {missing!r}; the teacher's charset must nest in the run's")
+        ids = token_ids(info.config.charset, self.charset)
         to_teacher = torch.full((self.charset.vocab_size,), -1, dtype=torch.int64)
         to_teacher[ids] = torch.arange(len(ids))
-        teacher = teacher.to(self.device, memory_format=torch.channels_last).eval().requires_grad_(False)
-        return _Teacher(teacher, ids.to(self.device), to_teacher.to(self.device))
+        return _Teacher(teacher.eval().requires_grad_(False), info.model_id, ids, to_teacher)
 
     def _distill_term(self, images: torch.Tensor, inp: torch.Tensor, tgt: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """The distillation term on the crops whose labels the teacher can read (its charset may
@@ -386,6 +397,8 @@ class Trainer:
         readable = ((t_inp >= 0).all(1) & (t_tgt >= 0).all(1)).unsqueeze(1)
         with torch.no_grad():
             t_logits = t.model(images, t_inp.clamp(min=0))
+        # Under torchrun the term is this rank's mean, scaled like the recognition loss by its
+        # share of all tokens: near the global mean while ranks' phrase shares are alike.
         return distill_loss(logits, t_logits, t.ids, readable & (tgt != PAD_ID))
 
     def _build_data(self, cfg: TrainConfig) -> None:
@@ -446,6 +459,7 @@ class Trainer:
             "data": self.data_sources,
             "rng_data": self.gen.get_state(),
             "rng_torch": torch.get_rng_state(),
+            "teacher": self.teacher.model_id if self.teacher is not None else None,
         }
 
     def _load_state(self, path: Path) -> None:
@@ -460,6 +474,13 @@ class Trainer:
         self.step = int(state["step"])
         self.train_seconds = float(state["train_seconds"])
         self.best = float(state["best"])
+        saved_teacher = state.get("teacher")
+        teacher = self.teacher.model_id if self.teacher is not None else None
+        if saved_teacher is not None and saved_teacher != teacher:
+            # --distill names a path: a model shipped to it since would silently teach another run.
+            raise TrainingSetupError(
+                f"--resume: the run was distilled from {saved_teacher}, and --distill now gives {teacher or 'no teacher'}; resume with that teacher"
+            )
         if state.get("val_views") != asdict(VAL_VIEWS):
             # The best checkpoint was chosen under other views (the contrast views were on by
             # default until 2026-11-30): scores under different views do not compare.
