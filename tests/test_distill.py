@@ -99,7 +99,9 @@ def test_a_distilled_run_stays_nearer_its_teacher_and_still_learns_the_space(spa
     trained = held.model.state_dict()
     assert not torch.equal(trained["decoder.head.weight"][space], start["decoder.head.weight"][space])
     # The run and its checkpoint record the teacher; a resume with another one is refused.
-    assert torch.load(tmp_path / "held" / "state.pt", weights_only=True)["teacher"] == load_checkpoint(teacher)[1].model_id
+    teacher_id = load_checkpoint(teacher)[1].model_id
+    assert torch.load(tmp_path / "held" / "state.pt", weights_only=True)["teacher"] == teacher_id
+    assert load_checkpoint(tmp_path / "held" / "last.safetensors")[1].training["distill"] == {"teacher": teacher_id, "weight": 5.0}
     other = save_checkpoint(SAFL(TINY), tmp_path / "other.safetensors").weights_path
     with pytest.raises(TrainingSetupError, match="the run was distilled from safl-tiny@"):
         Trainer(_cfg(tmp_path / "held", shards, teacher, distill=str(other), distill_weight=5.0), resume=True)

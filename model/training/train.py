@@ -515,6 +515,8 @@ class Trainer:
             "run": self.out.name,
             "data": self.data_sources,
         }
+        if self.teacher is not None:
+            meta["distill"] = {"teacher": self.teacher.model_id, "weight": self.cfg.distill_weight}
         if self.dist.enabled:
             meta["world_size"] = self.dist.world_size  # train_hours is wall time: device hours are this many times it
         if val is not None:
