@@ -512,3 +512,18 @@ def test_freeze_holds_the_named_parts_and_their_statistics_while_the_rest_learns
 def test_freeze_refuses_what_cannot_train(overrides: dict, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         TrainConfig(**overrides)
+
+
+def test_hold_bn_stats_keeps_the_running_statistics_while_the_weights_train(tmp_path: Path, shards: Path) -> None:
+    runs = {}
+    for hold in (False, True):
+        trainer = Trainer(_cfg(tmp_path / f"run-{hold}", shards, hold_bn_stats=hold, total_steps=3, tps_lr_scale=1.0))
+        before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        trainer.run()
+        after = trainer.model.state_dict()
+        runs[hold] = {k for k in before if not torch.equal(before[k], after[k])}
+    stats = {k for k in runs[False] if "running_" in k}
+    assert stats  # without it, BatchNorm statistics move with the batches
+    assert not {k for k in runs[True] if "running_" in k or "num_batches" in k}
+    assert {"encoder.stem.net.1.weight", "encoder.stem.net.1.bias"} <= runs[True]  # a BatchNorm layer's own weights still train
+    assert read_saved(tmp_path / "run-True")["hold_bn_stats"] is True  # run-defining: --resume keeps it

@@ -104,6 +104,8 @@ TRAIN_HELP = {
     "decoder (e.g. --freeze rectifier encoder: the decoder alone learns, say a new character, on the encoder's features)",
     "rectifier_points_only": "the point loss alone teaches the rectifier while everything trains: the recognition loss's gradient "
     "stops at the warp (when it reached the rectifier, it taught it to cut off the first letter)",
+    "hold_bn_stats": "BatchNorm layers normalise with the --init model's running statistics and keep them while their weights "
+    "train (detectron2's FrozenBatchNorm): a continuation's statistics otherwise drift to its batches' mix within a few hundred steps",
     "distill": "a teacher checkpoint (its charset within the run's, the same input geometry) whose next-character distributions the run is held to on "
     "every crop whose label the teacher can read, beside the recognition loss: knowledge distillation against forgetting, "
     "e.g. --distill of the --init model while a new character is learnt",

@@ -60,6 +60,7 @@ class TrainConfig:
     rectifier_only: bool = False  # train the rectifier alone on the point loss: encoder and decoder frozen, no recognition loss
     rectifier_points_only: bool = False  # the point loss alone teaches the rectifier: the recognition loss's gradient stops at the warp
     freeze: list[str] = field(default_factory=list)  # parts of the network that do not train (FREEZABLE), e.g. a decoder taught alone
+    hold_bn_stats: bool = False  # BatchNorm layers keep the start's running statistics (eval mode) while their weights train
     distill: str | None = None  # a teacher checkpoint whose readings the run is held to (model.loss.distill_loss), e.g. the model it starts from
     distill_weight: float = 1.0  # weight of the distillation term beside the recognition loss
     weight_decay: float = 0.05

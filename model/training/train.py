@@ -545,6 +545,10 @@ class Trainer:
             module = getattr(self.model, part)
             if module is not None:
                 module.eval()
+        if self.cfg.hold_bn_stats:
+            for module in self.model.modules():
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                    module.eval()
 
     def validate(self) -> dict[str, Any]:
         """Validation metrics per set; saves ``best`` when the mean 36-char accuracy improves."""
