@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,11 @@ def test_a_distilled_run_stays_nearer_its_teacher_and_still_learns_the_space(spa
     held = Trainer(_cfg(tmp_path / "held", shards, teacher, distill=str(teacher), distill_weight=5.0))
     held.run()
     assert "+ 5 × distillation from" in capsys.readouterr().out
+    # The log says how far the run is from its teacher: 0 at the start, then above it.
+    held_log = [json.loads(line) for line in (tmp_path / "held" / "log.jsonl").read_text().splitlines()]
+    free_log = [json.loads(line) for line in (tmp_path / "free" / "log.jsonl").read_text().splitlines()]
+    distill = [r["distill"] for r in held_log if "loss" in r]
+    assert len(distill) == 3 and all(d > 0 for d in distill) and not any("distill" in r for r in free_log)
     assert _kl_to(teacher, held.model, shards) < 0.5 * _kl_to(teacher, free.model, shards)
     # The space's output row trains too: distillation does not hold it where with_charset put
     # it (zero weights, a bias 10 below the teacher's lowest).

@@ -197,9 +197,11 @@ class _Window:
     data: float = 0.0  # seconds spent getting batches
     total: float = 0.0  # seconds per step, data included
     n: int = 0
+    distill: float = 0.0  # the --distill term (unweighted), a part of loss
 
     def add(self, other: _Window) -> None:
         self.loss += other.loss
+        self.distill += other.distill
         self.data += other.data
         self.total += other.total
         self.n += other.n
@@ -315,6 +317,7 @@ class Trainer:
             raise TrainingSetupError("--rectifier-only runs in one process: its few seconds a step need no torchrun")
         # Before the data loads (minutes of shards): a teacher that cannot serve fails at once.
         self.teacher = self._load_teacher(cfg.distill) if cfg.distill else None
+        self.last_distill = 0.0  # the latest step's --distill term, for the log
         if share_data_with is not None:
             # A lockstep twin: the same batches, augmentation draws and validation sets.
             self.val_sets, self.gen, self.sampler = share_data_with.val_sets, share_data_with.gen, share_data_with.sampler
@@ -597,7 +600,9 @@ class Trainer:
             loss = sequence_loss(logits, tgt, cfg.loss, cfg.gamma)
             if self.teacher is not None:
                 with ctx:
-                    loss = loss + cfg.distill_weight * self._distill_term(images, inp, tgt, logits)
+                    term = self._distill_term(images, inp, tgt, logits)
+                self.last_distill = float(term.detach())
+                loss = loss + cfg.distill_weight * term
             if targets is not None:
                 loss = loss + cfg.point_loss * point_loss(predicted, targets)
         if self.dist.enabled:
@@ -661,7 +666,7 @@ class Trainer:
             return True
         loss, data_s, total_s = self.train_step()
         loop.last_loss = loss
-        loop.window.add(_Window(loss, data_s, total_s, 1))
+        loop.window.add(_Window(loss, data_s, total_s, 1, self.last_distill))
         bar = loop.bar
         bar.update(1)
         if self.step % cfg.log_every == 0 or self.step == self.end_step():
@@ -678,6 +683,8 @@ class Trainer:
                 "step_ms": round(1000 * w.total / w.n, 2),
                 "train_hours": round(self.train_seconds / 3600, 4),
             }
+            if self.teacher is not None:  # how far the run has moved from its teacher (this rank's crops)
+                rec["distill"] = round(w.distill / w.n, 5)
             self._log(rec)
             bar.set_postfix(loss=f"{rec['loss']:.3f}", img_s=rec["img_s"], data=f"{100 * w.data / w.total:.1f}%")
             loop.totals.add(w)
