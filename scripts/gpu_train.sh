@@ -91,7 +91,9 @@ if [ "$stop" -lt 120 ]; then
 fi
 echo "==> training for $MINUTES minutes, stopped at the latest $stop s from now ($(elapsed) s)"
 # The lineage's recipe (training log: v5-space; the point loss alone teaches the rectifier, its
-# text mix with long tokens at 0.15), scaled to batch 256 (lr 3e-4, warm-up 300), which keeps 13
+# text mix with long tokens at 0.15; since stop 37 held to the init's readings by distillation
+# with its BatchNorm statistics kept, v9-holdbn, which alone kept clean text while learning the
+# space), scaled to batch 256 (lr 3e-4, warm-up 300), which keeps 13
 # render processes ahead of the GPU. --foreground: SIGTERM to the trainer alone, which saves the
 # state after its step and stops its render workers itself.
 timeout --foreground -s TERM -k 30 "$stop" \
@@ -99,7 +101,7 @@ timeout --foreground -s TERM -k 30 "$stop" \
     --stream-workers "${WORKERS:-13}" --stream-seed "${STREAM_SEED:-41}" --stream-mix long_token=0.15 \
     --real "$B/real/iiit5k" "$B/real/svt" "$B/real/ic15" --real-ratio 0.1 --val "$B/real/iiit5k" "$B/real/svt" "$B/real/ic15" \
     --batch-size "${BATCH:-256}" --lr "${LR:-3e-4}" --warmup-steps 300 --total-steps "${TOTAL:-12000}" --min-lr-ratio 0.05 \
-    --degrade 0.3 --point-loss 1 --tps-lr-scale 1 --rectifier-points-only --seed 41 \
+    --degrade 0.3 --point-loss 1 --tps-lr-scale 1 --rectifier-points-only --seed 41 --distill "$INIT" --hold-bn-stats \
     --threads 2 --device "$DEVICE" --val-every 2000 --log-every 100 --checkpoint-minutes 2 \
     --max-minutes "$MINUTES" --resume --no-progress 2>&1 | tee "$OUT/train.log"
 rc=${PIPESTATUS[0]}

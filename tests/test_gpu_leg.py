@@ -19,6 +19,7 @@ import pytest
 from conftest import render_word
 
 from model.charset import DEFAULT_CHARS
+from model.checkpoint import read_info
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -70,6 +71,7 @@ def test_the_gpu_leg_trains_returns_its_state_and_resumes_here(tmp_path: Path, t
     assert trained["config"]["charset"] == DEFAULT_CHARS + " "  # the bundle's charset, not the init's
     assert trained["training"]["step"] == 2
     assert trained["training"]["data"]["synthetic"][0]["stream"] is True
+    assert trained["training"]["distill"]["teacher"] == read_info(tiny_checkpoint).model_id  # held to the init
     log = (out / "train.log").read_text()
     assert "streamed synthetic" in log, log[-2000:]
     assert "no system fonts found" not in leg.stdout + leg.stderr  # the bundle's faces were found (SAFL_FONT_DIRS)
