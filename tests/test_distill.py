@@ -158,3 +158,5 @@ def test_a_teacher_that_cannot_serve_is_refused_in_one_line(spaced: tuple[Path, 
         TrainConfig(distill=str(teacher), rectifier_only=True, point_loss=1.0, tps_lr_scale=1.0)
     with pytest.raises(ValueError, match="--distill-weight must be positive and finite, got 0"):
         TrainConfig(distill=str(teacher), distill_weight=0.0)
+    with pytest.raises(ValueError, match="--distill-weight weighs the --distill term: give --distill"):
+        TrainConfig(distill_weight=2.0)

@@ -114,6 +114,8 @@ class TrainConfig:
             ),
             (0 < self.distill_weight < float("inf"), f"--distill-weight must be positive and finite, got {self.distill_weight}"),
             (not (self.distill and self.rectifier_only), "--rectifier-only trains on the point loss alone: drop --distill"),
+            # 1.0 is the default, so only a changed weight shows it was given; a weight with no term would be ignored silently.
+            (self.distill or self.distill_weight == 1.0, "--distill-weight weighs the --distill term: give --distill"),
             (self.batch_size >= 1 and self.total_steps >= 1, "--batch-size and --total-steps must be at least 1"),
             (self.warmup_steps >= 0, f"--warmup-steps must be at least 0, got {self.warmup_steps}"),
             (0.0 <= self.min_lr_ratio <= 1.0, f"--min-lr-ratio must be between 0 and 1, got {self.min_lr_ratio}"),
