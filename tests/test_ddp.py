@@ -207,6 +207,12 @@ def test_the_token_weighted_losses_add_up_to_the_global_token_mean(monkeypatch: 
         shares.append(float(Ranks(rank=rank, world_size=2).token_share(targets[rank])))
     # DDP averages the ranks' gradients of share × token mean: (4 m0 + 5 m1) / 9, the global token mean.
     assert shares == pytest.approx([2 * 4 / 9, 2 * 5 / 9])
+    # A loss over a subset of the tokens (distillation: crops without a space) weighs by that subset's
+    # counts, 1 of 3 here, not by all tokens'; no rank having any gives 0, not a division by zero.
+    monkeypatch.setattr(distributed.dist, "all_reduce", lambda t: t.add_(2.0))
+    assert float(Ranks(rank=0, world_size=2).share(torch.tensor([[True, False], [False, False]]))) == pytest.approx(2 * 1 / 3)
+    monkeypatch.setattr(distributed.dist, "all_reduce", lambda t: t.add_(0.0))
+    assert float(Ranks(rank=0, world_size=2).share(torch.zeros(2, 3, dtype=torch.bool))) == 0.0
 
 
 def test_seeds_of_each_rank() -> None:

@@ -121,7 +121,8 @@ def test_the_term_skips_phrases_and_padding(spaced: tuple[Path, Path], tmp_path:
     images = torch.zeros(3, 1, TINY.height, TINY.width)
     torch.manual_seed(0)
     logits = torch.randn(*tgt.shape, trainer.charset.vocab_size)
-    base = trainer._distill_term(images, inp, tgt, logits)
+    base, mask = trainer._distill_term(images, inp, tgt, logits)
+    assert mask.sum(1).tolist() == [4, 0, 4]  # the words' characters and EOS; not the phrase, not padding
     # It is the teacher's reading of the words, fed the words in its own token ids.
     teacher, info = load_checkpoint(teacher)
     t_inp, _ = teacher.charset.encode_batch(["cab", "fig"])
@@ -133,9 +134,9 @@ def test_the_term_skips_phrases_and_padding(spaced: tuple[Path, Path], tmp_path:
     changed = logits.clone()
     changed[1] += torch.randn_like(changed[1]) * 5  # the phrase, which the teacher cannot read
     changed[0, 4:] += 7.0  # "cab": after its EOS (position 3) only padding
-    assert trainer._distill_term(images, inp, tgt, changed).item() == pytest.approx(base.item(), rel=1e-6)
+    assert trainer._distill_term(images, inp, tgt, changed)[0].item() == pytest.approx(base.item(), rel=1e-6)
     changed[2, 0] += torch.randn(trainer.charset.vocab_size) * 5  # a word's character does count
-    assert trainer._distill_term(images, inp, tgt, changed).item() != pytest.approx(base.item(), rel=1e-3)
+    assert trainer._distill_term(images, inp, tgt, changed)[0].item() != pytest.approx(base.item(), rel=1e-3)
 
 
 def test_a_teacher_that_cannot_serve_is_refused_in_one_line(spaced: tuple[Path, Path], tmp_path: Path) -> None:

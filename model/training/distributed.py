@@ -124,12 +124,18 @@ class Ranks:
         """``world_size`` × this rank's share of the global batch's target tokens: the factor
         that turns a rank's token-mean loss into its part of the global token mean, once DDP
         averages the gradients."""
+        return self.share(targets != PAD_ID)
+
+    def share(self, mask: torch.Tensor) -> torch.Tensor:
+        """``world_size`` × this rank's share of the positions set in ``mask`` (bool, any shape)
+        over all ranks: ``token_share`` for a loss averaged over a subset of the tokens (0 when
+        no rank has any; 1 in a single process)."""
         if not self.enabled:
-            return torch.ones((), device=targets.device)
-        mine = (targets != PAD_ID).sum().to(torch.float32)
+            return torch.ones((), device=mask.device)
+        mine = mask.sum().to(torch.float32)
         total = mine.clone()
         dist.all_reduce(total)
-        return mine * self.world_size / total
+        return mine * self.world_size / total.clamp(min=1)
 
     def sum(self, values: list[float]) -> list[float]:
         """``values`` summed over the ranks (element-wise); as given in a single process."""

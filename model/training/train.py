@@ -392,17 +392,17 @@ class Trainer:
         to_teacher[ids] = torch.arange(len(ids))
         return _Teacher(teacher.eval().requires_grad_(False), info.model_id, ids, to_teacher)
 
-    def _distill_term(self, images: torch.Tensor, inp: torch.Tensor, tgt: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    def _distill_term(self, images: torch.Tensor, inp: torch.Tensor, tgt: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The distillation term on the crops whose labels the teacher can read (its charset may
-        lack a character the run learns, e.g. the space)."""
+        lack a character the run learns, e.g. the space), and the mask ``[B, T]`` of the tokens
+        it averages over."""
         t = self.teacher
         t_inp, t_tgt = t.to_teacher[inp], t.to_teacher[tgt]
         readable = ((t_inp >= 0).all(1) & (t_tgt >= 0).all(1)).unsqueeze(1)
         with torch.no_grad():
             t_logits = t.model(images, t_inp.clamp(min=0))
-        # Under torchrun the term is this rank's mean, scaled like the recognition loss by its
-        # share of all tokens: near the global mean while ranks' phrase shares are alike.
-        return distill_loss(logits, t_logits, t.ids, readable & (tgt != PAD_ID))
+        mask = readable & (tgt != PAD_ID)
+        return distill_loss(logits, t_logits, t.ids, mask), mask
 
     def _build_data(self, cfg: TrainConfig) -> None:
         pcfg = self.model_cfg.preprocess
@@ -598,11 +598,6 @@ class Trainer:
                 logits = self.net(images, inp)
         if not cfg.rectifier_only:
             loss = sequence_loss(logits, tgt, cfg.loss, cfg.gamma)
-            if self.teacher is not None:
-                with ctx:
-                    term = self._distill_term(images, inp, tgt, logits)
-                self.last_distill = float(term.detach())
-                loss = loss + cfg.distill_weight * term
             if targets is not None:
                 loss = loss + cfg.point_loss * point_loss(predicted, targets)
         if self.dist.enabled:
@@ -610,6 +605,12 @@ class Trainer:
             # DDP averages over the ranks is then the global batch's token mean. The loss
             # returned is this rank's part of the global loss, times the world size.
             loss = loss * self.dist.token_share(tgt)
+        if self.teacher is not None:
+            with ctx:
+                term, distilled = self._distill_term(images, inp, tgt, logits)
+            self.last_distill = float(term.detach())
+            # The distilled tokens are a subset (no phrases), so their own share, not the tokens'.
+            loss = loss + cfg.distill_weight * term * self.dist.share(distilled)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
