@@ -32,6 +32,7 @@ EXAMPLES: dict[str, tuple[str, dict[str, float], int]] = {
     "word.png": ("Hello", {}, 1),
     "sign.png": ("EXIT", {"p_texture": 1.0, "p_perspective": 1.0, "p_noise": 1.0}, 3),
     "curved.png": ("Coffee", {"p_arc": 1.0, "p_gradient": 1.0, "p_blur": 1.0}, 1),
+    "price.png": ("Total: $14.99", {}, 1),  # a label and its value: read with the space since f069287fb30f
 }
 
 
