@@ -72,6 +72,11 @@ class Charset:
     def __contains__(self, ch: str) -> bool:
         return ch in self._index
 
+    @property
+    def space_id(self) -> int | None:
+        """The space's token id, ``None`` for a set without it (a model that cannot read a space)."""
+        return self._index.get(" ")
+
     def fold(self, text: str) -> str:
         """``text`` with each letter outside the set replaced by its base letter
         (``base_letter``) when that is in the set: ``é`` → ``e``, ``Ö`` → ``O``; anything

@@ -124,7 +124,7 @@ def read(decoder: TransformerDecoder, charset: Charset, memory: torch.Tensor, op
         for i in crops:
             by_width.setdefault(options[i].beam_width, []).append(i)
         for width, same in by_width.items():
-            found = beam_search(decoder, memory[same], width, [options[i] for i in same])
+            found = beam_search(decoder, memory[same], width, [options[i] for i in same], space_id=charset.space_id)
             out |= {i: _recognition(charset, hyps, options[i].top_k) for i, hyps in zip(same, found, strict=True)}
         return [out[i] for i in crops]
 
@@ -151,14 +151,18 @@ def _recognition(charset: Charset, hyps: list[Hypothesis], top_k: int) -> Recogn
 
 
 @torch.no_grad()
-def beam_search(decoder: TransformerDecoder, memory: torch.Tensor, width: int, options: Sequence[DecodeOptions]) -> list[list[Hypothesis]]:
+def beam_search(
+    decoder: TransformerDecoder, memory: torch.Tensor, width: int, options: Sequence[DecodeOptions], space_id: int | None = None
+) -> list[list[Hypothesis]]:
     """Beam search over a batch: per crop, its finished readings, most probable first
     (at least ``max(top_k, 1)`` where that many exist).
 
     ``memory``: encoder output ``[B, N, D]``; ``width``: prefixes kept per crop; ``options``:
     one per crop (``allowed`` masks, ``lexicon`` tries). A reading still running after
     ``decoder.max_len`` characters ends there with the model's end-token probability, as in
-    ``TransformerDecoder.greedy``.
+    ``TransformerDecoder.greedy``. ``space_id``: the space's token id, for a model that reads
+    it: no reading starts with it or ends after it, so readings are distinct texts (``Hello``
+    and ``Hello `` would both be answered as ``Hello``) with their strings' true probabilities.
     """
     b, dev = memory.shape[0], memory.device
     v = decoder.head.out_features
@@ -183,6 +187,11 @@ def beam_search(decoder: TransformerDecoder, memory: torch.Tensor, width: int, o
         logp = logits.masked_fill(~allowed[:, None, :], -math.inf).log_softmax(-1)
         for i, lex in lexicons:  # masked after normalising: a word scores the model's probability of it
             logp[i] = logp[i].masked_fill(~lex.allowed(nodes[i]).to(dev), -math.inf)
+        if space_id is not None:  # also after normalising, as a lexicon: the strings keep their probabilities
+            if t == 0:
+                logp[..., space_id] = -math.inf
+            else:
+                logp[..., EOS_ID] = logp[..., EOS_ID].masked_fill(hist_ids[..., -1] == space_id, -math.inf)
         if t == decoder.max_len:  # out of room: only the end token may follow
             eos = logp[..., EOS_ID].clone()
             logp.fill_(-math.inf)

@@ -12,10 +12,11 @@ import torch
 from conftest import render_word
 
 from model import SAFL, load_checkpoint
-from model.charset import BOS_ID, EOS_ID, PAD_ID
+from model.charset import BOS_ID, EOS_ID, NUM_SPECIAL, PAD_ID
 from model.lexicon import Lexicon, read_lexicon
 from model.preprocess import collate, preprocess
 from model.search import MAX_TOP_K, DecodeOptions
+from model.training.train import with_charset
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +138,23 @@ def test_decode_options_and_lexicon_refuse_what_they_cannot_do(tiny_model: SAFL,
     assert read_lexicon(path) == ["cat", "dog"]
     with pytest.raises(ValueError, match="decode options for"):
         tiny_model.recognize(torch.rand(2, 1, 32, 128), options=[DecodeOptions()])
+
+
+def test_a_model_reading_the_space_never_offers_the_same_text_twice(memorised) -> None:
+    """A reading is answered without spaces at either end; were they searched, ``cat`` and
+    ``cat `` (or ``""`` and ``"   "``) would be two alternatives showing the same text, each with
+    a probability that is not its text's (what the web page showed with the first model that
+    reads the space). The search never starts a reading with a space nor ends one after it."""
+    model, words, images = memorised
+    spaced = with_charset(model, model.config.charset + " ").eval()
+    space = spaced.charset.space_id
+    assert space is not None and model.charset.space_id is None
+    with torch.no_grad():  # the space about as likely as any word's next letter, at either end too
+        spaced.decoder.head.bias[space] = float(spaced.decoder.head.bias[NUM_SPECIAL:].max()) + 6.0
+    recs = spaced.recognize(images, options=DecodeOptions(top_k=3))
+    assert [r.text for r in recs] == words
+    for rec, image in zip(recs, images):
+        texts = [a.text for a in rec.alternatives]
+        assert len(set(texts)) == len(texts) and all(t == t.strip() for t in texts), texts
+        expected = [math.exp(lp) for lp in log_prob(spaced, image, texts)]
+        assert [a.confidence for a in rec.alternatives] == pytest.approx(expected, rel=1e-3, abs=1e-9), texts
