@@ -163,6 +163,9 @@ def beam_search(
     ``TransformerDecoder.greedy``. ``space_id``: the space's token id, for a model that reads
     it: no reading starts with it or ends after it, so readings are distinct texts (``Hello``
     and ``Hello `` would both be answered as ``Hello``) with their strings' true probabilities.
+    Greedy decoding (``model.greedy``, both engines) trims such a space afterwards instead, its
+    probability left in the confidence: one path, so nothing to tell apart (and rare: none on
+    600 real crops with the shipped model).
     """
     b, dev = memory.shape[0], memory.device
     v = decoder.head.out_features
