@@ -161,3 +161,30 @@ def test_a_teacher_that_cannot_serve_is_refused_in_one_line(spaced: tuple[Path, 
         TrainConfig(distill=str(teacher), distill_weight=0.0)
     with pytest.raises(ValueError, match="--distill-weight weighs the --distill term: give --distill"):
         TrainConfig(distill_weight=2.0)
+
+
+class _TwoRanks:
+    """A stand-in for ``Ranks`` as one of two processes: this rank holds a third of the batch's
+    tokens and half of its distilled tokens (what ``Ranks.token_share`` / ``share`` return)."""
+
+    enabled = True
+
+    def token_share(self, targets: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(2 / 3)
+
+    def share(self, mask: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(1.0)
+
+
+def test_under_torchrun_the_term_weighs_by_its_own_tokens_share(spaced: tuple[Path, Path], tmp_path: Path) -> None:
+    """The distilled tokens are a subset (no phrases), so DDP's average of the ranks' gradients
+    is the global mean only if the term is scaled by its own share, not by all tokens'."""
+    shards, teacher = spaced
+    alone = Trainer(_cfg(tmp_path / "a", shards, teacher, distill=str(teacher), distill_weight=2.0))
+    ranked = Trainer(_cfg(tmp_path / "b", shards, teacher, distill=str(teacher), distill_weight=2.0))
+    ranked.dist = _TwoRanks()
+    loss, *_ = alone.train_step()
+    loss_ranked, *_ = ranked.train_step()
+    term = alone.last_distill
+    assert term > 0 and ranked.last_distill == pytest.approx(term, rel=1e-6)  # the same batch and weights
+    assert loss_ranked == pytest.approx(2 / 3 * (loss - 2.0 * term) + 1.0 * 2.0 * term, rel=1e-5)
