@@ -136,7 +136,7 @@ class Charset:
         """The tokens a reading may emit, as bool ``[vocab_size]``: the characters of
         ``allowlist`` (all when ``None``) minus those of ``blocklist``, and the end token;
         ``None`` when neither is given. Raises ``ValueError`` naming a character outside the
-        charset, or for an allowlist that leaves no character."""
+        charset, or for an allowlist that leaves no character but the space."""
         if allowlist is None and blocklist is None:
             return None
         for name, chars in (("allowlist", allowlist), ("blocklist", blocklist)):
@@ -144,7 +144,7 @@ class Charset:
             if unknown:
                 raise ValueError(f"{name} has characters the model cannot read: {''.join(unknown)!r}")
         keep = set(self.chars if allowlist is None else allowlist) - set(blocklist or "")
-        if not keep:
+        if not keep - {" "}:  # a reading never starts or ends with a space: spaces alone read as ""
             raise ValueError("the allowlist leaves no character to read" + (" once the blocklist is removed" if blocklist else ""))
         import torch
 

@@ -165,6 +165,10 @@ def test_token_mask_allows_the_listed_characters_and_the_end() -> None:
         cs.token_mask("abé")
     with pytest.raises(ValueError, match="leaves no character"):
         cs.token_mask("ab", "ab")
+    spaced = Charset(DEFAULT_CHARS + " ")
+    assert int(spaced.token_mask("1 ").sum()) == 3  # '1', the space, the end
+    with pytest.raises(ValueError, match="leaves no character"):
+        spaced.token_mask(" ")  # a space alone can only read as ""
 
 
 def test_a_charset_with_the_space_keeps_single_spaces_between_words() -> None:
