@@ -394,7 +394,7 @@ class Trainer:
 
     def _distill_term(self, images: torch.Tensor, inp: torch.Tensor, tgt: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The distillation term on the crops whose labels the teacher can read (its charset may
-        lack a character the run learns, e.g. the space), and the mask ``[B, T]`` of the tokens
+        lack a character the run learns, e.g. the space), and the bool mask ``[B, T]`` of the tokens
         it averages over."""
         t = self.teacher
         t_inp, t_tgt = t.to_teacher[inp], t.to_teacher[tgt]
