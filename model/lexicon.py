@@ -38,14 +38,16 @@ class Lexicon:
 
     @classmethod
     def build(cls, words: Iterable[str], charset: Charset, max_len: int, max_words: int = MAX_LEXICON_WORDS) -> Lexicon:
-        """A lexicon of ``words`` (surrounding whitespace stripped, blank and repeated words
-        dropped, order kept). Words are read as written: case counts.
+        """A lexicon of ``words`` (surrounding whitespace stripped, each inner run of whitespace
+        one space, blank and repeated words dropped, order kept). Words are read as written: case
+        counts. An entry of several words (``New York``) needs a model that reads the space.
 
         Raises ``ValueError`` naming the problem: no word, more than ``max_words`` (repeats
         counted), a word
         longer than ``max_len`` characters, or a character outside ``charset``.
         """
-        given = [w.strip() for w in words if w.strip()]
+        # One space between words, as the model reads them: "New  York" is "New York", one entry.
+        given = [" ".join(w.split()) for w in words if w.strip()]
         if not given:
             raise ValueError("the lexicon has no word")
         if len(given) > max_words:  # counted before removing repeats: a long list costs before it shrinks

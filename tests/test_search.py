@@ -12,7 +12,7 @@ import torch
 from conftest import render_word
 
 from model import SAFL, load_checkpoint
-from model.charset import BOS_ID, EOS_ID, NUM_SPECIAL, PAD_ID
+from model.charset import BOS_ID, EOS_ID, NUM_SPECIAL, PAD_ID, Charset
 from model.lexicon import Lexicon, read_lexicon
 from model.preprocess import collate, preprocess
 from model.search import MAX_TOP_K, DecodeOptions
@@ -133,6 +133,10 @@ def test_decode_options_and_lexicon_refuse_what_they_cannot_do(tiny_model: SAFL,
     lex = Lexicon.build([" cat", "cat", "car ", "cart"], cs, max_len)
     assert lex.words == ("cat", "car", "cart") and len(lex) == 3
     assert int(lex.children.shape[0]) == 1 + 3 + 1 + 1  # c-a-t/r share a prefix, cart adds one node
+    with pytest.raises(ValueError, match="cannot read: ' '"):
+        Lexicon.build(["New York"], cs, max_len)  # this model has no space
+    spaced = Charset(cs.chars + " ")
+    assert Lexicon.build(["New York", "New  York", "New\tYork "], spaced, max_len).words == ("New York",)
     path = tmp_path / "words.txt"
     path.write_text("cat\n\n  dog \n", encoding="utf-8")
     assert read_lexicon(path) == ["cat", "dog"]
