@@ -147,7 +147,7 @@ def test_every_environment_variable_the_readme_names_is_a_setting() -> None:
     assert not named - settings, f"README names SAFL_* variables that neither service.settings.Settings nor the renderer reads: {sorted(named - settings)}"
 
 
-LINKING_DOCS = ["README.md", "weights/MODEL_CARD.md", "weights/TRAINING_LOG.md", "docs/results/INDEX.md"]
+LINKING_DOCS = ["README.md", "CHANGELOG.md", "weights/MODEL_CARD.md", "weights/TRAINING_LOG.md", "docs/results/INDEX.md"]
 
 
 @pytest.mark.parametrize("doc", LINKING_DOCS)
